@@ -1,0 +1,204 @@
+/*
+ * client.c - the etcd3.Client userdata of etcd3.core, and the module's
+ * luaopen.
+ *
+ * This is the low-level client the pure-Lua layer (lua/etcd3/client.lua)
+ * drives: it owns an engine, starts calls on a chosen endpoint, reports
+ * connectivity, and exposes the pollfd. Policy (which endpoint, retries,
+ * how to wait, error objects) lives in Lua.
+ *
+ * The userdata holds a pointer and is emptied by the one idempotent
+ * teardown that close, __close and __gc share. In a forked child the
+ * inherited engine is leaked on purpose: gRPC hangs if its objects are
+ * destroyed there (DESIGN.md, "fork").
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "etcd3.h"
+
+typedef struct client_ud {
+  etcd3_engine *engine;
+} client_ud;
+
+#define MAX_ENDPOINTS 64
+
+/* The userdata at arg 1 (raises on a wrong type). */
+static client_ud *to_client(lua_State *L) {
+  return (client_ud *)luaL_checkudata(L, 1, ETCD3_CLIENT_MT);
+}
+
+/* An open client usable from this process, or a clear error. */
+static etcd3_engine *check_open(lua_State *L) {
+  client_ud *u = to_client(L);
+  if (!u->engine) luaL_error(L, "etcd3: client is closed");
+  if (etcd3_engine_forked(u->engine))
+    luaL_error(L, "etcd3: client used in a forked child (create a new client after fork)");
+  return u->engine;
+}
+
+static size_t check_channel(lua_State *L, etcd3_engine *e, int idx) {
+  lua_Integer i = luaL_checkinteger(L, idx);
+  if (i < 1 || (size_t)i > e->n_channels)
+    luaL_argerror(L, idx, "endpoint index out of range");
+  return (size_t)(i - 1);
+}
+
+/* core.new(targets, keepalive_ms, max_recv_bytes) -> client | nil, message
+ * targets: array of "host:port" strings, as gRPC takes them. */
+static int l_new(lua_State *L) {
+  const char *targets[MAX_ENDPOINTS];
+  etcd3_channel_options opts;
+  char err[256];
+  size_t n;
+  client_ud *u;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = lua_rawlen(L, 1);
+  if (n == 0 || n > MAX_ENDPOINTS)
+    return luaL_argerror(L, 1, "between 1 and 64 endpoints expected");
+  opts.keepalive_ms = (int)luaL_checkinteger(L, 2);
+  opts.max_recv_bytes = (int)luaL_checkinteger(L, 3);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (int)i + 1);
+    targets[i] = lua_tostring(L, -1);
+    if (!targets[i]) return luaL_argerror(L, 1, "endpoints must be strings");
+    lua_pop(L, 1); /* still referenced by the table */
+  }
+  u = (client_ud *)lua_newuserdata(L, sizeof *u);
+  u->engine = NULL;
+  luaL_setmetatable(L, ETCD3_CLIENT_MT);
+  u->engine = etcd3_engine_new(targets, n, &opts, err, sizeof err);
+  if (!u->engine) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  return 1;
+}
+
+/* client:call(endpoint_index, "KV.Range", request, timeout) -> call */
+static int l_call(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel = check_channel(L, e, 2);
+  const char *rpc = luaL_checkstring(L, 3);
+  const char *path;
+  const ProtobufCMethodDescriptor *m = etcd3_find_method(rpc, &path);
+  double timeout = luaL_checknumber(L, 5);
+  if (!m) return luaL_argerror(L, 3, "unknown RPC");
+  luaL_checktype(L, 4, LUA_TTABLE);
+  /* rpc_name must be static for the call's lifetime: use the path's tail */
+  return etcd3_call_start(L, e, channel, m, path, path + 1, 4, timeout);
+}
+
+static const char *const state_names[] = {
+  "IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN",
+};
+
+/* client:state(endpoint_index [, try_to_connect]) -> "READY", … */
+static int l_state(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel = check_channel(L, e, 2);
+  grpc_connectivity_state s = grpc_channel_check_connectivity_state(
+      e->channels[channel].channel, lua_toboolean(L, 3));
+  lua_pushstring(L, (unsigned)s < 5 ? state_names[s] : "UNKNOWN");
+  return 1;
+}
+
+/* client:pollfd() -> fd, readable while completions wait to be collected */
+static int l_pollfd(lua_State *L) {
+  lua_pushinteger(L, check_open(L)->eventfd);
+  return 1;
+}
+
+/* client:wait(seconds) -> boolean: waits on the pollfd at most that long
+ * (for callers that wait for any completion, not a given call). */
+static int l_wait(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  double seconds = luaL_checknumber(L, 2);
+  struct pollfd p;
+  int rc;
+  p.fd = e->eventfd;
+  p.events = POLLIN;
+  p.revents = 0;
+  rc = poll(&p, 1, seconds > 0 ? (int)(seconds * 1000 + 0.5) : 0);
+  lua_pushboolean(L, rc > 0);
+  return 1;
+}
+
+static int l_close(lua_State *L) {
+  client_ud *u = to_client(L);
+  etcd3_engine *e = u->engine;
+  if (!e) return 0;
+  u->engine = NULL;
+  if (etcd3_engine_forked(e)) return 0; /* inherited: leak, touch nothing */
+  etcd3_engine_close(e);
+  etcd3_engine_release(e);
+  return 0;
+}
+
+static int l_closed(lua_State *L) {
+  lua_pushboolean(L, to_client(L)->engine == NULL);
+  return 1;
+}
+
+static int l_forked(lua_State *L) {
+  client_ud *u = to_client(L);
+  lua_pushboolean(L, u->engine && etcd3_engine_forked(u->engine));
+  return 1;
+}
+
+/* core.now() -> monotonic seconds */
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, etcd3_now());
+  return 1;
+}
+
+/* core.sleep(seconds): the plain-script strategy's sleep. */
+static int l_sleep(lua_State *L) {
+  double s = luaL_checknumber(L, 1);
+  struct timespec ts;
+  if (s <= 0) return 0;
+  ts.tv_sec = (time_t)s;
+  ts.tv_nsec = (long)((s - (double)ts.tv_sec) * 1e9);
+  while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+  }
+  return 0;
+}
+
+int etcd3_client_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"call", l_call}, {"state", l_state}, {"pollfd", l_pollfd},
+    {"wait", l_wait}, {"close", l_close}, {"closed", l_closed},
+    {"forked", l_forked}, {NULL, NULL},
+  };
+  luaL_newmetatable(L, ETCD3_CLIENT_MT);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_close);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_new);
+  lua_setfield(L, -2, "new");
+  lua_pushcfunction(L, l_now);
+  lua_setfield(L, -2, "now");
+  lua_pushcfunction(L, l_sleep);
+  lua_setfield(L, -2, "sleep");
+  return 0;
+}
+
+/* require "etcd3.core": never initialises gRPC (that waits for the first
+ * client, so a process may fork after require). */
+int luaopen_etcd3_core(lua_State *L);
+int luaopen_etcd3_core(lua_State *L) {
+  lua_newtable(L);
+  etcd3_codec_open(L);
+  etcd3_call_open(L);
+  etcd3_client_open(L);
+  lua_pushliteral(L, "etcd3.core 0.1");
+  lua_setfield(L, -2, "_VERSION");
+  return 1;
+}

@@ -1,0 +1,526 @@
+/*
+ * codec.c - Lua tables <-> protobuf-c messages, driven by the descriptors.
+ *
+ * One generic codec serves every etcd RPC: it walks protobuf-c's message
+ * descriptors, so a request is a Lua table whose keys are the proto field
+ * names in snake_case ("dbSize" -> "db_size", "ID" -> "id") and a response
+ * comes back as such a table. The pure-Lua layer shapes options into request
+ * tables; the codec only moves data.
+ *
+ * Value rules (DESIGN.md "Lua values"):
+ *  - bytes and strings are Lua strings, binary-safe;
+ *  - 64-bit IDs (fields named id, *_id but watch_id, lease, leader) are
+ *    16-hex-digit strings both ways (integers are accepted on 5.3+), and an
+ *    ID of 0 is left out of a decoded table ("lease absent when none");
+ *  - other integers are Lua integers on 5.3+, numbers on LuaJIT;
+ *  - enums are their proto names ("PUT", "ASCEND"); numbers are accepted.
+ *
+ * Memory: encoding allocates from an arena userdata on the Lua stack, so a
+ * luaL_error raised half-way (a wrong type deep in a table) leaks nothing:
+ * the arena's __gc frees it. Decoding keeps the unpacked message in a boxed
+ * userdata for the same reason.
+ */
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
+
+#include "etcd3.h"
+#include "rpc.pb-c.h"
+
+/* ---- field names ------------------------------------------------------ */
+
+/* Longest proto field name in etcd's protos is far below this. */
+#define NAME_MAX_LEN 64
+
+/* Writes the snake_case form of a proto field name into out. */
+static void snake_name(const char *name, char *out) {
+  size_t n = 0;
+  for (size_t i = 0; name[i] && n < NAME_MAX_LEN - 2; i++) {
+    unsigned char c = (unsigned char)name[i];
+    if (isupper(c)) {
+      unsigned char prev = i > 0 ? (unsigned char)name[i - 1] : '_';
+      if (islower(prev) || isdigit(prev)) out[n++] = '_';
+      out[n++] = (char)tolower(c);
+    } else {
+      out[n++] = (char)c;
+    }
+  }
+  out[n] = '\0';
+}
+
+static int is_id_field(const ProtobufCFieldDescriptor *f, const char *snake) {
+  size_t len;
+  if (f->type != PROTOBUF_C_TYPE_INT64 && f->type != PROTOBUF_C_TYPE_UINT64)
+    return 0;
+  if (strcmp(snake, "id") == 0 || strcmp(snake, "lease") == 0 ||
+      strcmp(snake, "leader") == 0)
+    return 1;
+  len = strlen(snake);
+  return len > 3 && strcmp(snake + len - 3, "_id") == 0 &&
+         strcmp(snake, "watch_id") != 0;
+}
+
+/* ---- arena ------------------------------------------------------------ */
+
+typedef struct arena_block {
+  struct arena_block *next;
+  /* payload follows, max-aligned */
+} arena_block;
+
+typedef struct arena {
+  arena_block *blocks;
+} arena;
+
+static int arena_gc(lua_State *L) {
+  etcd3_arena_free(L, 1);
+  return 0;
+}
+
+/* Pushes a new, empty arena userdata. */
+int etcd3_arena_new(lua_State *L) {
+  arena *a = (arena *)lua_newuserdata(L, sizeof(arena));
+  a->blocks = NULL;
+  luaL_setmetatable(L, ETCD3_ARENA_MT);
+  return lua_gettop(L);
+}
+
+/* Zeroed memory that lives until the arena is freed or collected. */
+void *etcd3_arena_alloc(lua_State *L, int arena_idx, size_t size) {
+  arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
+  size_t head = (sizeof(arena_block) + 15) & ~(size_t)15;
+  arena_block *b = (arena_block *)calloc(1, head + size);
+  if (!b) luaL_error(L, "etcd3: out of memory");
+  b->next = a->blocks;
+  a->blocks = b;
+  return (char *)b + head;
+}
+
+void etcd3_arena_free(lua_State *L, int arena_idx) {
+  arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
+  while (a->blocks) {
+    arena_block *next = a->blocks->next;
+    free(a->blocks);
+    a->blocks = next;
+  }
+}
+
+/* ---- encoding --------------------------------------------------------- */
+
+static size_t element_size(ProtobufCType t) {
+  switch (t) {
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
+    case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_UINT32:
+    case PROTOBUF_C_TYPE_FIXED32: case PROTOBUF_C_TYPE_FLOAT:
+    case PROTOBUF_C_TYPE_ENUM:
+      return 4;
+    case PROTOBUF_C_TYPE_BOOL:
+      return sizeof(protobuf_c_boolean);
+    case PROTOBUF_C_TYPE_BYTES:
+      return sizeof(ProtobufCBinaryData);
+    case PROTOBUF_C_TYPE_STRING: case PROTOBUF_C_TYPE_MESSAGE:
+      return sizeof(void *);
+    default:
+      return 8;
+  }
+}
+
+static int field_error(lua_State *L, const char *field, const char *expected,
+                       int idx) {
+  return luaL_error(L, "etcd3: field '%s': %s expected, got %s", field,
+                    expected, luaL_typename(L, idx));
+}
+
+/* A 64-bit value from a Lua integer, or from a hex string for ID fields. */
+static uint64_t check_u64(lua_State *L, int idx, const char *field, int is_id) {
+  if (is_id && lua_type(L, idx) == LUA_TSTRING) {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    char *end;
+    unsigned long long v;
+    if (len == 0 || len > 16 || !isxdigit((unsigned char)s[0]))
+      luaL_error(L, "etcd3: field '%s': bad ID '%s' (up to 16 hex digits)",
+                 field, s);
+    v = strtoull(s, &end, 16);
+    if (*end != '\0')
+      luaL_error(L, "etcd3: field '%s': bad ID '%s' (up to 16 hex digits)",
+                 field, s);
+    return (uint64_t)v;
+  }
+  if (lua_type(L, idx) != LUA_TNUMBER)
+    field_error(L, field, is_id ? "ID (hex string or integer)" : "integer",
+                idx);
+#if ETCD3_HAS_INTEGERS
+  {
+    int isnum;
+    lua_Integer v = lua_tointegerx(L, idx, &isnum);
+    if (!isnum) field_error(L, field, "integer", idx);
+    return (uint64_t)v;
+  }
+#else
+  {
+    lua_Number n = lua_tonumber(L, idx);
+    if (n != (lua_Number)(int64_t)n) field_error(L, field, "integer", idx);
+    return (uint64_t)(int64_t)n;
+  }
+#endif
+}
+
+static void encode_table(lua_State *L, int idx,
+                         const ProtobufCMessageDescriptor *d,
+                         ProtobufCMessage *msg, int arena_idx);
+
+/* Stores the Lua value at idx into *slot, as field f describes. */
+static void encode_value(lua_State *L, int idx,
+                         const ProtobufCFieldDescriptor *f, const char *field,
+                         int is_id, void *slot, int arena_idx) {
+  switch (f->type) {
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
+    case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_UINT32:
+    case PROTOBUF_C_TYPE_FIXED32:
+      *(uint32_t *)slot = (uint32_t)check_u64(L, idx, field, 0);
+      break;
+    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64:
+    case PROTOBUF_C_TYPE_SFIXED64: case PROTOBUF_C_TYPE_UINT64:
+    case PROTOBUF_C_TYPE_FIXED64:
+      *(uint64_t *)slot = check_u64(L, idx, field, is_id);
+      break;
+    case PROTOBUF_C_TYPE_BOOL:
+      if (lua_type(L, idx) != LUA_TBOOLEAN) field_error(L, field, "boolean", idx);
+      *(protobuf_c_boolean *)slot = lua_toboolean(L, idx);
+      break;
+    case PROTOBUF_C_TYPE_FLOAT:
+      *(float *)slot = (float)luaL_checknumber(L, idx);
+      break;
+    case PROTOBUF_C_TYPE_DOUBLE:
+      *(double *)slot = luaL_checknumber(L, idx);
+      break;
+    case PROTOBUF_C_TYPE_ENUM: {
+      const ProtobufCEnumDescriptor *ed =
+          (const ProtobufCEnumDescriptor *)f->descriptor;
+      if (lua_type(L, idx) == LUA_TSTRING) {
+        const ProtobufCEnumValue *v =
+            protobuf_c_enum_descriptor_get_value_by_name(ed, lua_tostring(L, idx));
+        if (!v)
+          luaL_error(L, "etcd3: field '%s': unknown value '%s'", field,
+                     lua_tostring(L, idx));
+        *(int *)slot = v->value;
+      } else {
+        *(int *)slot = (int)check_u64(L, idx, field, 0);
+      }
+      break;
+    }
+    case PROTOBUF_C_TYPE_STRING:
+      if (lua_type(L, idx) != LUA_TSTRING) field_error(L, field, "string", idx);
+      /* The string stays alive: the request table references it. */
+      *(const char **)slot = lua_tostring(L, idx);
+      break;
+    case PROTOBUF_C_TYPE_BYTES: {
+      ProtobufCBinaryData *b = (ProtobufCBinaryData *)slot;
+      size_t len;
+      if (lua_type(L, idx) != LUA_TSTRING) field_error(L, field, "string", idx);
+      b->data = (uint8_t *)(uintptr_t)lua_tolstring(L, idx, &len);
+      b->len = len;
+      break;
+    }
+    case PROTOBUF_C_TYPE_MESSAGE: {
+      const ProtobufCMessageDescriptor *sub =
+          (const ProtobufCMessageDescriptor *)f->descriptor;
+      ProtobufCMessage *m;
+      if (lua_type(L, idx) != LUA_TTABLE) field_error(L, field, "table", idx);
+      m = (ProtobufCMessage *)etcd3_arena_alloc(L, arena_idx, sub->sizeof_message);
+      sub->message_init(m);
+      encode_table(L, idx, sub, m, arena_idx);
+      *(ProtobufCMessage **)slot = m;
+      break;
+    }
+  }
+}
+
+/* Fills msg from the table at idx; keys the descriptor does not know are
+ * ignored (the Lua layer checks user options before they get here). */
+static void encode_table(lua_State *L, int idx,
+                         const ProtobufCMessageDescriptor *d,
+                         ProtobufCMessage *msg, int arena_idx) {
+  char name[NAME_MAX_LEN];
+  idx = lua_absindex(L, idx);
+  luaL_checkstack(L, 8, "etcd3: request nested too deeply");
+  for (unsigned i = 0; i < d->n_fields; i++) {
+    const ProtobufCFieldDescriptor *f = &d->fields[i];
+    char *base = (char *)msg;
+    int is_id;
+    snake_name(f->name, name);
+    lua_getfield(L, idx, name);
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      continue;
+    }
+    is_id = is_id_field(f, name);
+    if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+      size_t n, size = element_size(f->type);
+      char *elems;
+      if (lua_type(L, -1) != LUA_TTABLE) field_error(L, name, "array", -1);
+      n = lua_rawlen(L, -1);
+      elems = n ? (char *)etcd3_arena_alloc(L, arena_idx, n * size) : NULL;
+      for (size_t k = 0; k < n; k++) {
+        lua_rawgeti(L, -1, (int)k + 1);
+        encode_value(L, lua_gettop(L), f, name, is_id, elems + k * size, arena_idx);
+        lua_pop(L, 1);
+      }
+      *(size_t *)(base + f->quantifier_offset) = n;
+      *(void **)(base + f->offset) = elems;
+    } else {
+      encode_value(L, lua_gettop(L), f, name, is_id, base + f->offset, arena_idx);
+      if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF)
+        *(uint32_t *)(base + f->quantifier_offset) = f->id;
+      else if (f->label == PROTOBUF_C_LABEL_OPTIONAL &&
+               f->type != PROTOBUF_C_TYPE_MESSAGE &&
+               f->type != PROTOBUF_C_TYPE_STRING)
+        *(protobuf_c_boolean *)(base + f->quantifier_offset) = 1;
+    }
+    lua_pop(L, 1);
+  }
+}
+
+/* Encodes the table at idx as a message of type d, allocated in the arena
+ * at arena_idx (stays valid until that arena is freed). */
+ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
+                               const ProtobufCMessageDescriptor *d,
+                               int arena_idx) {
+  ProtobufCMessage *msg;
+  luaL_checktype(L, idx, LUA_TTABLE);
+  msg = (ProtobufCMessage *)etcd3_arena_alloc(L, arena_idx, d->sizeof_message);
+  d->message_init(msg);
+  encode_table(L, idx, d, msg, arena_idx);
+  return msg;
+}
+
+/* ---- decoding --------------------------------------------------------- */
+
+typedef struct decoded {
+  ProtobufCMessage *msg;
+  grpc_slice slice;
+  int has_slice;
+} decoded;
+
+static void decoded_free(decoded *box) {
+  if (box->msg) protobuf_c_message_free_unpacked(box->msg, NULL);
+  box->msg = NULL;
+  if (box->has_slice) grpc_slice_unref(box->slice);
+  box->has_slice = 0;
+}
+
+static int decoded_gc(lua_State *L) {
+  decoded_free((decoded *)luaL_checkudata(L, 1, ETCD3_DECODED_MT));
+  return 0;
+}
+
+static void push_i64(lua_State *L, int64_t v) {
+#if ETCD3_HAS_INTEGERS
+  lua_pushinteger(L, (lua_Integer)v);
+#else
+  lua_pushnumber(L, (lua_Number)v);
+#endif
+}
+
+static void push_message(lua_State *L, const ProtobufCMessage *msg);
+
+/* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0. */
+static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
+                      int is_id, const void *slot) {
+  switch (f->type) {
+    case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
+    case PROTOBUF_C_TYPE_SFIXED32:
+      push_i64(L, *(const int32_t *)slot);
+      break;
+    case PROTOBUF_C_TYPE_UINT32: case PROTOBUF_C_TYPE_FIXED32:
+      push_i64(L, *(const uint32_t *)slot);
+      break;
+    case PROTOBUF_C_TYPE_INT64: case PROTOBUF_C_TYPE_SINT64:
+    case PROTOBUF_C_TYPE_SFIXED64: case PROTOBUF_C_TYPE_UINT64:
+    case PROTOBUF_C_TYPE_FIXED64: {
+      uint64_t v = *(const uint64_t *)slot;
+      if (is_id) {
+        char hex[17];
+        if (v == 0) return 0;
+        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)v);
+        lua_pushstring(L, hex);
+      } else {
+        push_i64(L, (int64_t)v);
+      }
+      break;
+    }
+    case PROTOBUF_C_TYPE_BOOL:
+      lua_pushboolean(L, *(const protobuf_c_boolean *)slot);
+      break;
+    case PROTOBUF_C_TYPE_FLOAT:
+      lua_pushnumber(L, *(const float *)slot);
+      break;
+    case PROTOBUF_C_TYPE_DOUBLE:
+      lua_pushnumber(L, *(const double *)slot);
+      break;
+    case PROTOBUF_C_TYPE_ENUM: {
+      const ProtobufCEnumValue *v = protobuf_c_enum_descriptor_get_value(
+          (const ProtobufCEnumDescriptor *)f->descriptor, *(const int *)slot);
+      if (v) lua_pushstring(L, v->name);
+      else push_i64(L, *(const int *)slot);
+      break;
+    }
+    case PROTOBUF_C_TYPE_STRING: {
+      const char *s = *(const char *const *)slot;
+      lua_pushstring(L, s ? s : "");
+      break;
+    }
+    case PROTOBUF_C_TYPE_BYTES: {
+      const ProtobufCBinaryData *b = (const ProtobufCBinaryData *)slot;
+      lua_pushlstring(L, (const char *)b->data, b->len);
+      break;
+    }
+    case PROTOBUF_C_TYPE_MESSAGE: {
+      const ProtobufCMessage *m = *(const ProtobufCMessage *const *)slot;
+      if (!m) return 0;
+      push_message(L, m);
+      break;
+    }
+  }
+  return 1;
+}
+
+static void push_message(lua_State *L, const ProtobufCMessage *msg) {
+  const ProtobufCMessageDescriptor *d = msg->descriptor;
+  const char *base = (const char *)msg;
+  char name[NAME_MAX_LEN];
+  luaL_checkstack(L, 8, "etcd3: response nested too deeply");
+  lua_createtable(L, 0, (int)d->n_fields);
+  for (unsigned i = 0; i < d->n_fields; i++) {
+    const ProtobufCFieldDescriptor *f = &d->fields[i];
+    int is_id;
+    if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
+        *(const uint32_t *)(base + f->quantifier_offset) != f->id)
+      continue;
+    if (f->label == PROTOBUF_C_LABEL_OPTIONAL &&
+        f->type != PROTOBUF_C_TYPE_MESSAGE && f->type != PROTOBUF_C_TYPE_STRING &&
+        !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
+      continue;
+    snake_name(f->name, name);
+    is_id = is_id_field(f, name);
+    if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+      size_t n = *(const size_t *)(base + f->quantifier_offset);
+      size_t size = element_size(f->type);
+      const char *elems = *(const char *const *)(base + f->offset);
+      lua_createtable(L, (int)n, 0);
+      for (size_t k = 0; k < n; k++) {
+        if (push_value(L, f, is_id, elems + k * size))
+          lua_rawseti(L, -2, (int)k + 1);
+      }
+    } else if (!push_value(L, f, is_id, base + f->offset)) {
+      continue;
+    }
+    lua_setfield(L, -2, name);
+  }
+}
+
+/* Pushes the message in buf, decoded as type d, as a table; on a message
+ * that does not parse, pushes nothing and returns 0. */
+int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
+                 grpc_byte_buffer *buf) {
+  grpc_byte_buffer_reader reader;
+  decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
+  box->msg = NULL;
+  box->has_slice = 0;
+  luaL_setmetatable(L, ETCD3_DECODED_MT);
+  if (!grpc_byte_buffer_reader_init(&reader, buf)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  box->slice = grpc_byte_buffer_reader_readall(&reader);
+  box->has_slice = 1;
+  grpc_byte_buffer_reader_destroy(&reader);
+  box->msg = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(box->slice),
+                                       GRPC_SLICE_START_PTR(box->slice));
+  if (!box->msg) {
+    decoded_free(box);
+    lua_pop(L, 1);
+    return 0;
+  }
+  push_message(L, box->msg);
+  decoded_free(box);
+  lua_remove(L, -2);
+  return 1;
+}
+
+/* ---- methods and status codes ----------------------------------------- */
+
+static const ProtobufCServiceDescriptor *const services[] = {
+  &etcdserverpb__kv__descriptor,      &etcdserverpb__watch__descriptor,
+  &etcdserverpb__lease__descriptor,   &etcdserverpb__cluster__descriptor,
+  &etcdserverpb__maintenance__descriptor, &etcdserverpb__auth__descriptor,
+};
+
+#define N_SERVICES (sizeof services / sizeof services[0])
+#define MAX_METHODS 32
+
+/* "/etcdserverpb.KV/Range" for every method, built once. */
+static char *method_paths[N_SERVICES][MAX_METHODS];
+static pthread_once_t paths_once = PTHREAD_ONCE_INIT;
+
+static void build_paths(void) {
+  for (size_t s = 0; s < N_SERVICES; s++) {
+    for (unsigned m = 0; m < services[s]->n_methods && m < MAX_METHODS; m++) {
+      size_t len = strlen(services[s]->name) + strlen(services[s]->methods[m].name) + 3;
+      char *p = (char *)malloc(len);
+      if (p) snprintf(p, len, "/%s/%s", services[s]->name, services[s]->methods[m].name);
+      method_paths[s][m] = p;
+    }
+  }
+}
+
+/* Finds "KV.Range" (service short name '.' method name). */
+const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name,
+                                                   const char **path) {
+  const char *dot = strchr(rpc_name, '.');
+  if (!dot) return NULL;
+  pthread_once(&paths_once, build_paths);
+  for (size_t s = 0; s < N_SERVICES; s++) {
+    const ProtobufCServiceDescriptor *sd = services[s];
+    if (strlen(sd->short_name) != (size_t)(dot - rpc_name) ||
+        strncmp(sd->short_name, rpc_name, (size_t)(dot - rpc_name)) != 0)
+      continue;
+    for (unsigned m = 0; m < sd->n_methods && m < MAX_METHODS; m++) {
+      if (strcmp(sd->methods[m].name, dot + 1) == 0 && method_paths[s][m]) {
+        *path = method_paths[s][m];
+        return &sd->methods[m];
+      }
+    }
+  }
+  return NULL;
+}
+
+static const char *const status_names[] = {
+  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED",
+  "NOT_FOUND", "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED",
+  "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+  "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+};
+
+const char *etcd3_status_name(int status) {
+  if (status < 0 || (size_t)status >= sizeof status_names / sizeof status_names[0])
+    return "UNKNOWN";
+  return status_names[status];
+}
+
+int etcd3_codec_open(lua_State *L) {
+  luaL_newmetatable(L, ETCD3_ARENA_MT);
+  lua_pushcfunction(L, arena_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  luaL_newmetatable(L, ETCD3_DECODED_MT);
+  lua_pushcfunction(L, decoded_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  return 0;
+}

@@ -1,0 +1,198 @@
+/*
+ * engine.c - one completion queue and one thread per client.
+ *
+ * gRPC makes progress (connects, reconnects, keepalive pings) only while some
+ * thread waits on a completion queue, so each client owns a thread that waits
+ * on its queue forever and dispatches every event to the tag's `done`
+ * function. That thread never touches a lua_State: results cross to Lua
+ * through structures guarded by the engine mutex, a condition variable for
+ * threads that block, and an eventfd for event loops (client:pollfd()).
+ *
+ * Lifetime: etcd3_engine_close() (client close or __gc) cancels what is in
+ * flight, destroys the channels, shuts the queue down and joins the thread;
+ * the struct itself lives until its last reference (call objects hold one)
+ * is released, so Lua may collect clients and calls in any order.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/eventfd.h>
+
+#include <grpc/grpc_security.h>
+#include <grpc/support/time.h>
+
+#include "etcd3.h"
+
+/* gRPC is initialised lazily by the first client (never in luaopen: a
+ * process that forks after grpc_init cannot use gRPC in the child). */
+static pthread_once_t grpc_once = PTHREAD_ONCE_INIT;
+static void init_grpc(void) { grpc_init(); }
+
+double etcd3_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+gpr_timespec etcd3_deadline(double seconds) {
+  if (seconds < 0) seconds = 0;
+  if (seconds > 1e8) return gpr_inf_future(GPR_CLOCK_MONOTONIC);
+  return gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                      gpr_time_from_micros((int64_t)(seconds * 1e6), GPR_TIMESPAN));
+}
+
+int etcd3_engine_forked(const etcd3_engine *e) { return getpid() != e->pid; }
+
+static void *engine_main(void *arg) {
+  etcd3_engine *e = (etcd3_engine *)arg;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(
+        e->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (ev.type == GRPC_OP_COMPLETE && ev.tag)
+      ((etcd3_tag *)ev.tag)->done((etcd3_tag *)ev.tag, ev.success);
+  }
+  return NULL;
+}
+
+/* Counts one completion for Lua to collect; e->mu is held. */
+void etcd3_engine_completed(etcd3_engine *e) {
+  uint64_t one = 1;
+  if (e->uncollected++ == 0) {
+    ssize_t n = write(e->eventfd, &one, sizeof one);
+    (void)n; /* the counter cannot overflow: it is drained at zero */
+  }
+  pthread_cond_broadcast(&e->cond);
+}
+
+/* Lua collected one completion; e->mu is held. */
+void etcd3_engine_collected(etcd3_engine *e) {
+  if (e->uncollected > 0 && --e->uncollected == 0) {
+    uint64_t v;
+    ssize_t n = read(e->eventfd, &v, sizeof v);
+    (void)n; /* EAGAIN is fine: nothing to drain */
+  }
+}
+
+static grpc_channel *open_channel(const char *target,
+                                  const etcd3_channel_options *o) {
+  grpc_arg args[9];
+  grpc_channel_args cargs;
+  grpc_channel_credentials *creds;
+  grpc_channel *ch;
+  int n = 0;
+#define INT_ARG(k, v)                                            \
+  do {                                                           \
+    args[n].type = GRPC_ARG_INTEGER;                             \
+    args[n].key = (char *)(k);                                   \
+    args[n].value.integer = (v);                                 \
+    n++;                                                         \
+  } while (0)
+  INT_ARG(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, o->max_recv_bytes);
+  INT_ARG(GRPC_ARG_MAX_SEND_MESSAGE_LENGTH, -1);
+  /* Dead and frozen members are noticed only with pings, also when idle. */
+  INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, o->keepalive_ms);
+  INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
+  INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  /* A restarted member must be found again within about a second. */
+  INT_ARG(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  INT_ARG(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  /* Each client owns its connections: closing one never disturbs another. */
+  INT_ARG(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+#undef INT_ARG
+  cargs.num_args = (size_t)n;
+  cargs.args = args;
+  creds = grpc_insecure_credentials_create();
+  ch = grpc_channel_create(target, creds, &cargs);
+  grpc_channel_credentials_release(creds);
+  return ch;
+}
+
+etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
+                               const etcd3_channel_options *opts, char *err,
+                               size_t errlen) {
+  etcd3_engine *e = (etcd3_engine *)calloc(1, sizeof *e);
+  err[0] = '\0';
+  if (!e) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  pthread_once(&grpc_once, init_grpc);
+  pthread_mutex_init(&e->mu, NULL);
+  pthread_cond_init(&e->cond, NULL);
+  e->refs = 1;
+  e->pid = getpid();
+  e->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  e->channels = (etcd3_channel *)calloc(n, sizeof *e->channels);
+  if (e->eventfd < 0 || !e->channels) {
+    snprintf(err, errlen, "cannot create client: %s", strerror(errno));
+    goto fail;
+  }
+  e->cq = grpc_completion_queue_create_for_next(NULL);
+  for (size_t i = 0; i < n; i++) {
+    e->channels[i].target = strdup(targets[i]);
+    if (!e->channels[i].target) goto fail_channels;
+    e->channels[i].channel = open_channel(targets[i], opts);
+    e->n_channels++;
+  }
+  if (pthread_create(&e->thread, NULL, engine_main, e) != 0) {
+    snprintf(err, errlen, "cannot start the engine thread: %s", strerror(errno));
+    goto fail_channels;
+  }
+  e->thread_started = 1;
+  return e;
+fail_channels:
+  if (!*err) snprintf(err, errlen, "out of memory");
+  etcd3_engine_close(e);
+  etcd3_engine_release(e);
+  return NULL;
+fail:
+  if (e->eventfd >= 0) close(e->eventfd);
+  free(e->channels);
+  pthread_cond_destroy(&e->cond);
+  pthread_mutex_destroy(&e->mu);
+  free(e);
+  return NULL;
+}
+
+/* Idempotent. Not for a forked child: there it must not be called at all. */
+void etcd3_engine_close(etcd3_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  if (e->closed) {
+    pthread_mutex_unlock(&e->mu);
+    return;
+  }
+  e->closed = 1;
+  pthread_mutex_unlock(&e->mu);
+  etcd3_engine_cancel_all(e);
+  for (size_t i = 0; i < e->n_channels; i++) {
+    if (e->channels[i].channel) grpc_channel_destroy(e->channels[i].channel);
+    e->channels[i].channel = NULL;
+  }
+  if (e->cq) {
+    grpc_completion_queue_shutdown(e->cq);
+    /* The thread drains every pending tag, then sees the shutdown. */
+    if (e->thread_started) pthread_join(e->thread, NULL);
+    e->thread_started = 0;
+    grpc_completion_queue_destroy(e->cq);
+    e->cq = NULL;
+  }
+}
+
+void etcd3_engine_release(etcd3_engine *e) {
+  int last;
+  pthread_mutex_lock(&e->mu);
+  last = --e->refs == 0;
+  pthread_mutex_unlock(&e->mu);
+  if (!last) return;
+  for (size_t i = 0; i < e->n_channels; i++) free(e->channels[i].target);
+  free(e->channels);
+  close(e->eventfd);
+  pthread_cond_destroy(&e->cond);
+  pthread_mutex_destroy(&e->mu);
+  free(e);
+}

@@ -1,0 +1,101 @@
+/*
+ * etcd3.h - what the C files of etcd3.core share.
+ *
+ * Ownership in one paragraph: an engine (engine.c) owns a gRPC completion
+ * queue, the channels to every endpoint and the thread that waits on the
+ * queue. It is reference counted: the client userdata holds one reference and
+ * every call object (call.c) holds one, so userdata may be collected in any
+ * order. The engine thread never touches a lua_State; it completes calls
+ * under the engine mutex, signals the condition variable, and counts the
+ * completion on the eventfd that `client:pollfd()` exposes.
+ */
+#ifndef ETCD3_H
+#define ETCD3_H
+
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <grpc/grpc.h>
+#include <protobuf-c/protobuf-c.h>
+
+#include "compat.h"
+
+#define ETCD3_CLIENT_MT "etcd3.Client"
+#define ETCD3_CALL_MT "etcd3.Call"
+#define ETCD3_ARENA_MT "etcd3.Arena"
+#define ETCD3_DECODED_MT "etcd3.Decoded"
+
+/* Every completion queue tag starts with this: the engine thread calls
+ * `done` with the event's success flag. */
+typedef struct etcd3_tag {
+  void (*done)(struct etcd3_tag *tag, int ok);
+} etcd3_tag;
+
+typedef struct etcd3_channel {
+  char *target;       /* host:port as handed to gRPC */
+  grpc_channel *channel;
+} etcd3_channel;
+
+struct etcd3_call;
+
+typedef struct etcd3_engine {
+  pthread_mutex_t mu;           /* guards everything below that changes */
+  pthread_cond_t cond;          /* broadcast on every completion */
+  grpc_completion_queue *cq;
+  pthread_t thread;
+  int thread_started;
+  int closed;                   /* set once by etcd3_engine_close */
+  int refs;                     /* client + live call objects */
+  int eventfd;                  /* readable while `uncollected` > 0 */
+  unsigned long uncollected;    /* completions Lua has not collected */
+  pid_t pid;                    /* the process that created the engine */
+  size_t n_channels;
+  etcd3_channel *channels;
+  struct etcd3_call *inflight;  /* calls whose batch is under way */
+} etcd3_engine;
+
+typedef struct etcd3_channel_options {
+  int keepalive_ms;
+  int max_recv_bytes;
+} etcd3_channel_options;
+
+/* engine.c */
+etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
+                               const etcd3_channel_options *opts,
+                               char *err, size_t errlen);
+void etcd3_engine_close(etcd3_engine *e);
+void etcd3_engine_release(etcd3_engine *e);  /* drops one reference */
+void etcd3_engine_completed(etcd3_engine *e); /* under e->mu */
+void etcd3_engine_collected(etcd3_engine *e); /* under e->mu */
+int etcd3_engine_forked(const etcd3_engine *e);
+void etcd3_engine_cancel_all(etcd3_engine *e); /* call.c */
+double etcd3_now(void);
+gpr_timespec etcd3_deadline(double seconds);
+
+/* call.c */
+int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
+                     const ProtobufCMethodDescriptor *method,
+                     const char *path, const char *rpc_name, int req_idx,
+                     double timeout);
+int etcd3_call_open(lua_State *L);
+
+/* client.c */
+int etcd3_client_open(lua_State *L);
+
+/* codec.c */
+void *etcd3_arena_alloc(lua_State *L, int arena_idx, size_t size);
+int etcd3_arena_new(lua_State *L);
+void etcd3_arena_free(lua_State *L, int arena_idx);
+ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
+                               const ProtobufCMessageDescriptor *d,
+                               int arena_idx);
+int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
+                 grpc_byte_buffer *buf);
+int etcd3_codec_open(lua_State *L);
+const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name,
+                                                   const char **path);
+const char *etcd3_status_name(int status);
+
+#endif
