@@ -1,0 +1,19 @@
+--- lua-etcd3: the etcd v3 client for Lua (public API; see README.md).
+--
+--   local etcd3 = require "etcd3"
+--   local cli = assert(etcd3.new { endpoints = { "127.0.0.1:2379" } })
+--   assert(cli:put("/app/name", "zyq"))
+local Client = require "etcd3.client"
+local kv = require "etcd3.kv"
+local errors = require "etcd3.error"
+
+kv.install(Client)
+
+local _M = {
+  _VERSION = "lua-etcd3 0.1.0",
+  new = Client.new,
+  prefix_end = kv.prefix_end,
+  is_error = errors.is_error,
+}
+
+return _M
