@@ -44,8 +44,16 @@ MODULE   := $(BUILD)/etcd3/core.so
 INST_LIBDIR ?= /usr/local/lib/lua/5.4
 INST_LUADIR ?= /usr/local/share/lua/5.4
 
-.PHONY: all deps demo test check lint install clean bench bench-smoke
+SPEC_FORK := $(BUILD)/spec_fork.so
+
+.PHONY: all deps demo test check lint install clean bench bench-smoke spec-helpers
 all: $(MODULE)
+
+# Test-only helper module (fork for the "use after fork" spec); not installed.
+spec-helpers: $(MODULE) $(SPEC_FORK)
+$(SPEC_FORK): spec/helpers/fork.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) $(WARN) -fPIC -I$(LUA_INCDIR) $(LIBFLAG) -o $@ $<
 
 $(MODULE): $(OBJS)
 	@mkdir -p $(dir $@)

@@ -1,0 +1,217 @@
+-- The client: configuration, errors of use, lifetime, fork.
+local etcd3 = require "etcd3"
+local helper = require "spec.helpers.etcd"
+
+describe("client", function()
+  local member
+
+  setup(function() member = helper.single() end)
+  teardown(function() if member then member:stop() end end)
+
+  it("connects with every endpoint form", function()
+    for _, eps in ipairs {
+      { member.endpoint }, member.endpoint, "http://" .. member.endpoint,
+      "http://" .. member.endpoint .. "/", "127.0.0.1:1," .. member.endpoint,
+    } do
+      local cli = assert(etcd3.new { endpoints = eps, dial_timeout = 3 })
+      assert(cli:put("/client/form", "x"))
+      cli:close()
+    end
+  end)
+
+  it("takes $ETCDCTL_ENDPOINTS when no endpoints are given", function()
+    local script = [[
+      local etcd3 = require "etcd3"
+      local cli = assert(etcd3.new {})
+      assert(cli:put("/client/env", "from-env"))
+      io.write(table.concat(cli:endpoints(), ","))
+    ]]
+    local out = helper.capture("ETCDCTL_ENDPOINTS=" .. member.endpoint .. " " .. helper.lua_command(script))
+    assert.are.equal(member.endpoint, out)
+    assert.are.equal("from-env", member:etcdctl("get /client/env --print-value-only"):match("^(.-)\n"))
+  end)
+
+  it("lists its endpoints", function()
+    local cli = assert(etcd3.new { endpoints = "127.0.0.1:1, http://" .. member.endpoint })
+    assert.are.same({ "127.0.0.1:1", member.endpoint }, cli:endpoints())
+    cli:close()
+  end)
+
+  it("returns nil, err from new when no endpoint answers within dial_timeout", function()
+    local t0 = helper.now()
+    local cli, err = etcd3.new { endpoints = "127.0.0.1:1", dial_timeout = 0.3 }
+    assert.is_nil(cli)
+    assert.is_true(etcd3.is_error(err))
+    assert.are.equal("UNAVAILABLE", err.code)
+    assert.matches("dial_timeout", tostring(err))
+    assert.is_true(helper.now() - t0 < 3)
+  end)
+
+  it("connects lazily with dial_timeout = 0", function()
+    local cli = assert(etcd3.new { endpoints = "127.0.0.1:1", dial_timeout = 0 })
+    local res, err = cli:get("/x")
+    assert.is_nil(res)
+    assert.are.equal("UNAVAILABLE", err.code)
+    cli:close()
+  end)
+
+  it("gives UNAVAILABLE fast for a closed port", function()
+    local cli = assert(etcd3.new { endpoints = "127.0.0.1:1", dial_timeout = 0, timeout = 5 })
+    local t0 = helper.now()
+    local res, err = cli:put("/x", "y")
+    assert.is_nil(res)
+    assert.are.equal("UNAVAILABLE", err.code)
+    assert.are.equal(14, err.status)
+    assert.are.equal("KV.Put", err.rpc)
+    assert.is_true(helper.now() - t0 < 1, "took " .. (helper.now() - t0))
+    cli:close()
+  end)
+
+  it("makes error objects readable", function()
+    local cli = assert(etcd3.new { endpoints = member.endpoint })
+    local res, err = cli:get("/x", { revision = 1000000 })
+    assert.is_nil(res)
+    assert.are.equal("OUT_OF_RANGE", err.code)
+    assert.are.equal(11, err.status)
+    assert.are.equal("etcdserver: mvcc: required revision is a future revision", err.message)
+    assert.are.equal("KV.Range", err.rpc)
+    assert.are.equal("etcd3: KV.Range: OUT_OF_RANGE: etcdserver: mvcc: required revision is a future revision",
+      tostring(err))
+    assert.are.equal("e: " .. tostring(err), "e: " .. err)
+    assert.are.equal(tostring(err) .. "!", err .. "!")
+    assert.is_true(etcd3.is_error(err))
+    assert.is_false(etcd3.is_error({ code = "X" }))
+    assert.is_false(etcd3.is_error("x"))
+    cli:close()
+  end)
+
+  describe("raises errors that name the argument", function()
+    local cli
+    setup(function() cli = assert(etcd3.new { endpoints = member.endpoint }) end)
+    teardown(function() cli:close() end)
+
+    local cases = {
+      { "get key type", function() cli:get(1) end, "bad argument #1 to 'etcd3.get' %(string expected, got 1%)" },
+      { "get without self", function() cli.get("/k") end, "etcd3.get: called without an object" },
+      { "put value type", function() cli:put("/k", {}) end, "bad argument #2 to 'etcd3.put' %(string expected, got table%)" },
+      { "put missing value", function() cli:put("/k") end, "bad argument #2 to 'etcd3.put'" },
+      { "unknown get option", function() cli:get("/k", { prefx = true }) end, "etcd3.get: unknown option 'prefx'" },
+      { "unknown put option", function() cli:put("/k", "v", { ttl = 1 }) end, "etcd3.put: unknown option 'ttl'" },
+      { "option type", function() cli:get("/k", { limit = "10" }) end, "etcd3.get: option 'limit': integer expected" },
+      { "fractional integer", function() cli:get("/k", { limit = 1.5 }) end, "option 'limit': integer expected" },
+      { "enum", function() cli:get("/k", { sort_order = "up" }) end, "option 'sort_order': one of" },
+      { "exclusive range options", function() cli:get("/k", { prefix = true, from_key = true }) end, "exclude each other" },
+      { "options not a table", function() cli:get("/k", 5) end, "options table expected" },
+      { "lease id", function() cli:put("/k", "v", { lease = "xyz" }) end, "option 'lease': ID" },
+      { "compact revision", function() cli:compact("1") end, "bad argument #1 to 'etcd3.compact'" },
+      { "delete option", function() cli:delete("/k", { limit = 1 }) end, "etcd3.delete: unknown option 'limit'" },
+      { "pages option", function() cli:pages("/k", { sort_order = "descend" }) end, "does not apply to pages" },
+      { "new option", function() etcd3.new { endpoint = "x" } end, "etcd3.new: unknown option 'endpoint'" },
+      { "new endpoints", function() etcd3.new { endpoints = { 1 } } end, "endpoints: strings expected" },
+      { "new bad endpoint", function() etcd3.new { endpoints = "nohost" } end, "host:port expected" },
+      { "new keepalive", function() etcd3.new { endpoints = "127.0.0.1:1", keepalive_time = 1 } end,
+        "option 'keepalive_time' must be >= 5" },
+      { "prefix_end", function() etcd3.prefix_end(nil) end, "bad argument #1 to 'etcd3.prefix_end'" },
+    }
+    for _, case in ipairs(cases) do
+      it(case[1], function()
+        local ok, msg = pcall(case[2])
+        assert.is_false(ok)
+        assert.matches(case[3], msg)
+      end)
+    end
+
+    it("and send nothing when they do", function()
+      local before = assert(cli:get("/")).header.revision
+      pcall(cli.put, cli, "/k", "v", { bogus = 1 })
+      assert.are.equal(before, assert(cli:get("/")).header.revision)
+    end)
+  end)
+
+  it("raises on a closed client; close is idempotent", function()
+    local cli = assert(etcd3.new { endpoints = member.endpoint })
+    cli:close()
+    cli:close()
+    local ok, msg = pcall(cli.get, cli, "/k")
+    assert.is_false(ok)
+    assert.matches("etcd3.get: client is closed", msg)
+  end)
+
+  it("closes while calls are in flight", function()
+    local calls = {}
+    local cli = assert(etcd3.new { endpoints = member.endpoint, dial_timeout = 0,
+      wait = function(_, _, op) calls[#calls + 1] = op; coroutine.yield() end })
+    local co = coroutine.wrap(function() return cli:get("/k") end)
+    co()
+    assert.are.equal(1, #calls)
+    cli:close()
+    local res, err = co()
+    assert.is_nil(res)
+    assert.are.equal("CANCELLED", err.code)
+  end)
+
+  it("closes with <close> on Lua 5.4", function()
+    if _VERSION ~= "Lua 5.4" then return end
+    local chunk = assert(load([[
+      local etcd3, ep = ...
+      local keep
+      do
+        local cli <close> = assert(etcd3.new { endpoints = ep })
+        keep = cli
+      end
+      return keep
+    ]]))
+    local cli = chunk(etcd3, member.endpoint)
+    assert.has_error(function() cli:get("/k") end)
+  end)
+
+  it("leaks nothing over 1000 clients dropped without close", function()
+    local function fds()
+      local f = assert(io.open("/proc/self/stat"))
+      local pid = f:read("*l"):match("^%d+")
+      f:close()
+      return tonumber(helper.capture("ls /proc/" .. pid .. "/fd | wc -l"))
+    end
+    local function status(field)
+      local f = assert(io.open("/proc/self/status"))
+      local v = f:read("*a"):match(field .. ":%s*(%d+)")
+      f:close()
+      return tonumber(v)
+    end
+    local function make(n)
+      for i = 1, n do
+        local cli = assert(etcd3.new { endpoints = member.endpoint })
+        assert(cli:get("/k"))
+        if i % 50 == 0 then collectgarbage() collectgarbage() end
+      end
+      collectgarbage() collectgarbage()
+    end
+    make(100) -- warm up gRPC's own pools
+    local threads0, rss0, fd0 = status("Threads"), status("VmRSS"), fds()
+    make(1000)
+    helper.wait_for(function() return status("Threads") <= threads0 end, 10, "engine threads to exit")
+    assert.is_true(fds() <= fd0 + 2, ("fds %d -> %d"):format(fd0, fds()))
+    local growth = status("VmRSS") - rss0
+    io.stderr:write(("\n[1000 clients] RSS growth %d kB\n"):format(growth))
+    assert.is_true(growth < 20000, "RSS grew by " .. growth .. " kB")
+  end)
+
+  it("raises a clear error in a forked child and leaves the parent working", function()
+    local fork = require "spec_fork"
+    local cli = assert(etcd3.new { endpoints = member.endpoint })
+    assert(cli:put("/fork/k", "v"))
+    local pid = fork.fork()
+    if pid == 0 then
+      local ok, msg = pcall(cli.get, cli, "/fork/k")
+      local good = not ok and msg:find("forked child", 1, true)
+      -- dropping the inherited client must not hang or touch gRPC
+      cli = nil -- luacheck: ignore
+      collectgarbage()
+      collectgarbage()
+      fork._exit(good and 0 or 1)
+    end
+    assert.are.equal(0, fork.waitpid(pid))
+    assert.are.equal("v", assert(cli:get("/fork/k")).kvs[1].value)
+    cli:close()
+  end)
+end)

@@ -1,0 +1,197 @@
+--- Real etcd members for the specs, on 127.0.0.1 only.
+--
+-- Each member gets free ports (read from /proc/net/tcp{,6}), a data dir of
+-- its own under a temp dir, and is stopped by the PID this helper started.
+-- Every PID is also appended to $ETCD3_SPEC_PIDFILE (when set), so the test
+-- runner can stop what a crashed spec run left behind, by PID.
+local _M = {}
+
+local function sh(cmd)
+  local ok = os.execute(cmd)
+  return ok == true or ok == 0
+end
+
+local function capture(cmd)
+  local p = assert(io.popen(cmd, "r"))
+  local out = p:read("*a")
+  p:close()
+  return out
+end
+_M.capture, _M.sh = capture, sh
+
+--- A shell command that runs `script` in this runtime, with this run's
+-- package paths.
+function _M.lua_command(script)
+  local interp = jit and "luajit" or "lua5.4"
+  local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+  return ("LUA_PATH=%s LUA_CPATH=%s %s -e %s"):format(q(package.path), q(package.cpath), interp, q(script))
+end
+
+local function now()
+  return require("etcd3.core").now()
+end
+_M.now = now
+
+--- Ports something already holds, in any TCP state.
+local function used_ports()
+  local used = {}
+  for _, path in ipairs { "/proc/net/tcp", "/proc/net/tcp6" } do
+    local f = io.open(path)
+    if f then
+      for line in f:lines() do
+        local port = line:match("^%s*%d+:%s+%x+:(%x+)")
+        if port then used[tonumber(port, 16)] = true end
+      end
+      f:close()
+    end
+  end
+  return used
+end
+
+local taken = {}
+math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
+
+--- A TCP port on 127.0.0.1 that nothing listens on or uses right now.
+function _M.free_port()
+  local used = used_ports()
+  for _ = 1, 1000 do
+    local p = math.random(20000, 45000)
+    if not used[p] and not taken[p] then
+      taken[p] = true
+      return p
+    end
+  end
+  error("no free port found")
+end
+
+--- Waits for cond() to be true; fails after `timeout` seconds.
+function _M.wait_for(cond, timeout, what)
+  local deadline = now() + (timeout or 10)
+  while true do
+    local v = cond()
+    if v then return v end
+    if now() > deadline then error("timed out waiting for " .. (what or "condition"), 2) end
+    require("etcd3.core").sleep(0.05)
+  end
+end
+
+local function record_pid(pid)
+  local file = os.getenv("ETCD3_SPEC_PIDFILE")
+  if file then
+    local f = io.open(file, "a")
+    if f then f:write(pid, "\n"); f:close() end
+  end
+end
+
+local Member = {}
+Member.__index = Member
+
+--- (Re)starts this member's etcd process with its own ports and data dir.
+function Member:start()
+  local args = {
+    "etcd", "--name", self.name, "--data-dir", self.dir .. "/data",
+    "--listen-client-urls", "http://" .. self.endpoint,
+    "--advertise-client-urls", "http://" .. self.endpoint,
+    "--listen-peer-urls", self.peer_url,
+    "--initial-advertise-peer-urls", self.peer_url,
+    "--initial-cluster", self.initial_cluster,
+    "--initial-cluster-token", self.token,
+    "--initial-cluster-state", self.state or "new",
+  }
+  for _, a in ipairs(self.extra or {}) do args[#args + 1] = a end
+  for i, a in ipairs(args) do args[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
+  local cmd = table.concat(args, " ") .. " >>" .. self.dir .. "/etcd.log 2>&1 & echo $!"
+  self.pid = assert(tonumber(capture(cmd)), "etcd did not start")
+  record_pid(self.pid)
+  return self
+end
+
+function Member:etcdctl(args)
+  return capture("ETCDCTL_API=3 etcdctl --endpoints=" .. self.endpoint ..
+    " --command-timeout=3s " .. args .. " 2>&1")
+end
+
+function Member:healthy()
+  return sh("ETCDCTL_API=3 etcdctl --endpoints=" .. self.endpoint ..
+    " --command-timeout=1s endpoint health >/dev/null 2>&1")
+end
+
+function Member:wait_healthy(timeout)
+  _M.wait_for(function() return self:healthy() end, timeout or 20, "etcd " .. self.endpoint)
+  return self
+end
+
+function Member:signal(sig)
+  if self.pid then sh("kill -" .. sig .. " " .. self.pid .. " 2>/dev/null") end
+end
+
+--- Kills the process (SIGKILL) and waits until it is gone.
+function Member:kill()
+  if not self.pid then return end
+  self:signal("CONT")
+  self:signal("KILL")
+  local pid = self.pid
+  _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end, 10, "etcd to exit")
+  self.pid = nil
+end
+
+--- Stops the process (if any) and removes the data dir.
+function Member:stop()
+  self:kill()
+  if self.dir and self.dir:match("^/tmp/") then sh("rm -rf '" .. self.dir .. "'") end
+end
+
+local function new_member(name, token)
+  local dir = capture("mktemp -d /tmp/etcd3-spec.XXXXXX"):gsub("%s+$", "")
+  return setmetatable({
+    name = name, dir = dir, token = token,
+    endpoint = "127.0.0.1:" .. _M.free_port(),
+    peer_url = "http://127.0.0.1:" .. _M.free_port(),
+  }, Member)
+end
+
+--- Starts `n` members (default 1) as one cluster; waits until healthy.
+-- opts.extra: more etcd flags for every member.
+-- Returns { members = {...}, endpoints = {...}, stop = fn, [1] = member 1 … }
+function _M.cluster(n, opts)
+  n, opts = n or 1, opts or {}
+  local token = "spec-" .. _M.free_port()
+  local members, peers, endpoints = {}, {}, {}
+  for i = 1, n do
+    local m = new_member("m" .. i, token)
+    m.extra = opts.extra
+    members[i], endpoints[i] = m, m.endpoint
+    peers[i] = m.name .. "=" .. m.peer_url
+  end
+  for _, m in ipairs(members) do
+    m.initial_cluster = table.concat(peers, ",")
+    m:start()
+  end
+  for _, m in ipairs(members) do m:wait_healthy() end
+  local c = { members = members, endpoints = endpoints }
+  function c.stop()
+    for _, m in ipairs(members) do m:stop() end
+  end
+  return c
+end
+
+--- One member: the member itself, with :stop().
+function _M.single(opts)
+  return _M.cluster(1, opts).members[1]
+end
+
+--- Base64 decoding, for `etcdctl -w json` output.
+function _M.unbase64(s)
+  local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+  local bits = s:gsub("[^%w%+/=]", ""):gsub("=", ""):gsub(".", function(c)
+    local v = alphabet:find(c, 1, true) - 1
+    local out = {}
+    for i = 5, 0, -1 do out[#out + 1] = math.floor(v / 2 ^ i) % 2 end
+    return table.concat(out)
+  end)
+  return (bits:gsub("%d%d%d%d%d%d%d%d", function(byte)
+    return string.char(tonumber(byte, 2))
+  end))
+end
+
+return _M
