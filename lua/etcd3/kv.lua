@@ -161,8 +161,9 @@ function _M.install(Client)
         done = true
         return false, err
       end
-      -- Pin every later page to the revision of the first.
-      req.revision = res.header.revision
+      -- Pin every later page to the revision of the first (a response's
+      -- header always carries the newest revision, so only the first counts).
+      req.revision = req.revision or res.header.revision
       local kvs = res.kvs
       if not res.more or #kvs == 0 then
         done = true

@@ -189,6 +189,7 @@ function _M.unbase64(s)
     for i = 5, 0, -1 do out[#out + 1] = math.floor(v / 2 ^ i) % 2 end
     return table.concat(out)
   end)
+  bits = bits:sub(1, #bits - #bits % 8)
   return (bits:gsub("%d%d%d%d%d%d%d%d", function(byte)
     return string.char(tonumber(byte, 2))
   end))
