@@ -155,8 +155,9 @@ function Client:_request(fname, rpc, req, timeout, idempotent)
     local left = deadline - now()
     if left <= 0 then break end
     local call = handle:call(i, rpc, req, left)
-    -- gRPC enforces the deadline; the grace covers a stuck completion.
-    if not self._wait(self, call, deadline + 0.5) then
+    -- gRPC enforces the same deadline; a call not complete by then is
+    -- cancelled here rather than waited for.
+    if not self._wait(self, call, deadline) then
       call:cancel()
       return nil, errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", rpc)
     end
