@@ -11,12 +11,12 @@
 # default Debian's golang-etcd-server-dev unpacked into build/ (never committed).
 
 LUA        ?= lua5.4
-BUILD      ?= build/$(LUA)$(if $(SANITIZE),-san)
+BUILD      ?= build/$(notdir $(LUA))$(if $(SANITIZE),-san)
 PROTO_OUT  := build/proto
 ETCD_DEB_DIR := build/etcd-src
 ETCD_PROTO_DIR ?= $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd
 
-ifeq ($(LUA),luajit)
+ifeq ($(notdir $(LUA)),luajit)
 LUA_INCDIR ?= /usr/include/luajit-2.1
 else
 LUA_INCDIR ?= /usr/include/$(LUA)
@@ -83,8 +83,9 @@ deps:
 	sh tools/deps.sh
 
 demo: deps
-	$(MAKE) LUA=lua5.4
-	sh tools/with-etcd.sh env LUA_PATH="lua/?.lua;lua/?/init.lua;;" LUA_CPATH="build/lua5.4/?.so;;" lua5.4 examples/demo.lua
+	$(MAKE) -s LUA=lua5.4
+	LUA_PATH="lua/?.lua;lua/?/init.lua;./?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
+	  lua5.4 tools/with-etcd.lua lua5.4 examples/demo.lua
 
 test: deps
 	sh tools/test.sh

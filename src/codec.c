@@ -464,18 +464,17 @@ static const ProtobufCServiceDescriptor *const services[] = {
 #define N_SERVICES (sizeof services / sizeof services[0])
 #define MAX_METHODS 32
 
-/* "/etcdserverpb.KV/Range" for every method, built once. */
-static char *method_paths[N_SERVICES][MAX_METHODS];
+/* "/etcdserverpb.KV/Range" for every method, built once. Static storage,
+ * not malloc: Lua unloads the module at exit and nothing may dangle. */
+#define PATH_MAX_LEN 80
+static char method_paths[N_SERVICES][MAX_METHODS][PATH_MAX_LEN];
 static pthread_once_t paths_once = PTHREAD_ONCE_INIT;
 
 static void build_paths(void) {
   for (size_t s = 0; s < N_SERVICES; s++) {
-    for (unsigned m = 0; m < services[s]->n_methods && m < MAX_METHODS; m++) {
-      size_t len = strlen(services[s]->name) + strlen(services[s]->methods[m].name) + 3;
-      char *p = (char *)malloc(len);
-      if (p) snprintf(p, len, "/%s/%s", services[s]->name, services[s]->methods[m].name);
-      method_paths[s][m] = p;
-    }
+    for (unsigned m = 0; m < services[s]->n_methods && m < MAX_METHODS; m++)
+      snprintf(method_paths[s][m], PATH_MAX_LEN, "/%s/%s", services[s]->name,
+               services[s]->methods[m].name);
   }
 }
 
@@ -491,7 +490,7 @@ const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name,
         strncmp(sd->short_name, rpc_name, (size_t)(dot - rpc_name)) != 0)
       continue;
     for (unsigned m = 0; m < sd->n_methods && m < MAX_METHODS; m++) {
-      if (strcmp(sd->methods[m].name, dot + 1) == 0 && method_paths[s][m]) {
+      if (strcmp(sd->methods[m].name, dot + 1) == 0 && method_paths[s][m][0]) {
         *path = method_paths[s][m];
         return &sd->methods[m];
       }

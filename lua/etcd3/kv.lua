@@ -3,8 +3,6 @@
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 
-local type = type
-
 local _M = {}
 
 --- The range end that covers every key starting with `prefix`: the prefix

@@ -6,12 +6,22 @@
 -- runner can stop what a crashed spec run left behind, by PID.
 local _M = {}
 
+-- Under the sanitizer run, LD_PRELOAD carries the ASan runtime: it is for
+-- the Lua process only, never for etcd, etcdctl or the shell tools.
+local PRELOAD = os.getenv("LD_PRELOAD")
+local CLEAN = PRELOAD and "unset LD_PRELOAD; " or ""
+--- True in the sanitizer run: ASan's quarantine makes RSS meaningless there
+-- (LeakSanitizer checks for leaks instead).
+_M.sanitized = PRELOAD ~= nil and PRELOAD:find("asan", 1, true) ~= nil
+
 local function sh(cmd)
+  cmd = CLEAN .. cmd
   local ok = os.execute(cmd)
   return ok == true or ok == 0
 end
 
 local function capture(cmd)
+  cmd = CLEAN .. cmd
   local p = assert(io.popen(cmd, "r"))
   local out = p:read("*a")
   p:close()
@@ -24,7 +34,8 @@ _M.capture, _M.sh = capture, sh
 function _M.lua_command(script)
   local interp = jit and "luajit" or "lua5.4"
   local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
-  return ("LUA_PATH=%s LUA_CPATH=%s %s -e %s"):format(q(package.path), q(package.cpath), interp, q(script))
+  return ("LD_PRELOAD=%s LUA_PATH=%s LUA_CPATH=%s %s -e %s"):format(q(PRELOAD or ""),
+    q(package.path), q(package.cpath), interp, q(script))
 end
 
 local function now()

@@ -1,0 +1,4 @@
+std = "max"
+files["spec"] = { std = "+busted" }
+max_line_length = 130
+exclude_files = { "build/" }

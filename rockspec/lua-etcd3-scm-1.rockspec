@@ -1,0 +1,37 @@
+rockspec_format = "3.0"
+package = "lua-etcd3"
+version = "scm-1"
+-- Built from a checkout: `luarocks make rockspec/lua-etcd3-scm-1.rockspec`
+-- (the build fetches etcd's .proto files, see the Makefile).
+source = {
+  url = "git+file://.",
+}
+description = {
+  summary = "etcd v3 client for Lua 5.4 and LuaJIT/OpenResty, on the gRPC C core",
+  detailed = [[
+    A C module (etcd3.core) on the gRPC C core and protobuf-c with a thin
+    pure-Lua API: KV, and more to come (txn, leases, watches).
+  ]],
+  license = "MIT",
+}
+dependencies = {
+  "lua >= 5.1",
+}
+external_dependencies = {
+  GRPC = { header = "grpc/grpc.h" },
+  PROTOBUFC = { header = "protobuf-c/protobuf-c.h" },
+}
+build = {
+  type = "make",
+  build_variables = {
+    CFLAGS = "$(CFLAGS)",
+    LIBFLAG = "$(LIBFLAG)",
+    LUA_INCDIR = "$(LUA_INCDIR)",
+    LUA = "$(LUA)",
+  },
+  install_variables = {
+    INST_LIBDIR = "$(LIBDIR)",
+    INST_LUADIR = "$(LUADIR)",
+    LUA = "$(LUA)",
+  },
+}

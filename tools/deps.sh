@@ -1,0 +1,17 @@
+#!/bin/sh
+# Installs the Debian packages lua-etcd3 needs to build, test and demo,
+# when any is missing (apt-get update runs once, only then).
+set -e
+PKGS="make gcc clang pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
+lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted lua-check luarocks
+etcd-server etcd-client"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+echo "installing:$missing"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing

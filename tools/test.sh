@@ -1,0 +1,94 @@
+#!/bin/sh
+# The whole test run (`make test`): builds etcd3.core for Lua 5.4 and
+# LuaJIT, runs every spec under both, runs it again with the module built
+# with AddressSanitizer + UBSan, checks that the rock installs with
+# luarocks, runs luacheck, and ends with one line "N passed, M failed".
+#
+# Every etcd the specs start is recorded by PID in a file; whatever a
+# crashed run left behind is stopped by those PIDs at the end.
+set -u
+cd "$(dirname "$0")/.."
+MAKE=${MAKE:-make}
+LOG=$(mktemp -d /tmp/etcd3-test.XXXXXX)
+export ETCD3_SPEC_PIDFILE="$LOG/pids"
+: > "$ETCD3_SPEC_PIDFILE"
+passed=0
+failed=0
+
+cleanup() {
+  while read -r pid; do
+    if [ -n "$pid" ] && grep -q '^etcd' "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null
+    fi
+  done < "$ETCD3_SPEC_PIDFILE"
+}
+trap cleanup EXIT INT TERM
+
+# count_busted LOGFILE: adds busted's summary line to the totals
+count_busted() {
+  line=$(grep -E '^[0-9]+ successes? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$1" | tail -n 1)
+  if [ -z "$line" ]; then
+    echo "!! no busted summary in $1 (the run crashed)"
+    failed=$((failed + 1))
+    return
+  fi
+  s=$(echo "$line" | awk '{print $1}'); f=$(echo "$line" | awk '{print $4}'); e=$(echo "$line" | awk '{print $7}')
+  passed=$((passed + s))
+  failed=$((failed + f + e))
+}
+
+# step NAME COMMAND...: a check that passes or fails as a whole
+step() {
+  name=$1; shift
+  if "$@" > "$LOG/$name.log" 2>&1; then
+    passed=$((passed + 1)); echo "== $name: ok"
+  else
+    failed=$((failed + 1)); echo "== $name: FAILED"; tail -n 40 "$LOG/$name.log"
+  fi
+}
+
+# run_specs NAME LUA CPATH [env...]
+run_specs() {
+  name=$1; lua=$2; cpath=$3; shift 3
+  echo "== specs under $name"
+  env "$@" busted --lua="$lua" --cpath="$cpath" --output=utfTerminal spec 2>&1 | tee "$LOG/$name.log"
+  count_busted "$LOG/$name.log"
+}
+
+build_ok=1
+for target in "LUA=lua5.4" "LUA=luajit" "LUA=lua5.4 SANITIZE=1"; do
+  # shellcheck disable=SC2086
+  $MAKE -s $target spec-helpers > "$LOG/build.log" 2>&1 || { build_ok=0; cat "$LOG/build.log"; }
+done
+# both compilers, warnings as errors
+step build-clang $MAKE -s CC=clang BUILD=build/clang-check
+
+if [ "$build_ok" = 1 ]; then
+  passed=$((passed + 1))
+  run_specs lua5.4 lua5.4 "build/lua5.4/?.so"
+  run_specs luajit luajit "build/luajit/?.so"
+  # A non-instrumented interpreter loading an instrumented module needs
+  # the ASan runtime preloaded. Leak checking covers the whole process.
+  ASAN_LIB=$(gcc -print-file-name=libasan.so)
+  UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
+  run_specs lua5.4-sanitized lua5.4 "build/lua5.4-san/?.so" \
+    LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" \
+    ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:log_path=$LOG/asan:suppressions=$(pwd)/tools/asan.supp" \
+    LSAN_OPTIONS="suppressions=$(pwd)/tools/lsan.supp:print_suppressions=0" \
+    UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$LOG/ubsan"
+  if ls "$LOG"/asan.* "$LOG"/ubsan.* > /dev/null 2>&1; then
+    echo "== sanitizer reports:"; cat "$LOG"/asan.* "$LOG"/ubsan.* 2>/dev/null | head -n 80
+    failed=$((failed + 1))
+  else
+    echo "== sanitizers: no reports"; passed=$((passed + 1))
+  fi
+else
+  echo "== build FAILED"; failed=$((failed + 1))
+fi
+
+step luacheck luacheck lua spec bench examples tools
+step rock sh tools/check-rock.sh
+
+echo "logs: $LOG"
+echo "$passed passed, $failed failed"
+[ "$failed" = 0 ] && [ "$passed" -gt 0 ]
