@@ -13,5 +13,6 @@ done
 echo "installing:$missing"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
-$SUDO apt-get update -q
+# .ci/run has already run apt-get update once
+[ -n "${ETCD3_APT_UPDATED:-}" ] || $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
