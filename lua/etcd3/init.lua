@@ -6,14 +6,18 @@
 local Client = require "etcd3.client"
 local kv = require "etcd3.kv"
 local errors = require "etcd3.error"
+local txn = require "etcd3.txn"
 
 kv.install(Client)
+txn.install(Client)
 
 local _M = {
   _VERSION = "lua-etcd3 0.1.0",
   new = Client.new,
   prefix_end = kv.prefix_end,
   is_error = errors.is_error,
+  compare = txn.compare,
+  op = txn.op,
 }
 
 return _M
