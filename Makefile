@@ -91,7 +91,7 @@ test: deps
 	sh tools/test.sh
 
 lint:
-	luacheck lua spec bench examples
+	luacheck lua spec examples tools $(wildcard bench)
 
 install: $(MODULE)
 	mkdir -p $(INST_LIBDIR)/etcd3 $(INST_LUADIR)/etcd3
