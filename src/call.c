@@ -119,17 +119,13 @@ static int l_wait(lua_State *L) {
   etcd3_call *c = check_call(L)->c;
   double seconds = luaL_checknumber(L, 2);
   etcd3_engine *e = c->engine;
-  struct timespec until;
+  double until = etcd3_now() + seconds;
   int done;
-  clock_gettime(CLOCK_REALTIME, &until);
-  if (seconds > 0) {
-    long long ns = until.tv_nsec + (long long)(seconds * 1e9);
-    until.tv_sec += (time_t)(ns / 1000000000LL);
-    until.tv_nsec = (long)(ns % 1000000000LL);
-  }
   pthread_mutex_lock(&e->mu);
-  while (c->state != CALL_DONE && seconds > 0) {
-    if (pthread_cond_timedwait(&e->cond, &e->mu, &until) != 0) break;
+  for (;;) {
+    double now = etcd3_now();
+    if (c->state == CALL_DONE || now >= until) break;
+    etcd3_cond_wait(e, until - now);
   }
   done = collect(c);
   pthread_mutex_unlock(&e->mu);

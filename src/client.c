@@ -93,6 +93,33 @@ static int l_call(lua_State *L) {
   return etcd3_call_start(L, e, channel, m, path, path + 1, 4, timeout);
 }
 
+/* Parses a 16-hex-digit ID (or an integer on 5.3+). */
+static int64_t check_id(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    const char *s = lua_tostring(L, idx);
+    char *end;
+    unsigned long long v = strtoull(s, &end, 16);
+    if (*s == '\0' || *end != '\0' || strlen(s) > 16) luaL_argerror(L, idx, "bad ID");
+    return (int64_t)v;
+  }
+  return (int64_t)luaL_checknumber(L, idx);
+}
+
+/* client:lease(id, ttl) -> lease state (lease.c) */
+static int l_lease(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  int64_t id = check_id(L, 2);
+  int64_t ttl = (int64_t)luaL_checknumber(L, 3);
+  return etcd3_lease_new(L, e, id, ttl);
+}
+
+/* client:watch(spec) -> watch state (watch.c) */
+static int l_watch(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  return etcd3_watch_new(L, e, 2);
+}
+
 static const char *const state_names[] = {
   "IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN",
 };
@@ -172,7 +199,7 @@ int etcd3_client_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"call", l_call}, {"state", l_state}, {"pollfd", l_pollfd},
     {"wait", l_wait}, {"close", l_close}, {"closed", l_closed},
-    {"forked", l_forked}, {NULL, NULL},
+    {"forked", l_forked}, {"lease", l_lease}, {"watch", l_watch}, {NULL, NULL},
   };
   luaL_newmetatable(L, ETCD3_CLIENT_MT);
   lua_newtable(L);
@@ -197,6 +224,8 @@ int luaopen_etcd3_core(lua_State *L) {
   lua_newtable(L);
   etcd3_codec_open(L);
   etcd3_call_open(L);
+  etcd3_lease_open(L);
+  etcd3_watch_open(L);
   etcd3_client_open(L);
   lua_pushliteral(L, "etcd3.core 0.1");
   lua_setfield(L, -2, "_VERSION");

@@ -327,7 +327,6 @@ static void push_i64(lua_State *L, int64_t v) {
 #endif
 }
 
-static void push_message(lua_State *L, const ProtobufCMessage *msg);
 
 /* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0. */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
@@ -383,14 +382,15 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
     case PROTOBUF_C_TYPE_MESSAGE: {
       const ProtobufCMessage *m = *(const ProtobufCMessage *const *)slot;
       if (!m) return 0;
-      push_message(L, m);
+      etcd3_push_message(L, m);
       break;
     }
   }
   return 1;
 }
 
-static void push_message(lua_State *L, const ProtobufCMessage *msg) {
+/* Pushes msg as a table (the codec's rules); used for stream messages. */
+void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
   const ProtobufCMessageDescriptor *d = msg->descriptor;
   const char *base = (const char *)msg;
   char name[NAME_MAX_LEN];
@@ -447,7 +447,7 @@ int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
     lua_pop(L, 1);
     return 0;
   }
-  push_message(L, box->msg);
+  etcd3_push_message(L, box->msg);
   decoded_free(box);
   lua_remove(L, -2);
   return 1;

@@ -46,16 +46,57 @@ gpr_timespec etcd3_deadline(double seconds) {
 
 int etcd3_engine_forked(const etcd3_engine *e) { return getpid() != e->pid; }
 
+/* The longest the engine thread sleeps without looking at its timers. */
+#define MAX_IDLE 1.0
+
+/* Runs the lease and watch timers; returns the seconds until they want to
+ * run again. */
+static double run_timers(etcd3_engine *e) {
+  double now = etcd3_now(), next, t;
+  pthread_mutex_lock(&e->mu);
+  next = etcd3_lease_tick(e, now);
+  t = etcd3_watch_tick(e, now);
+  pthread_mutex_unlock(&e->mu);
+  if (t > 0 && (next == 0 || t < next)) next = t;
+  if (next == 0 || next - now > MAX_IDLE) return MAX_IDLE;
+  return next > now ? next - now : 0;
+}
+
 static void *engine_main(void *arg) {
   etcd3_engine *e = (etcd3_engine *)arg;
   for (;;) {
-    grpc_event ev = grpc_completion_queue_next(
-        e->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    grpc_event ev = grpc_completion_queue_next(e->cq, etcd3_deadline(run_timers(e)), NULL);
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
     if (ev.type == GRPC_OP_COMPLETE && ev.tag)
       ((etcd3_tag *)ev.tag)->done((etcd3_tag *)ev.tag, ev.success);
   }
   return NULL;
+}
+
+void etcd3_engine_unref_locked(etcd3_engine *e) { e->refs--; }
+
+/* The channel after `after` that is not known to be failing (the one after
+ * it when all are). Mutex held. */
+size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
+  for (size_t k = 1; k <= e->n_channels; k++) {
+    size_t i = (after + k) % e->n_channels;
+    if (!e->channels[i].channel) continue;
+    if (grpc_channel_check_connectivity_state(e->channels[i].channel, 1) !=
+        GRPC_CHANNEL_TRANSIENT_FAILURE)
+      return i;
+  }
+  return (after + 1) % e->n_channels;
+}
+
+void etcd3_cond_wait(etcd3_engine *e, double seconds) {
+  struct timespec until;
+  long long ns;
+  clock_gettime(CLOCK_REALTIME, &until);
+  if (seconds < 0) seconds = 0;
+  ns = until.tv_nsec + (long long)(seconds * 1e9);
+  until.tv_sec += (time_t)(ns / 1000000000LL);
+  until.tv_nsec = (long)(ns % 1000000000LL);
+  pthread_cond_timedwait(&e->cond, &e->mu, &until);
 }
 
 /* Counts one completion for Lua to collect; e->mu is held. */
@@ -167,6 +208,8 @@ void etcd3_engine_close(etcd3_engine *e) {
     return;
   }
   e->closed = 1;
+  etcd3_lease_shutdown(e);
+  etcd3_watch_shutdown(e);
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_cancel_all(e);
   for (size_t i = 0; i < e->n_channels; i++) {
@@ -191,6 +234,8 @@ void etcd3_engine_release(etcd3_engine *e) {
   if (!last) return;
   for (size_t i = 0; i < e->n_channels; i++) free(e->channels[i].target);
   free(e->channels);
+  etcd3_lease_free_hub(e);
+  etcd3_watch_free_hub(e);
   close(e->eventfd);
   pthread_cond_destroy(&e->cond);
   pthread_mutex_destroy(&e->mu);

@@ -54,6 +54,8 @@ typedef struct etcd3_engine {
   size_t n_channels;
   etcd3_channel *channels;
   struct etcd3_call *inflight;  /* calls whose batch is under way */
+  void *lease_hub;              /* lease.c: keepalive stream and leases */
+  void *watch_hub;              /* watch.c: watch stream and watchers */
 } etcd3_engine;
 
 typedef struct etcd3_channel_options {
@@ -74,6 +76,41 @@ void etcd3_engine_cancel_all(etcd3_engine *e); /* call.c */
 double etcd3_now(void);
 gpr_timespec etcd3_deadline(double seconds);
 
+void etcd3_engine_unref_locked(etcd3_engine *e);  /* e->mu held, never last */
+size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
+void etcd3_cond_wait(etcd3_engine *e, double seconds); /* e->mu held */
+
+/* stream.c: a bidirectional stream; every function with e->mu held */
+typedef struct etcd3_stream etcd3_stream;
+typedef struct etcd3_stream_ops {
+  const ProtobufCMessageDescriptor *response;
+  /* engine thread, e->mu held; takes ownership of msg */
+  void (*on_message)(void *owner, etcd3_stream *s, ProtobufCMessage *msg);
+  /* engine thread, e->mu held; the stream is gone for the owner after it */
+  void (*on_closed)(void *owner, etcd3_stream *s, grpc_status_code status,
+                    const char *details);
+} etcd3_stream_ops;
+etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *path,
+                                int hasleader, const etcd3_stream_ops *ops,
+                                void *owner);
+int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg);
+void etcd3_stream_close(etcd3_stream *s);
+size_t etcd3_stream_channel(const etcd3_stream *s);
+
+/* lease.c */
+double etcd3_lease_tick(etcd3_engine *e, double now);
+void etcd3_lease_shutdown(etcd3_engine *e);
+void etcd3_lease_free_hub(etcd3_engine *e);
+int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl);
+int etcd3_lease_open(lua_State *L);
+
+/* watch.c */
+double etcd3_watch_tick(etcd3_engine *e, double now);
+void etcd3_watch_shutdown(etcd3_engine *e);
+void etcd3_watch_free_hub(etcd3_engine *e);
+int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec);
+int etcd3_watch_open(lua_State *L);
+
 /* call.c */
 int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      const ProtobufCMethodDescriptor *method,
@@ -93,6 +130,7 @@ ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
                                int arena_idx);
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
                  grpc_byte_buffer *buf);
+void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg);
 int etcd3_codec_open(lua_State *L);
 const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name,
                                                    const char **path);

@@ -1,0 +1,246 @@
+/*
+ * stream.c - a bidirectional gRPC stream on the engine (Watch,
+ * LeaseKeepAlive).
+ *
+ * Measured facts this follows (DESIGN.md): start send-initial-metadata and
+ * recv-status at once, never wait for response headers before sending (etcd
+ * sends them with its first response), keep at most one send and one recv
+ * outstanding, and end a Watch by cancelling (a half-close does not end it).
+ *
+ * Threads: every function here is called with the engine mutex held, from
+ * the Lua thread (opening, sending) or the engine thread (completions). The
+ * owner (lease.c, watch.c) gets its callbacks on the engine thread, mutex
+ * held. A stream frees itself once its status has arrived and none of its
+ * batches is outstanding; the owner forgets it when on_closed runs or when
+ * it calls etcd3_stream_close (no callback follows that).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/byte_buffer.h>
+#include <grpc/byte_buffer_reader.h>
+#include <grpc/slice.h>
+
+#include "etcd3.h"
+
+typedef struct stream_tag {
+  etcd3_tag tag;
+  struct etcd3_stream *stream;
+} stream_tag;
+
+typedef struct pending_send {
+  grpc_byte_buffer *buf;
+  struct pending_send *next;
+} pending_send;
+
+struct etcd3_stream {
+  etcd3_engine *engine;
+  grpc_call *call;
+  const etcd3_stream_ops *ops;
+  void *owner;                 /* NULL once detached */
+  size_t channel;
+  stream_tag status_tag, recv_tag, send_tag;
+  int batches;                 /* outstanding batches */
+  int first_recv;              /* the first recv also takes the headers */
+  int ended;                   /* status arrived */
+  grpc_metadata md[1];
+  grpc_metadata_array recv_md, trailing_md;
+  grpc_byte_buffer *recv_buf, *send_buf;
+  pending_send *queue, *queue_tail;
+  grpc_status_code status;
+  grpc_slice details;
+};
+
+static void stream_maybe_free(etcd3_stream *s) {
+  if (!s->ended || s->batches > 0) return;
+  while (s->queue) {
+    pending_send *p = s->queue;
+    s->queue = p->next;
+    grpc_byte_buffer_destroy(p->buf);
+    free(p);
+  }
+  if (s->send_buf) grpc_byte_buffer_destroy(s->send_buf);
+  grpc_metadata_array_destroy(&s->recv_md);
+  grpc_metadata_array_destroy(&s->trailing_md);
+  grpc_slice_unref(s->details);
+  grpc_call_unref(s->call);
+  etcd3_engine_unref_locked(s->engine);
+  free(s);
+}
+
+static void start_recv(etcd3_stream *s) {
+  grpc_op ops[2];
+  size_t n = 0;
+  memset(ops, 0, sizeof ops);
+  if (s->first_recv) {
+    ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+    ops[n].data.recv_initial_metadata.recv_initial_metadata = &s->recv_md;
+    n++;
+    s->first_recv = 0;
+  }
+  ops[n].op = GRPC_OP_RECV_MESSAGE;
+  ops[n].data.recv_message.recv_message = &s->recv_buf;
+  n++;
+  if (grpc_call_start_batch(s->call, ops, n, &s->recv_tag.tag, NULL) == GRPC_CALL_OK)
+    s->batches++;
+}
+
+static void start_send(etcd3_stream *s) {
+  grpc_op op;
+  pending_send *p = s->queue;
+  if (s->send_buf || !p || s->ended) return;
+  s->queue = p->next;
+  if (!s->queue) s->queue_tail = NULL;
+  s->send_buf = p->buf;
+  free(p);
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_SEND_MESSAGE;
+  op.data.send_message.send_message = s->send_buf;
+  if (grpc_call_start_batch(s->call, &op, 1, &s->send_tag.tag, NULL) == GRPC_CALL_OK)
+    s->batches++;
+}
+
+static void on_status(etcd3_tag *tag, int ok) {
+  etcd3_stream *s = ((stream_tag *)tag)->stream;
+  etcd3_engine *e = s->engine;
+  (void)ok;
+  pthread_mutex_lock(&e->mu);
+  s->batches--;
+  s->ended = 1;
+  if (s->owner) {
+    char details[256];
+    size_t len = GRPC_SLICE_LENGTH(s->details);
+    if (len >= sizeof details) len = sizeof details - 1;
+    memcpy(details, GRPC_SLICE_START_PTR(s->details), len);
+    details[len] = '\0';
+    void *owner = s->owner;
+    s->owner = NULL;
+    s->ops->on_closed(owner, s, s->status, details);
+  }
+  stream_maybe_free(s);
+  pthread_mutex_unlock(&e->mu);
+}
+
+static void on_recv(etcd3_tag *tag, int ok) {
+  etcd3_stream *s = ((stream_tag *)tag)->stream;
+  etcd3_engine *e = s->engine;
+  ProtobufCMessage *msg = NULL;
+  if (ok && s->recv_buf) {
+    /* Decode outside the lock: it touches only this buffer. */
+    grpc_byte_buffer_reader reader;
+    if (grpc_byte_buffer_reader_init(&reader, s->recv_buf)) {
+      grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
+      grpc_byte_buffer_reader_destroy(&reader);
+      msg = protobuf_c_message_unpack(s->ops->response, NULL, GRPC_SLICE_LENGTH(slice),
+                                      GRPC_SLICE_START_PTR(slice));
+      grpc_slice_unref(slice);
+    }
+  }
+  pthread_mutex_lock(&e->mu);
+  s->batches--;
+  if (s->recv_buf) {
+    grpc_byte_buffer_destroy(s->recv_buf);
+    s->recv_buf = NULL;
+    if (msg && s->owner) {
+      s->ops->on_message(s->owner, s, msg);
+      msg = NULL;
+    }
+    if (!s->ended) start_recv(s);
+  }
+  /* no message: the stream is ending; its status follows */
+  stream_maybe_free(s);
+  pthread_mutex_unlock(&e->mu);
+  if (msg) protobuf_c_message_free_unpacked(msg, NULL);
+}
+
+static void on_sent(etcd3_tag *tag, int ok) {
+  etcd3_stream *s = ((stream_tag *)tag)->stream;
+  etcd3_engine *e = s->engine;
+  (void)ok;
+  pthread_mutex_lock(&e->mu);
+  s->batches--;
+  grpc_byte_buffer_destroy(s->send_buf);
+  s->send_buf = NULL;
+  start_send(s);
+  stream_maybe_free(s);
+  pthread_mutex_unlock(&e->mu);
+}
+
+etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *path,
+                                int hasleader, const etcd3_stream_ops *ops,
+                                void *owner) {
+  grpc_op op[2];
+  etcd3_stream *s;
+  if (e->closed) return NULL;
+  s = (etcd3_stream *)calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->engine = e;
+  s->ops = ops;
+  s->owner = owner;
+  s->channel = channel;
+  s->first_recv = 1;
+  s->details = grpc_empty_slice();
+  s->status_tag.tag.done = on_status;
+  s->recv_tag.tag.done = on_recv;
+  s->send_tag.tag.done = on_sent;
+  s->status_tag.stream = s->recv_tag.stream = s->send_tag.stream = s;
+  grpc_metadata_array_init(&s->recv_md);
+  grpc_metadata_array_init(&s->trailing_md);
+  s->call = grpc_channel_create_call(
+      e->channels[channel].channel, NULL, GRPC_PROPAGATE_DEFAULTS, e->cq,
+      grpc_slice_from_static_string(path), NULL,
+      gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+  e->refs++;
+  memset(op, 0, sizeof op);
+  op[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  if (hasleader) {
+    /* etcd refuses the stream when its member has no leader, so a watch
+     * on a member cut off from its cluster moves elsewhere. */
+    s->md[0].key = grpc_slice_from_static_string("hasleader");
+    s->md[0].value = grpc_slice_from_static_string("true");
+    op[0].data.send_initial_metadata.count = 1;
+    op[0].data.send_initial_metadata.metadata = s->md;
+  }
+  op[1].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  op[1].data.recv_status_on_client.trailing_metadata = &s->trailing_md;
+  op[1].data.recv_status_on_client.status = &s->status;
+  op[1].data.recv_status_on_client.status_details = &s->details;
+  if (grpc_call_start_batch(s->call, op, 2, &s->status_tag.tag, NULL) != GRPC_CALL_OK) {
+    s->ended = 1;
+    s->owner = NULL;
+    stream_maybe_free(s);
+    return NULL;
+  }
+  s->batches++;
+  start_recv(s);
+  return s;
+}
+
+size_t etcd3_stream_channel(const etcd3_stream *s) { return s->channel; }
+
+/* Queues msg (packed now; the caller keeps msg). */
+int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg) {
+  size_t len = protobuf_c_message_get_packed_size(msg);
+  grpc_slice slice = grpc_slice_malloc(len);
+  pending_send *p = (pending_send *)malloc(sizeof *p);
+  if (!p) {
+    grpc_slice_unref(slice);
+    return 0;
+  }
+  protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
+  p->buf = grpc_raw_byte_buffer_create(&slice, 1);
+  grpc_slice_unref(slice);
+  p->next = NULL;
+  if (s->queue_tail) s->queue_tail->next = p;
+  else s->queue = p;
+  s->queue_tail = p;
+  start_send(s);
+  return 1;
+}
+
+/* The owner lets go: the stream is cancelled and frees itself; no callback
+ * reaches the owner any more. */
+void etcd3_stream_close(etcd3_stream *s) {
+  s->owner = NULL;
+  grpc_call_cancel_with_status(s->call, GRPC_STATUS_CANCELLED, "stream closed", NULL);
+}
