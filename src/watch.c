@@ -47,7 +47,8 @@ typedef struct etcd3_watcher {
   size_t key_len, range_end_len;
   int has_range_end, prev_kv, progress_notify, fragment, noput, nodelete;
   int64_t start_revision;
-  int64_t revision;            /* last revision seen */
+  int64_t revision;            /* last revision seen, once known */
+  int knows_revision;          /* start_revision given, or etcd confirmed */
   int created, on_stream, cancel_wanted, ended, signaled;
   const char *end_code;        /* NULL: ended without error (cancel) */
   char end_message[256];
@@ -157,7 +158,7 @@ static void send_create(watch_hub *h, etcd3_watcher *w) {
     c.range_end.len = w->range_end_len;
   }
   /* resume right after the last revision seen */
-  c.start_revision = w->revision > 0 ? w->revision + 1 : w->start_revision;
+  c.start_revision = w->knows_revision ? w->revision + 1 : w->start_revision;
   c.progress_notify = w->progress_notify;
   c.prev_kv = w->prev_kv;
   c.fragment = w->fragment;
@@ -245,7 +246,10 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
     return;
   }
   if (r->created) {
-    if (!w->created && w->revision == 0) w->revision = header_rev;
+    if (!w->knows_revision) {
+      w->revision = header_rev;
+      w->knows_revision = 1;
+    }
     w->created = 1;
     notify(w);
   }
@@ -436,7 +440,10 @@ int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec) {
   lua_getfield(L, spec, "max_queued");
   w->max_queued = (size_t)lua_tonumber(L, -1);
   lua_pop(L, 2);
-  if (w->start_revision > 0) w->revision = w->start_revision - 1;
+  if (w->start_revision > 0) {
+    w->revision = w->start_revision - 1;
+    w->knows_revision = 1;
+  }
   pthread_mutex_lock(&e->mu);
   e->refs++;
   h = hub_of(e);

@@ -108,7 +108,9 @@ function Client:_dial(dial_timeout)
     end
     return false
   end)
-  if self._wait(self, op, now() + dial_timeout) then return true end
+  local ready, err = self._wait(self, op, now() + dial_timeout)
+  if ready then return true end
+  if err then return nil, err end
   return nil, errors.new("UNAVAILABLE", 14,
     ("no endpoint answered within dial_timeout (%gs): %s"):format(
       dial_timeout, table.concat(self._endpoints, ",")), "new")
@@ -157,9 +159,10 @@ function Client:_request(fname, rpc, req, timeout, idempotent)
     local call = handle:call(i, rpc, req, left)
     -- gRPC enforces the same deadline; a call not complete by then is
     -- cancelled here rather than waited for.
-    if not self._wait(self, call, deadline) then
+    local ready, werr = self._wait(self, call, deadline)
+    if not ready then
       call:cancel()
-      return nil, errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", rpc)
+      return nil, werr or errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", rpc)
     end
     local res, code, status, message = call:result()
     if res then return res end

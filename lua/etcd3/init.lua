@@ -7,9 +7,13 @@ local Client = require "etcd3.client"
 local kv = require "etcd3.kv"
 local errors = require "etcd3.error"
 local txn = require "etcd3.txn"
+local lease = require "etcd3.lease"
+local watch = require "etcd3.watch"
 
 kv.install(Client)
 txn.install(Client)
+lease.install(Client)
+watch.install(Client)
 
 local _M = {
   _VERSION = "lua-etcd3 0.1.0",
