@@ -1,10 +1,15 @@
 --- How blocking calls wait (API.md, "Waiting").
 --
 -- C never blocks for long and never yields: every wait loop lives here, so
--- a user's scheduler may yield inside its wait function. An "op" is anything
--- with :ready() (true once done) and :wait(seconds) (block at most that
--- long): a call object of etcd3.core, or a Lua object built on one.
+-- a scheduler may yield inside it. An "op" is anything with :ready() (true
+-- once done) and :wait(seconds) (block at most that long): a call object
+-- of etcd3.core, a lease or watch state, or a Lua object built on one.
+--
+-- A strategy is function(client, op, deadline) -> ready [, err]: true once
+-- the op is ready, false when the deadline passed first, or false, err
+-- when this context cannot wait at all.
 local core = require "etcd3.core"
+local errors = require "etcd3.error"
 
 local now, math_min = core.now, math.min
 
@@ -13,7 +18,8 @@ local _M = {}
 -- Longest time Lua stays inside C at once, so Ctrl-C and hooks get through.
 _M.SLICE = 0.1
 
---- Blocks in short slices in the C module: for plain scripts.
+--- Blocks in short slices in the C module: plain scripts, and nginx's
+-- init_worker phase (before the worker serves anything).
 local function plain(_, op, deadline)
   while not op:ready() do
     local left = deadline - now()
@@ -22,12 +28,81 @@ local function plain(_, op, deadline)
   end
   return true
 end
+_M.plain = plain
 
---- Returns the waiting function for a client config's `wait` field:
--- function(client, op, deadline) -> true when the op is ready, false when
--- the deadline passed first.
+-- OpenResty ---------------------------------------------------------------
+
+-- Phases where ngx.sleep may yield (lua-nginx-module's documentation of
+-- ngx.sleep's contexts).
+local NGX_YIELDING = {
+  rewrite = true, access = true, content = true, timer = true,
+  ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
+}
+-- Phases that run before the worker serves: blocking there is fine.
+local NGX_BLOCKING = { init_worker = true, init = true }
+
+--- Polls without blocking, ngx.sleep between polls with a short backoff
+-- (1 ms doubling to 20 ms): the worker keeps serving other requests.
+local function ngx_sleep_wait(_, op, deadline)
+  local step = 0.001
+  local sleep = ngx.sleep -- luacheck: ignore (ngx is OpenResty's global)
+  while not op:ready() do
+    local left = deadline - now()
+    if left <= 0 then return false end
+    sleep(math_min(step, left))
+    if step < 0.02 then step = step * 2 end
+  end
+  return true
+end
+
+local function ngx_wait(client, op, deadline)
+  local phase = ngx.get_phase() -- luacheck: ignore
+  if NGX_YIELDING[phase] then return ngx_sleep_wait(client, op, deadline) end
+  if NGX_BLOCKING[phase] then return plain(client, op, deadline) end
+  if op:ready() then return true end
+  return false, errors.new("FAILED_PRECONDITION", 9,
+    ("cannot wait for etcd in nginx's '%s' phase, where Lua cannot yield: "
+      .. "make the call in a phase that can yield (rewrite, access, content) "
+      .. "or in a timer (ngx.timer.at)"):format(tostring(phase)), "wait")
+end
+
+-- cqueues -----------------------------------------------------------------
+
+--- Inside a running cqueues controller: cqueues.poll on the client's pollfd.
+local function cqueues_wait(client, op, deadline)
+  local cqueues = package.loaded.cqueues
+  local pollable = {
+    pollfd = client._core:pollfd(),
+    events = "r",
+  }
+  while not op:ready() do
+    local left = deadline - now()
+    if left <= 0 then return false end
+    -- The fd is level-triggered and may stay readable for completions
+    -- other coroutines still have to collect: then yield a moment instead.
+    if client._core:wait(0) then
+      cqueues.sleep(math_min(0.001, left))
+    else
+      cqueues.poll(pollable, math_min(left, 0.05))
+    end
+  end
+  return true
+end
+
+--- The automatic strategy, decided at each wait (a client created in
+-- init_worker is used later from content handlers and timers).
+local function auto(client, op, deadline)
+  if ngx and ngx.get_phase then return ngx_wait(client, op, deadline) end -- luacheck: ignore
+  local cqueues = package.loaded.cqueues
+  if cqueues and cqueues.running and cqueues.running() then
+    return cqueues_wait(client, op, deadline)
+  end
+  return plain(client, op, deadline)
+end
+
+--- The strategy for a client config's `wait` field (nil: automatic).
 function _M.strategy(user_wait)
-  if not user_wait then return plain end
+  if not user_wait then return auto end
   return function(client, op, deadline)
     while not op:ready() do
       local left = deadline - now()
