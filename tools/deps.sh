@@ -4,7 +4,7 @@
 set -e
 PKGS="make gcc clang pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
 lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted lua-check luarocks
-etcd-server etcd-client"
+etcd-server etcd-client lua-cqueues nginx libnginx-mod-http-lua curl"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -17,7 +17,7 @@ failed=0
 
 cleanup() {
   while read -r pid; do
-    if [ -n "$pid" ] && grep -q '^etcd' "/proc/$pid/cmdline" 2>/dev/null; then
+    if [ -n "$pid" ] && grep -qE '^(etcd|nginx)' "/proc/$pid/cmdline" 2>/dev/null; then
       kill -9 "$pid" 2>/dev/null
     fi
   done < "$ETCD3_SPEC_PIDFILE"

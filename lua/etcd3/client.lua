@@ -84,6 +84,7 @@ function Client.new(config)
     _endpoints = endpoints,
     _current = 1,
     _wait = wait.strategy(config.wait),
+    _precheck = not config.wait and wait.precheck or nil,
     timeout = timeout,
   }, Client)
   if dial_timeout > 0 then
@@ -149,6 +150,10 @@ end
 -- Returns the response table or nil, err.
 function Client:_request(fname, rpc, req, timeout, idempotent)
   local handle = self:_handle(fname)
+  if self._precheck then
+    local err = self._precheck()
+    if err then return nil, err end
+  end
   local deadline = now() + (timeout or self.timeout)
   local n = #self._endpoints
   local err

@@ -55,15 +55,28 @@ local function ngx_sleep_wait(_, op, deadline)
   return true
 end
 
-local function ngx_wait(client, op, deadline)
+--- nil, or the error for a context where no call can wait (nginx's
+-- request phases that cannot yield: set, header_filter, body_filter, log,
+-- balancer). Checked before anything is sent.
+local function ngx_phase_error()
   local phase = ngx.get_phase() -- luacheck: ignore
-  if NGX_YIELDING[phase] then return ngx_sleep_wait(client, op, deadline) end
-  if NGX_BLOCKING[phase] then return plain(client, op, deadline) end
-  if op:ready() then return true end
-  return false, errors.new("FAILED_PRECONDITION", 9,
+  if NGX_YIELDING[phase] or NGX_BLOCKING[phase] then return nil end
+  return errors.new("FAILED_PRECONDITION", 9,
     ("cannot wait for etcd in nginx's '%s' phase, where Lua cannot yield: "
       .. "make the call in a phase that can yield (rewrite, access, content) "
       .. "or in a timer (ngx.timer.at)"):format(tostring(phase)), "wait")
+end
+
+function _M.precheck()
+  if ngx and ngx.get_phase then return ngx_phase_error() end -- luacheck: ignore
+  return nil
+end
+
+local function ngx_wait(client, op, deadline)
+  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end -- luacheck: ignore
+  local err = ngx_phase_error()
+  if err then return op:ready(), not op:ready() and err or nil end
+  return plain(client, op, deadline)
 end
 
 -- cqueues -----------------------------------------------------------------

@@ -1,0 +1,96 @@
+--- Debian's nginx with lua-nginx-module (LuaJIT), for the OpenResty specs:
+-- started on 127.0.0.1 with a config written to a temp dir, stopped by the
+-- PID this helper started.
+local helper = require "spec.helpers.etcd"
+
+local _M = {}
+
+local Nginx = {}
+Nginx.__index = Nginx
+
+local MODULES = "/usr/lib/nginx/modules"
+
+--- Starts nginx. `http` is the body of the http {} block; `${PORT}` in it
+-- is replaced by the port it listens on.
+function _M.start(http)
+  local root = helper.capture("pwd"):gsub("%s+$", "")
+  local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
+  helper.sh("chmod 755 " .. dir)
+  local port = helper.free_port()
+  local conf = table.concat({
+    "load_module " .. MODULES .. "/ndk_http_module.so;",
+    "load_module " .. MODULES .. "/ngx_http_lua_module.so;",
+    "worker_processes 1;",
+    "daemon off;",
+    "master_process on;",
+    "pid " .. dir .. "/nginx.pid;",
+    "error_log " .. dir .. "/error.log info;",
+    "events { worker_connections 64; }",
+    "http {",
+    "  access_log off;",
+    "  client_body_temp_path " .. dir .. "/body;",
+    "  proxy_temp_path " .. dir .. "/proxy;",
+    "  fastcgi_temp_path " .. dir .. "/fastcgi;",
+    "  uwsgi_temp_path " .. dir .. "/uwsgi;",
+    "  scgi_temp_path " .. dir .. "/scgi;",
+    ("  lua_package_path '%s/lua/?.lua;%s/lua/?/init.lua;;';"):format(root, root),
+    ("  lua_package_cpath '%s/build/luajit/?.so;;';"):format(root),
+    (http:gsub("%${PORT}", tostring(port))),
+    "}",
+  }, "\n")
+  local f = assert(io.open(dir .. "/nginx.conf", "w"))
+  f:write(conf)
+  f:close()
+  local pid = assert(tonumber(helper.capture(("nginx -p %s -c %s/nginx.conf >%s/stderr.log 2>&1 & echo $!"):format(
+    dir, dir, dir))))
+  local file = os.getenv("ETCD3_SPEC_PIDFILE")
+  if file then
+    local pf = io.open(file, "a")
+    if pf then pf:write(pid, "\n"); pf:close() end
+  end
+  local self = setmetatable({ dir = dir, port = port, pid = pid, url = "http://127.0.0.1:" .. port }, Nginx)
+  helper.wait_for(function()
+    return helper.sh("curl -s -o /dev/null " .. self.url .. "/ 2>/dev/null")
+  end, 10, "nginx to listen")
+  return self
+end
+
+--- GET path -> body, seconds taken
+function Nginx:get(path, max_time)
+  local out = helper.capture(("curl -s --max-time %d -w '\\n%%{time_total}' %s%s"):format(
+    max_time or 10, self.url, path))
+  local body, took = out:match("^(.*)\n([%d%.]+)$")
+  return body, tonumber(took)
+end
+
+--- Starts a GET in the background; returns a function that waits for it
+-- and gives the body.
+function Nginx:get_async(path, max_time)
+  local pipe = io.popen(("curl -s --max-time %d %s%s"):format(max_time or 10, self.url, path))
+  return function()
+    local body = pipe:read("*a")
+    pipe:close()
+    return body
+  end
+end
+
+function Nginx:error_log()
+  local f = io.open(self.dir .. "/error.log")
+  if not f then return "" end
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+function Nginx:stop()
+  if self.pid then
+    helper.sh("kill -QUIT " .. self.pid .. " 2>/dev/null")
+    local pid = self.pid
+    local ok = pcall(helper.wait_for, function() return not helper.sh("kill -0 " .. pid .. " 2>/dev/null") end, 10)
+    if not ok then helper.sh("kill -9 " .. pid .. " 2>/dev/null") end
+    self.pid = nil
+  end
+  if self.dir:match("^/tmp/") then helper.sh("rm -rf '" .. self.dir .. "'") end
+end
+
+return _M
