@@ -33,6 +33,8 @@ typedef struct etcd3_call {
   grpc_byte_buffer *send, *recv;
   grpc_status_code status;
   grpc_slice details;
+  grpc_metadata md[1];            /* the auth token, when there is one */
+  size_t n_md;
   struct etcd3_call *prev, *next; /* engine->inflight, while running */
 } etcd3_call;
 
@@ -42,6 +44,7 @@ typedef struct call_ud {
 
 /* Frees what the call owns; refs reached 0. */
 static void call_free(etcd3_call *c) {
+  for (size_t i = 0; i < c->n_md; i++) grpc_slice_unref(c->md[i].value);
   if (c->send) grpc_byte_buffer_destroy(c->send);
   if (c->recv) grpc_byte_buffer_destroy(c->recv);
   grpc_slice_unref(c->details);
@@ -255,6 +258,9 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                                      etcd3_deadline(timeout), NULL);
   memset(ops, 0, sizeof ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  c->n_md = etcd3_auth_metadata(e, c->md, 1);
+  ops[0].data.send_initial_metadata.count = c->n_md;
+  ops[0].data.send_initial_metadata.metadata = c->md;
   ops[1].op = GRPC_OP_SEND_MESSAGE;
   ops[1].data.send_message.send_message = c->send;
   ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

@@ -120,6 +120,14 @@ static int l_watch(lua_State *L) {
   return etcd3_watch_new(L, e, 2);
 }
 
+static int l_set_token(lua_State *L) {
+  return etcd3_auth_set_token(L, check_open(L));
+}
+
+static int l_set_credentials(lua_State *L) {
+  return etcd3_auth_set_credentials(L, check_open(L));
+}
+
 static const char *const state_names[] = {
   "IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN",
 };
@@ -199,7 +207,8 @@ int etcd3_client_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"call", l_call}, {"state", l_state}, {"pollfd", l_pollfd},
     {"wait", l_wait}, {"close", l_close}, {"closed", l_closed},
-    {"forked", l_forked}, {"lease", l_lease}, {"watch", l_watch}, {NULL, NULL},
+    {"forked", l_forked}, {"lease", l_lease}, {"watch", l_watch},
+    {"set_token", l_set_token}, {"set_credentials", l_set_credentials}, {NULL, NULL},
   };
   luaL_newmetatable(L, ETCD3_CLIENT_MT);
   lua_newtable(L);

@@ -120,7 +120,7 @@ void etcd3_engine_collected(etcd3_engine *e) {
 
 static grpc_channel *open_channel(const char *target,
                                   const etcd3_channel_options *o) {
-  grpc_arg args[9];
+  grpc_arg args[10];
   grpc_channel_args cargs;
   grpc_channel_credentials *creds;
   grpc_channel *ch;
@@ -145,9 +145,23 @@ static grpc_channel *open_channel(const char *target,
   /* Each client owns its connections: closing one never disturbs another. */
   INT_ARG(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
 #undef INT_ARG
+  if (o->tls && o->server_name) {
+    args[n].type = GRPC_ARG_STRING;
+    args[n].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+    args[n].value.string = (char *)o->server_name;
+    n++;
+  }
   cargs.num_args = (size_t)n;
   cargs.args = args;
-  creds = grpc_insecure_credentials_create();
+  if (o->tls) {
+    grpc_ssl_pem_key_cert_pair pair;
+    pair.private_key = o->key;
+    pair.cert_chain = o->cert;
+    /* never a silent plaintext fallback: TLS or no connection */
+    creds = grpc_ssl_credentials_create(o->ca, o->cert && o->key ? &pair : NULL, NULL, NULL);
+  } else {
+    creds = grpc_insecure_credentials_create();
+  }
   ch = grpc_channel_create(target, creds, &cargs);
   grpc_channel_credentials_release(creds);
   return ch;
@@ -210,6 +224,8 @@ void etcd3_engine_close(etcd3_engine *e) {
   e->closed = 1;
   etcd3_lease_shutdown(e);
   etcd3_watch_shutdown(e);
+  if (e->auth_call)
+    grpc_call_cancel_with_status(e->auth_call, GRPC_STATUS_CANCELLED, "client closed", NULL);
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_cancel_all(e);
   for (size_t i = 0; i < e->n_channels; i++) {
@@ -236,6 +252,7 @@ void etcd3_engine_release(etcd3_engine *e) {
   free(e->channels);
   etcd3_lease_free_hub(e);
   etcd3_watch_free_hub(e);
+  etcd3_auth_free(e);
   close(e->eventfd);
   pthread_cond_destroy(&e->cond);
   pthread_mutex_destroy(&e->mu);

@@ -54,6 +54,11 @@ typedef struct etcd3_engine {
   size_t n_channels;
   etcd3_channel *channels;
   struct etcd3_call *inflight;  /* calls whose batch is under way */
+  char *token;                  /* auth token for every call and stream */
+  char *user, *password;        /* for re-authenticating streams (auth.c) */
+  int auth_inflight;            /* an Authenticate call is under way */
+  grpc_call *auth_call;         /* that call, to cancel on close */
+  unsigned token_generation;    /* bumped on every new token */
   void *lease_hub;              /* lease.c: keepalive stream and leases */
   void *watch_hub;              /* watch.c: watch stream and watchers */
 } etcd3_engine;
@@ -61,6 +66,9 @@ typedef struct etcd3_engine {
 typedef struct etcd3_channel_options {
   int keepalive_ms;
   int max_recv_bytes;
+  int tls;                      /* TLS channels, with these PEM texts: */
+  const char *ca, *cert, *key;  /* NULL: system roots / no client cert */
+  const char *server_name;      /* overrides the name checked (may be NULL) */
 } etcd3_channel_options;
 
 /* engine.c */
@@ -108,8 +116,16 @@ int etcd3_lease_open(lua_State *L);
 double etcd3_watch_tick(etcd3_engine *e, double now);
 void etcd3_watch_shutdown(etcd3_engine *e);
 void etcd3_watch_free_hub(etcd3_engine *e);
+void etcd3_watch_restart(etcd3_engine *e);  /* mu held: re-open with a new token */
 int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec);
 int etcd3_watch_open(lua_State *L);
+
+/* auth.c */
+size_t etcd3_auth_metadata(etcd3_engine *e, grpc_metadata *md, size_t room); /* mu held */
+void etcd3_auth_refresh(etcd3_engine *e);     /* mu held: re-authenticate in the background */
+void etcd3_auth_free(etcd3_engine *e);
+int etcd3_auth_set_token(lua_State *L, etcd3_engine *e);
+int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e);
 
 /* call.c */
 int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,

@@ -43,7 +43,8 @@ struct etcd3_stream {
   int batches;                 /* outstanding batches */
   int first_recv;              /* the first recv also takes the headers */
   int ended;                   /* status arrived */
-  grpc_metadata md[1];
+  size_t n_md;
+  grpc_metadata md[2];          /* hasleader, token */
   grpc_metadata_array recv_md, trailing_md;
   grpc_byte_buffer *recv_buf, *send_buf;
   pending_send *queue, *queue_tail;
@@ -63,6 +64,10 @@ static void stream_maybe_free(etcd3_stream *s) {
   grpc_metadata_array_destroy(&s->recv_md);
   grpc_metadata_array_destroy(&s->trailing_md);
   grpc_slice_unref(s->details);
+  for (size_t i = 0; i < s->n_md; i++) {
+    grpc_slice_unref(s->md[i].key);
+    grpc_slice_unref(s->md[i].value);
+  }
   grpc_call_unref(s->call);
   etcd3_engine_unref_locked(s->engine);
   free(s);
@@ -198,9 +203,11 @@ etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *pat
      * on a member cut off from its cluster moves elsewhere. */
     s->md[0].key = grpc_slice_from_static_string("hasleader");
     s->md[0].value = grpc_slice_from_static_string("true");
-    op[0].data.send_initial_metadata.count = 1;
-    op[0].data.send_initial_metadata.metadata = s->md;
+    s->n_md = 1;
   }
+  s->n_md += etcd3_auth_metadata(e, s->md + s->n_md, 1);
+  op[0].data.send_initial_metadata.count = s->n_md;
+  op[0].data.send_initial_metadata.metadata = s->md;
   op[1].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
   op[1].data.recv_status_on_client.trailing_metadata = &s->trailing_md;
   op[1].data.recv_status_on_client.status = &s->status;

@@ -50,6 +50,8 @@ typedef struct etcd3_watcher {
   int64_t revision;            /* last revision seen, once known */
   int knows_revision;          /* start_revision given, or etcd confirmed */
   int created, on_stream, cancel_wanted, ended, signaled;
+  unsigned auth_generation;    /* token generation of the last auth retry */
+  int awaiting_auth;           /* not re-created until the new token is in */
   const char *end_code;        /* NULL: ended without error (cancel) */
   char end_message[256];
   int64_t compact_revision;
@@ -223,6 +225,11 @@ static void deliver(watch_hub *h, etcd3_watcher *w, response_list *l) {
   notify(w);
 }
 
+static int is_auth_refusal(const char *reason) {
+  return reason && (strstr(reason, "permission denied") || strstr(reason, "auth token") ||
+                    strstr(reason, "user name is empty"));
+}
+
 static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   etcd3_engine *e = (etcd3_engine *)owner;
   watch_hub *h = (watch_hub *)e->watch_hub;
@@ -262,6 +269,17 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
       end_watcher(w, "COMPACTED", m, r->compact_revision);
     } else if (w->cancel_wanted) {
       end_watcher(w, NULL, NULL, 0);
+    } else if (is_auth_refusal(r->cancel_reason) && e->user &&
+               w->auth_generation != e->token_generation) {
+      /* the token expired: authenticate again, then create it once more
+       * (from its last revision + 1) on a stream with the new token */
+      w->auth_generation = e->token_generation;
+      w->awaiting_auth = 1;
+      etcd3_auth_refresh(e);
+      protobuf_c_message_free_unpacked(msg, NULL);
+      return;
+    } else if (is_auth_refusal(r->cancel_reason)) {
+      end_watcher(w, "PERMISSION_DENIED", r->cancel_reason, 0);
     } else {
       end_watcher(w, "CANCELLED", r->cancel_reason && *r->cancel_reason
                                       ? r->cancel_reason : "etcd cancelled the watch", 0);
@@ -302,12 +320,10 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
   deliver(h, w, &w->fragments);
 }
 
-static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code status,
-                            const char *details) {
-  etcd3_engine *e = (etcd3_engine *)owner;
-  watch_hub *h = (watch_hub *)e->watch_hub;
+/* The stream is gone (broken, or closed by us): every watcher will be
+ * created again on the next one; those being cancelled are done. */
+static void detach_stream(etcd3_engine *e, watch_hub *h) {
   etcd3_watcher *w, *following;
-  (void)s; (void)status; (void)details;
   h->stream = NULL;
   for (w = h->watchers; w; w = following) {
     following = w->next;
@@ -318,10 +334,32 @@ static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code statu
       unlink_watcher(h, w);
     }
   }
+  (void)e;
+}
+
+static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code status,
+                            const char *details) {
+  etcd3_engine *e = (etcd3_engine *)owner;
+  watch_hub *h = (watch_hub *)e->watch_hub;
+  (void)s; (void)details;
+  detach_stream(e, h);
+  if (status == GRPC_STATUS_UNAUTHENTICATED) etcd3_auth_refresh(e);
   /* the next endpoint, after a short backoff */
   h->channel = etcd3_engine_next_channel(e, h->channel);
   h->reopen_at = etcd3_now() + h->backoff;
   h->backoff = h->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : h->backoff * 2;
+}
+
+/* A new token: streams carry theirs from the start, so re-open. */
+void etcd3_watch_restart(etcd3_engine *e) {
+  watch_hub *h = (watch_hub *)e->watch_hub;
+  if (!h) return;
+  for (etcd3_watcher *w = h->watchers; w; w = w->next) w->awaiting_auth = 0;
+  if (!h->stream) return;
+  etcd3_stream_close(h->stream);
+  detach_stream(e, h);
+  h->reopen_at = 0;
+  etcd3_watch_tick(e, etcd3_now());
 }
 
 static const etcd3_stream_ops watch_ops = {
@@ -351,7 +389,7 @@ double etcd3_watch_tick(etcd3_engine *e, double now) {
     }
   }
   for (w = h->watchers; w; w = w->next)
-    if (!w->on_stream && !w->ended && !w->cancel_wanted) send_create(h, w);
+    if (!w->on_stream && !w->ended && !w->cancel_wanted && !w->awaiting_auth) send_create(h, w);
   return 0;
 }
 
