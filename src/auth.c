@@ -175,3 +175,23 @@ int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e) {
   pthread_mutex_unlock(&e->mu);
   return 0;
 }
+
+/* client:authenticate(endpoint_index, timeout) -> call: an Authenticate
+ * call with the stored credentials, so the Lua client object never holds
+ * the password after new(). */
+int etcd3_auth_start(lua_State *L, etcd3_engine *e, size_t channel, double timeout) {
+  const char *path;
+  const ProtobufCMethodDescriptor *m = etcd3_find_method("Auth.Authenticate", &path);
+  pthread_mutex_lock(&e->mu);
+  if (!e->user || !e->password) {
+    pthread_mutex_unlock(&e->mu);
+    return luaL_error(L, "etcd3: no credentials to authenticate with");
+  }
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, e->user);
+  lua_setfield(L, -2, "name");
+  lua_pushstring(L, e->password);
+  lua_setfield(L, -2, "password");
+  pthread_mutex_unlock(&e->mu);
+  return etcd3_call_start(L, e, channel, m, path, path + 1, lua_gettop(L), timeout);
+}

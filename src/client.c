@@ -24,7 +24,6 @@ typedef struct client_ud {
   etcd3_engine *engine;
 } client_ud;
 
-#define MAX_ENDPOINTS 64
 
 /* The userdata at arg 1 (raises on a wrong type). */
 static client_ud *to_client(lua_State *L) {
@@ -47,20 +46,35 @@ static size_t check_channel(lua_State *L, etcd3_engine *e, int idx) {
   return (size_t)(i - 1);
 }
 
-/* core.new(targets, keepalive_ms, max_recv_bytes) -> client | nil, message
- * targets: array of "host:port" strings, as gRPC takes them. */
+/* core.new(targets, keepalive_ms, max_recv_bytes [, tls]) -> client | nil, message
+ * targets: array of "host:port" strings, as gRPC takes them; tls: nil, or a
+ * table of PEM texts { ca, cert, key } and server_name (each optional). */
 static int l_new(lua_State *L) {
-  const char *targets[MAX_ENDPOINTS];
+  const char *targets[ETCD3_MAX_ENDPOINTS];
   etcd3_channel_options opts;
   char err[256];
   size_t n;
   client_ud *u;
   luaL_checktype(L, 1, LUA_TTABLE);
   n = lua_rawlen(L, 1);
-  if (n == 0 || n > MAX_ENDPOINTS)
+  if (n == 0 || n > ETCD3_MAX_ENDPOINTS)
     return luaL_argerror(L, 1, "between 1 and 64 endpoints expected");
   opts.keepalive_ms = (int)luaL_checkinteger(L, 2);
   opts.max_recv_bytes = (int)luaL_checkinteger(L, 3);
+  opts.tls = lua_istable(L, 4);
+  opts.ca = opts.cert = opts.key = opts.server_name = NULL;
+  if (opts.tls) {
+    /* the strings stay referenced by the table for the whole call */
+    lua_getfield(L, 4, "ca");
+    opts.ca = lua_tostring(L, -1);
+    lua_getfield(L, 4, "cert");
+    opts.cert = lua_tostring(L, -1);
+    lua_getfield(L, 4, "key");
+    opts.key = lua_tostring(L, -1);
+    lua_getfield(L, 4, "server_name");
+    opts.server_name = lua_tostring(L, -1);
+    lua_pop(L, 4);
+  }
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, 1, (int)i + 1);
     targets[i] = lua_tostring(L, -1);
@@ -120,12 +134,43 @@ static int l_watch(lua_State *L) {
   return etcd3_watch_new(L, e, 2);
 }
 
+/* client:add_endpoint("host:port") -> index | nil */
+static int l_add_endpoint(lua_State *L) {
+  int index = etcd3_engine_add_channel(check_open(L), luaL_checkstring(L, 2));
+  if (index < 0) lua_pushnil(L);
+  else lua_pushinteger(L, index + 1);
+  return 1;
+}
+
+/* client:snapshot(endpoint_index) -> server stream (server_stream.c) */
+static int l_snapshot(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  return etcd3_snapshot_start(L, e, check_channel(L, e, 2));
+}
+
+/* client:token() -> the current auth token or nil (for a sibling client
+ * aimed at one member) */
+static int l_token(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  pthread_mutex_lock(&e->mu);
+  if (e->token) lua_pushstring(L, e->token);
+  else lua_pushnil(L);
+  pthread_mutex_unlock(&e->mu);
+  return 1;
+}
+
 static int l_set_token(lua_State *L) {
   return etcd3_auth_set_token(L, check_open(L));
 }
 
 static int l_set_credentials(lua_State *L) {
   return etcd3_auth_set_credentials(L, check_open(L));
+}
+
+static int l_authenticate(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel = check_channel(L, e, 2);
+  return etcd3_auth_start(L, e, channel, luaL_checknumber(L, 3));
 }
 
 static const char *const state_names[] = {
@@ -136,8 +181,8 @@ static const char *const state_names[] = {
 static int l_state(lua_State *L) {
   etcd3_engine *e = check_open(L);
   size_t channel = check_channel(L, e, 2);
-  grpc_connectivity_state s = grpc_channel_check_connectivity_state(
-      e->channels[channel].channel, lua_toboolean(L, 3));
+  grpc_connectivity_state s;
+  s = grpc_channel_check_connectivity_state(e->channels[channel].channel, lua_toboolean(L, 3));
   lua_pushstring(L, (unsigned)s < 5 ? state_names[s] : "UNKNOWN");
   return 1;
 }
@@ -208,7 +253,9 @@ int etcd3_client_open(lua_State *L) {
     {"call", l_call}, {"state", l_state}, {"pollfd", l_pollfd},
     {"wait", l_wait}, {"close", l_close}, {"closed", l_closed},
     {"forked", l_forked}, {"lease", l_lease}, {"watch", l_watch},
-    {"set_token", l_set_token}, {"set_credentials", l_set_credentials}, {NULL, NULL},
+    {"set_token", l_set_token}, {"set_credentials", l_set_credentials},
+    {"authenticate", l_authenticate}, {"add_endpoint", l_add_endpoint},
+    {"snapshot", l_snapshot}, {"token", l_token}, {NULL, NULL},
   };
   luaL_newmetatable(L, ETCD3_CLIENT_MT);
   lua_newtable(L);
@@ -235,6 +282,7 @@ int luaopen_etcd3_core(lua_State *L) {
   etcd3_call_open(L);
   etcd3_lease_open(L);
   etcd3_watch_open(L);
+  etcd3_server_stream_open(L);
   etcd3_client_open(L);
   lua_pushliteral(L, "etcd3.core 0.1");
   lua_setfield(L, -2, "_VERSION");

@@ -75,6 +75,27 @@ static void *engine_main(void *arg) {
 
 void etcd3_engine_unref_locked(etcd3_engine *e) { e->refs--; }
 
+static grpc_channel *open_channel(const char *target, const etcd3_channel_options *o);
+
+/* Adds an endpoint (auto_sync); returns its index, or -1 when full or
+ * closed. Only the Lua thread adds, so it may read n_channels unlocked.
+ * The PEM texts of a TLS client are not kept, so a TLS client cannot add
+ * endpoints (never a plaintext channel in its place). */
+int etcd3_engine_add_channel(etcd3_engine *e, const char *target) {
+  int index = -1;
+  pthread_mutex_lock(&e->mu);
+  if (!e->closed && e->n_channels < ETCD3_MAX_ENDPOINTS && !e->channel_options.tls) {
+    char *copy = strdup(target);
+    if (copy) {
+      e->channels[e->n_channels].target = copy;
+      e->channels[e->n_channels].channel = open_channel(target, &e->channel_options);
+      index = (int)e->n_channels++;
+    }
+  }
+  pthread_mutex_unlock(&e->mu);
+  return index;
+}
+
 /* The channel after `after` that is not known to be failing (the one after
  * it when all are). Mutex held. */
 size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
@@ -182,7 +203,12 @@ etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
   e->refs = 1;
   e->pid = getpid();
   e->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  e->channels = (etcd3_channel *)calloc(n, sizeof *e->channels);
+  /* room for endpoints added later (auto_sync); never reallocated */
+  e->channels = (etcd3_channel *)calloc(ETCD3_MAX_ENDPOINTS, sizeof *e->channels);
+  e->channel_options = *opts;
+  /* the PEM texts are the caller's: not kept (added channels need none) */
+  e->channel_options.ca = e->channel_options.cert = NULL;
+  e->channel_options.key = e->channel_options.server_name = NULL;
   if (e->eventfd < 0 || !e->channels) {
     snprintf(err, errlen, "cannot create client: %s", strerror(errno));
     goto fail;

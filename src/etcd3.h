@@ -26,6 +26,7 @@
 #define ETCD3_CALL_MT "etcd3.Call"
 #define ETCD3_ARENA_MT "etcd3.Arena"
 #define ETCD3_DECODED_MT "etcd3.Decoded"
+#define ETCD3_MAX_ENDPOINTS 64
 
 /* Every completion queue tag starts with this: the engine thread calls
  * `done` with the event's success flag. */
@@ -40,6 +41,14 @@ typedef struct etcd3_channel {
 
 struct etcd3_call;
 
+typedef struct etcd3_channel_options {
+  int keepalive_ms;
+  int max_recv_bytes;
+  int tls;                      /* TLS channels, with these PEM texts: */
+  const char *ca, *cert, *key;  /* NULL: system roots / no client cert */
+  const char *server_name;      /* overrides the name checked (may be NULL) */
+} etcd3_channel_options;
+
 typedef struct etcd3_engine {
   pthread_mutex_t mu;           /* guards everything below that changes */
   pthread_cond_t cond;          /* broadcast on every completion */
@@ -51,8 +60,9 @@ typedef struct etcd3_engine {
   int eventfd;                  /* readable while `uncollected` > 0 */
   unsigned long uncollected;    /* completions Lua has not collected */
   pid_t pid;                    /* the process that created the engine */
-  size_t n_channels;
-  etcd3_channel *channels;
+  size_t n_channels;            /* grows (auto_sync), never shrinks */
+  etcd3_channel *channels;      /* ETCD3_MAX_ENDPOINTS slots */
+  etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
   struct etcd3_call *inflight;  /* calls whose batch is under way */
   char *token;                  /* auth token for every call and stream */
   char *user, *password;        /* for re-authenticating streams (auth.c) */
@@ -63,13 +73,7 @@ typedef struct etcd3_engine {
   void *watch_hub;              /* watch.c: watch stream and watchers */
 } etcd3_engine;
 
-typedef struct etcd3_channel_options {
-  int keepalive_ms;
-  int max_recv_bytes;
-  int tls;                      /* TLS channels, with these PEM texts: */
-  const char *ca, *cert, *key;  /* NULL: system roots / no client cert */
-  const char *server_name;      /* overrides the name checked (may be NULL) */
-} etcd3_channel_options;
+
 
 /* engine.c */
 etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
@@ -86,6 +90,7 @@ gpr_timespec etcd3_deadline(double seconds);
 
 void etcd3_engine_unref_locked(etcd3_engine *e);  /* e->mu held, never last */
 size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
+int etcd3_engine_add_channel(etcd3_engine *e, const char *target);
 void etcd3_cond_wait(etcd3_engine *e, double seconds); /* e->mu held */
 
 /* stream.c: a bidirectional stream; every function with e->mu held */
@@ -126,6 +131,11 @@ void etcd3_auth_refresh(etcd3_engine *e);     /* mu held: re-authenticate in the
 void etcd3_auth_free(etcd3_engine *e);
 int etcd3_auth_set_token(lua_State *L, etcd3_engine *e);
 int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e);
+int etcd3_auth_start(lua_State *L, etcd3_engine *e, size_t channel, double timeout);
+
+/* server_stream.c */
+int etcd3_snapshot_start(lua_State *L, etcd3_engine *e, size_t channel);
+int etcd3_server_stream_open(lua_State *L);
 
 /* call.c */
 int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,

@@ -10,6 +10,7 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local kv = require "etcd3.kv"
+local namespace = require "etcd3.namespace"
 
 local setmetatable, ipairs, math_huge = setmetatable, ipairs, math.huge
 local now = core.now
@@ -60,6 +61,13 @@ function Watcher:next(timeout)
       return nil, self.err or errors.new("CANCELLED", 1, "the watcher was cancelled", "Watch.Watch")
     end
     if #events > 0 then
+      local ns = self.client._ns
+      if ns then
+        for _, e in ipairs(events) do
+          namespace.strip_kv(ns, e.kv)
+          namespace.strip_kv(ns, e.prev_kv)
+        end
+      end
       self._buffer, self._next_index = events, 1
     else
       if timeout == 0 then return nil, timeout_error() end
@@ -121,6 +129,11 @@ function _M.install(Client)
       max_queued = opts.max_queued or _M.DEFAULT_MAX_QUEUED,
       range_end = opts.prefix and kv.prefix_end(key) or opts.from_key and "\0" or opts.range_end,
     }
+    local ns = self._ns
+    if ns then
+      spec.key = namespace.key(ns, key)
+      spec.range_end = namespace.range_end(ns, spec.range_end)
+    end
     for i, f in ipairs(opts.filters or {}) do
       if not FILTERS[f] then
         check.fail("watch", ("option 'filters'[%d]: \"noput\" or \"nodelete\" expected, got %s"):format(i, tostring(f)))

@@ -1,0 +1,233 @@
+/*
+ * server_stream.c - a server-streaming call: Maintenance.Snapshot, the one
+ * such RPC etcd has besides Watch and LeaseKeepAlive. One request, then
+ * messages until the status. The etcd3.ServerStream
+ * userdata; the stream itself is stream.c's, run by the engine thread,
+ * which queues the decoded messages for Lua.
+ *
+ * The record is shared by the userdata and the open stream (`refs`, under
+ * the engine mutex): collected early, the stream is cancelled and the
+ * record freed by whichever side lets go last.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "etcd3.h"
+#include "rpc.pb-c.h"
+
+#define SERVER_STREAM_MT "etcd3.ServerStream"
+
+typedef struct message_node {
+  ProtobufCMessage *msg;
+  struct message_node *next;
+} message_node;
+
+typedef struct server_stream {
+  etcd3_engine *engine;
+  etcd3_stream *stream;        /* NULL once ended or let go */
+  int refs;
+  int ended, signaled;
+  grpc_status_code status;
+  char details[256];
+  message_node *head, *tail;
+} server_stream;
+
+typedef struct server_stream_ud {
+  server_stream *s;
+} server_stream_ud;
+
+static void free_messages(message_node *n) {
+  while (n) {
+    message_node *next = n->next;
+    protobuf_c_message_free_unpacked(n->msg, NULL);
+    free(n);
+    n = next;
+  }
+}
+
+static void unref(server_stream *s) {
+  if (--s->refs > 0) return;
+  free_messages(s->head);
+  free(s);
+}
+
+static void notify(server_stream *s) {
+  if (!s->signaled) {
+    s->signaled = 1;
+    etcd3_engine_completed(s->engine);
+  }
+}
+
+static void on_message(void *owner, etcd3_stream *st, ProtobufCMessage *msg) {
+  server_stream *s = (server_stream *)owner;
+  message_node *n = (message_node *)malloc(sizeof *n);
+  (void)st;
+  if (!n) {
+    protobuf_c_message_free_unpacked(msg, NULL);
+    return;
+  }
+  n->msg = msg;
+  n->next = NULL;
+  if (s->tail) s->tail->next = n;
+  else s->head = n;
+  s->tail = n;
+  notify(s);
+}
+
+static void on_closed(void *owner, etcd3_stream *st, grpc_status_code status, const char *details) {
+  server_stream *s = (server_stream *)owner;
+  (void)st;
+  s->stream = NULL;
+  s->ended = 1;
+  s->status = status;
+  strncpy(s->details, details, sizeof s->details - 1);
+  notify(s);
+  unref(s); /* the stream's reference */
+}
+
+/* static: the stream may decode after its owner let go */
+static const etcd3_stream_ops snapshot_ops = {
+  &etcdserverpb__snapshot_response__descriptor, on_message, on_closed,
+};
+
+static server_stream *check_ss(lua_State *L) {
+  server_stream_ud *u = (server_stream_ud *)luaL_checkudata(L, 1, SERVER_STREAM_MT);
+  if (!u->s) luaL_error(L, "etcd3: stream already released");
+  if (etcd3_engine_forked(u->s->engine)) luaL_error(L, "etcd3: stream used in a forked child");
+  return u->s;
+}
+
+/* core client:snapshot(endpoint_index) -> stream of SnapshotResponse */
+int etcd3_snapshot_start(lua_State *L, etcd3_engine *e, size_t channel) {
+  Etcdserverpb__SnapshotRequest req = ETCDSERVERPB__SNAPSHOT_REQUEST__INIT;
+  server_stream_ud *u = (server_stream_ud *)lua_newuserdata(L, sizeof *u);
+  server_stream *s;
+  u->s = NULL;
+  luaL_setmetatable(L, SERVER_STREAM_MT);
+  s = (server_stream *)calloc(1, sizeof *s);
+  if (!s) return luaL_error(L, "etcd3: out of memory");
+  s->engine = e;
+  s->refs = 1;
+  u->s = s;
+  pthread_mutex_lock(&e->mu);
+  e->refs++;
+  s->stream = etcd3_stream_open(e, channel, "/etcdserverpb.Maintenance/Snapshot", 0,
+                                &snapshot_ops, s);
+  if (s->stream) {
+    s->refs++; /* the stream's, dropped in on_closed */
+    etcd3_stream_send(s->stream, &req.base);
+  } else {
+    s->ended = 1;
+    s->status = GRPC_STATUS_UNAVAILABLE;
+    strcpy(s->details, "cannot open the stream (client closed?)");
+  }
+  pthread_mutex_unlock(&e->mu);
+  return 1;
+}
+
+/* stream:ready() -> messages queued, or ended */
+static int l_ready(lua_State *L) {
+  server_stream *s = check_ss(L);
+  pthread_mutex_lock(&s->engine->mu);
+  lua_pushboolean(L, s->head != NULL || s->ended);
+  pthread_mutex_unlock(&s->engine->mu);
+  return 1;
+}
+
+/* stream:wait(seconds) */
+static int l_wait(lua_State *L) {
+  server_stream *s = check_ss(L);
+  double until = etcd3_now() + luaL_checknumber(L, 2);
+  pthread_mutex_lock(&s->engine->mu);
+  for (;;) {
+    double now = etcd3_now();
+    if (s->head || s->ended || now >= until) break;
+    etcd3_cond_wait(s->engine, until - now);
+  }
+  pthread_mutex_unlock(&s->engine->mu);
+  return 0;
+}
+
+typedef struct taken {
+  message_node *head;
+} taken;
+
+static int taken_gc(lua_State *L) {
+  taken *t = (taken *)lua_touserdata(L, 1);
+  free_messages(t->head);
+  t->head = NULL;
+  return 0;
+}
+
+/* stream:poll() -> { message, … }, ended, code, status, details */
+static int l_poll(lua_State *L) {
+  server_stream *s = check_ss(L);
+  taken *t = (taken *)lua_newuserdata(L, sizeof *t);
+  int n = 0, ended;
+  grpc_status_code status;
+  t->head = NULL;
+  lua_newtable(L);
+  lua_pushcfunction(L, taken_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  pthread_mutex_lock(&s->engine->mu);
+  t->head = s->head;
+  s->head = s->tail = NULL;
+  ended = s->ended;
+  status = s->status;
+  if (s->signaled) {
+    s->signaled = 0;
+    etcd3_engine_collected(s->engine);
+  }
+  pthread_mutex_unlock(&s->engine->mu);
+  lua_newtable(L);
+  for (message_node *m = t->head; m; m = m->next) {
+    etcd3_push_message(L, m->msg);
+    lua_rawseti(L, -2, ++n);
+  }
+  free_messages(t->head);
+  t->head = NULL;
+  lua_pushboolean(L, ended);
+  lua_pushstring(L, etcd3_status_name((int)status));
+  lua_pushinteger(L, (lua_Integer)status);
+  lua_pushstring(L, s->details);
+  return 5;
+}
+
+static int l_gc(lua_State *L) {
+  server_stream_ud *u = (server_stream_ud *)luaL_checkudata(L, 1, SERVER_STREAM_MT);
+  server_stream *s = u->s;
+  etcd3_engine *e;
+  if (!s) return 0;
+  u->s = NULL;
+  e = s->engine;
+  if (etcd3_engine_forked(e)) return 0; /* inherited: leak, touch nothing */
+  pthread_mutex_lock(&e->mu);
+  if (s->stream) {
+    etcd3_stream_close(s->stream); /* no callback follows */
+    s->stream = NULL;
+    s->refs--;                     /* the stream's reference */
+  }
+  if (s->signaled) {
+    s->signaled = 0;
+    etcd3_engine_collected(e);
+  }
+  unref(s);
+  pthread_mutex_unlock(&e->mu);
+  etcd3_engine_release(e);
+  return 0;
+}
+
+int etcd3_server_stream_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"ready", l_ready}, {"wait", l_wait}, {"poll", l_poll}, {NULL, NULL},
+  };
+  luaL_newmetatable(L, SERVER_STREAM_MT);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, l_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+  return 0;
+}
