@@ -22,6 +22,7 @@
 #include <sys/eventfd.h>
 
 #include <grpc/grpc_security.h>
+#include <grpc/support/log.h>
 #include <grpc/support/time.h>
 
 #include "etcd3.h"
@@ -29,7 +30,17 @@
 /* gRPC is initialised lazily by the first client (never in luaopen: a
  * process that forks after grpc_init cannot use gRPC in the child). */
 static pthread_once_t grpc_once = PTHREAD_ONCE_INIT;
-static void init_grpc(void) { grpc_init(); }
+
+/* gRPC logs connection errors to stderr from its own threads; a library
+ * must not write there (in nginx it lands in the error log for every
+ * reconnect). What matters reaches the caller as the status message.
+ * GRPC_VERBOSITY set by the user keeps gRPC's own logging. */
+static void quiet_log(gpr_log_func_args *args) { (void)args; }
+
+static void init_grpc(void) {
+  if (!getenv("GRPC_VERBOSITY")) gpr_set_log_function(quiet_log);
+  grpc_init();
+}
 
 double etcd3_now(void) {
   struct timespec ts;

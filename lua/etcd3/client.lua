@@ -190,9 +190,17 @@ function Client:_dial(dial_timeout)
   local ready, err = self._wait(self, op, now() + dial_timeout)
   if ready then return true end
   if err then return nil, err end
+  -- Why: a fail-fast call carries gRPC's last connection error (refused,
+  -- TLS handshake failed and on what, …).
+  local probe = handle:call(self._current, "Maintenance.Status", {}, 0.5)
+  local why = ""
+  if wait.plain(self, probe, now() + 1) then
+    local _, code, _, message = probe:result()
+    if code and message and message ~= "" then why = " (" .. message .. ")" end
+  end
   return nil, errors.new("UNAVAILABLE", 14,
-    ("no endpoint answered within dial_timeout (%gs): %s"):format(
-      dial_timeout, table.concat(self._endpoints, ",")), "new")
+    ("no endpoint answered within dial_timeout (%gs): %s%s"):format(
+      dial_timeout, table.concat(self._endpoints, ","), why), "new")
 end
 
 --- The live core handle, or a clear error for a closed or inherited client.

@@ -101,14 +101,21 @@ Member.__index = Member
 function Member:start()
   local args = {
     "etcd", "--name", self.name, "--data-dir", self.dir .. "/data",
-    "--listen-client-urls", "http://" .. self.endpoint,
-    "--advertise-client-urls", "http://" .. self.endpoint,
+    "--listen-client-urls", self.scheme .. "://" .. self.endpoint,
+    "--advertise-client-urls", self.scheme .. "://" .. self.endpoint,
     "--listen-peer-urls", self.peer_url,
     "--initial-advertise-peer-urls", self.peer_url,
     "--initial-cluster", self.initial_cluster,
     "--initial-cluster-token", self.token,
     "--initial-cluster-state", self.state or "new",
   }
+  local tls = self.tls
+  if tls then
+    for _, a in ipairs { "--cert-file", tls.cert, "--key-file", tls.key } do args[#args + 1] = a end
+    if tls.client_auth then
+      for _, a in ipairs { "--trusted-ca-file", tls.ca, "--client-cert-auth" } do args[#args + 1] = a end
+    end
+  end
   for _, a in ipairs(self.extra or {}) do args[#args + 1] = a end
   for i, a in ipairs(args) do args[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
   local cmd = table.concat(args, " ") .. " >>" .. self.dir .. "/etcd.log 2>&1 & echo $!"
@@ -117,13 +124,28 @@ function Member:start()
   return self
 end
 
+--- etcdctl's flags to reach this member (TLS members: the test CA and
+-- client certificate, or no verification for the deliberately bad ones).
+function Member:etcdctl_flags()
+  local flags = "--endpoints=" .. self.scheme .. "://" .. self.endpoint
+  local tls = self.tls
+  if tls then
+    flags = flags .. " --insecure-transport=false --insecure-skip-tls-verify"
+    if tls.client_cert then
+      flags = flags .. " --cert=" .. tls.client_cert .. " --key=" .. tls.client_key
+    end
+  end
+  if self.auth then flags = flags .. " --user=" .. self.auth end
+  return flags
+end
+
 function Member:etcdctl(args)
-  return capture("ETCDCTL_API=3 etcdctl --endpoints=" .. self.endpoint ..
+  return capture("ETCDCTL_API=3 etcdctl " .. self:etcdctl_flags() ..
     " --command-timeout=3s " .. args .. " 2>&1")
 end
 
 function Member:healthy()
-  return sh("ETCDCTL_API=3 etcdctl --endpoints=" .. self.endpoint ..
+  return sh("ETCDCTL_API=3 etcdctl " .. self:etcdctl_flags() ..
     " --command-timeout=1s endpoint health >/dev/null 2>&1")
 end
 
@@ -152,10 +174,11 @@ function Member:stop()
   if self.dir and self.dir:match("^/tmp/") then sh("rm -rf '" .. self.dir .. "'") end
 end
 
-local function new_member(name, token)
+local function new_member(name, token, opts)
   local dir = capture("mktemp -d /tmp/etcd3-spec.XXXXXX"):gsub("%s+$", "")
   return setmetatable({
-    name = name, dir = dir, token = token,
+    name = name, dir = dir, token = token, tls = opts.tls,
+    scheme = opts.tls and "https" or "http",
     endpoint = "127.0.0.1:" .. _M.free_port(),
     peer_url = "http://127.0.0.1:" .. _M.free_port(),
   }, Member)
@@ -169,7 +192,7 @@ function _M.cluster(n, opts)
   local token = "spec-" .. _M.free_port()
   local members, peers, endpoints = {}, {}, {}
   for i = 1, n do
-    local m = new_member("m" .. i, token)
+    local m = new_member("m" .. i, token, opts)
     m.extra = opts.extra
     members[i], endpoints[i] = m, m.endpoint
     peers[i] = m.name .. "=" .. m.peer_url
@@ -180,11 +203,28 @@ function _M.cluster(n, opts)
   end
   for _, m in ipairs(members) do m:wait_healthy() end
   local c = { members = members, endpoints = endpoints }
+  if opts.tls then
+    for i, m in ipairs(members) do c.endpoints[i] = "https://" .. m.endpoint end
+  end
   function c.stop()
     for _, m in ipairs(members) do m:stop() end
   end
   return c
 end
+
+--- A member that joins a running cluster (after member_add): same token,
+-- the initial cluster etcd's member_add answer describes.
+function _M.joining(cluster, name, initial_cluster, peer_url, opts)
+  local m = new_member(name, cluster.members[1].token, opts or {})
+  m.peer_url = peer_url
+  m.initial_cluster = initial_cluster
+  m.state = "existing"
+  cluster.members[#cluster.members + 1] = m
+  return m
+end
+
+--- A peer URL on a free port, for member_add.
+function _M.peer_url() return "http://127.0.0.1:" .. _M.free_port() end
 
 --- One member: the member itself, with :stop().
 function _M.single(opts)
