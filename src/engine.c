@@ -169,7 +169,10 @@ static grpc_channel *open_channel(const char *target,
   /* Dead and frozen members are noticed only with pings, also when idle. */
   INT_ARG(GRPC_ARG_KEEPALIVE_TIME_MS, o->keepalive_ms);
   INT_ARG(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 5000);
-  INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  /* Pings only while calls or streams are open: etcd's server policy
+   * (permit-without-stream false) answers idle pings with a GOAWAY
+   * "too_many_pings", which would break the next call. */
+  INT_ARG(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 0);
   INT_ARG(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   /* A restarted member must be found again within about a second. */
   INT_ARG(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
