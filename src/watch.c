@@ -50,6 +50,8 @@ typedef struct etcd3_watcher {
   int64_t revision;            /* last revision seen, once known */
   int knows_revision;          /* start_revision given, or etcd confirmed */
   int created, on_stream, cancel_wanted, ended, signaled;
+  int confirmed;               /* etcd answered the create on this stream */
+  uint64_t create_seq;         /* order of the create on this stream */
   unsigned auth_generation;    /* token generation of the last auth retry */
   int awaiting_auth;           /* not re-created until the new token is in */
   const char *end_code;        /* NULL: ended without error (cancel) */
@@ -64,6 +66,7 @@ typedef struct watch_hub {
   etcd3_stream *stream;
   etcd3_watcher *watchers;
   int64_t next_id;
+  uint64_t creates_sent;
   double reopen_at, backoff;
   size_t channel;
 } watch_hub;
@@ -171,7 +174,11 @@ static void send_create(watch_hub *h, etcd3_watcher *w) {
   c.filters = filters;
   r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CREATE_REQUEST;
   r.create_request = &c;
-  if (etcd3_stream_send(h->stream, &r.base)) w->on_stream = 1;
+  if (etcd3_stream_send(h->stream, &r.base)) {
+    w->on_stream = 1;
+    w->confirmed = 0;
+    w->create_seq = ++h->creates_sent;
+  }
 }
 
 /* Drops events at or below `threshold` from every response of the list
@@ -239,6 +246,20 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
   response_list l = {NULL, NULL};
   (void)s;
   h->backoff = MIN_BACKOFF;
+  if (r->watch_id == -1 && r->created) {
+    /* etcd 3.4 answers a refused create (permission denied, expired
+     * token) with watch_id -1: it is the oldest create not yet answered,
+     * since etcd handles a stream's requests in order */
+    etcd3_watcher *oldest = NULL;
+    for (w = h->watchers; w; w = w->next)
+      if (w->on_stream && !w->confirmed && (!oldest || w->create_seq < oldest->create_seq))
+        oldest = w;
+    if (!oldest) {
+      protobuf_c_message_free_unpacked(msg, NULL);
+      return;
+    }
+    r->watch_id = oldest->id;
+  }
   if (r->watch_id == -1) {
     /* progress for every watcher of the stream (request_progress) */
     for (w = h->watchers; w; w = w->next)
@@ -252,7 +273,8 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }
-  if (r->created) {
+  if (r->created) w->confirmed = 1;
+  if (r->created && !r->canceled) {
     if (!w->knows_revision) {
       w->revision = header_rev;
       w->knows_revision = 1;
