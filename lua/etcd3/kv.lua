@@ -54,6 +54,13 @@ local function range_end(fname, key, opts, level)
   return opts.range_end
 end
 
+--- etcd refuses an empty key: a prefix or from_key range over "" means
+-- every key, which starts at "\0" (as clientv3's WithPrefix/WithFromKey).
+function _M.range_key(key, opts)
+  if key == "" and (opts.prefix or opts.from_key) then return "\0" end
+  return key
+end
+
 -- Every builder checks at `level`, the error level that points at the
 -- user's call through the public function that called it.
 
@@ -61,7 +68,7 @@ function _M.range_request(fname, key, opts, level)
   check.arg(fname, 1, key, "string", level)
   opts = check.options(fname, opts, _M.GET_OPTS, level)
   return {
-    key = key, range_end = range_end(fname, key, opts, level),
+    key = _M.range_key(key, opts), range_end = range_end(fname, key, opts, level),
     limit = opts.limit, revision = opts.revision,
     sort_order = opts.sort_order and SORT_ORDER[opts.sort_order],
     sort_target = opts.sort_target and SORT_TARGET[opts.sort_target],
@@ -91,7 +98,7 @@ function _M.delete_request(fname, key, opts, level)
   check.arg(fname, 1, key, "string", level)
   opts = check.options(fname, opts, _M.DELETE_OPTS, level)
   return {
-    key = key, range_end = range_end(fname, key, opts, level),
+    key = _M.range_key(key, opts), range_end = range_end(fname, key, opts, level),
     prev_kv = opts.prev_kv,
   }, opts
 end

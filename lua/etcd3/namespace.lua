@@ -14,8 +14,11 @@ local function copy(t)
   return c
 end
 
---- A key sent to etcd.
-function _M.key(ns, key) return ns .. key end
+--- A key sent to etcd (for a range: see ranged).
+function _M.key(ns, key, range_end)
+  if key == "\0" and range_end then return ns end
+  return ns .. key
+end
 
 --- A range end sent to etcd: "\0" (every key from the start) becomes the
 -- end of the namespace.
@@ -27,7 +30,8 @@ end
 
 local function ranged(ns, req)
   local c = copy(req)
-  c.key = ns .. req.key
+  -- "\0" with a range end: every key, which in the namespace starts at it
+  c.key = (req.key == "\0" and req.range_end) and ns or ns .. req.key
   c.range_end = _M.range_end(ns, req.range_end)
   return c
 end

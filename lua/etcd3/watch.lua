@@ -124,14 +124,14 @@ function _M.install(Client)
     local given = (opts.prefix and 1 or 0) + (opts.range_end and 1 or 0) + (opts.from_key and 1 or 0)
     if given > 1 then check.fail("watch", "options 'prefix', 'range_end' and 'from_key' exclude each other") end
     local spec = {
-      key = key, start_revision = opts.start_revision, prev_kv = opts.prev_kv,
+      key = kv.range_key(key, opts), start_revision = opts.start_revision, prev_kv = opts.prev_kv,
       progress_notify = opts.progress_notify, fragment = opts.fragment,
       max_queued = opts.max_queued or _M.DEFAULT_MAX_QUEUED,
       range_end = opts.prefix and kv.prefix_end(key) or opts.from_key and "\0" or opts.range_end,
     }
     local ns = self._ns
     if ns then
-      spec.key = namespace.key(ns, key)
+      spec.key = namespace.key(ns, spec.key, spec.range_end)
       spec.range_end = namespace.range_end(ns, spec.range_end)
     end
     for i, f in ipairs(opts.filters or {}) do
