@@ -15,7 +15,10 @@ local MODULES = "/usr/lib/nginx/modules"
 function _M.start(http)
   local root = helper.capture("pwd"):gsub("%s+$", "")
   local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
-  helper.sh("chmod 755 " .. dir)
+  -- nginx workers run as nobody when started by root: they get their own
+  -- readable copy of the module (the checkout may sit in a private dir)
+  assert(helper.sh(("mkdir -p %s/lib/etcd3 && cp -r %s/lua %s/lua && cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ "
+    .. "&& chmod -R a+rX %s"):format(dir, root, dir, root, dir, dir)))
   local port = helper.free_port()
   local conf = table.concat({
     "load_module " .. MODULES .. "/ndk_http_module.so;",
@@ -33,8 +36,8 @@ function _M.start(http)
     "  fastcgi_temp_path " .. dir .. "/fastcgi;",
     "  uwsgi_temp_path " .. dir .. "/uwsgi;",
     "  scgi_temp_path " .. dir .. "/scgi;",
-    ("  lua_package_path '%s/lua/?.lua;%s/lua/?/init.lua;;';"):format(root, root),
-    ("  lua_package_cpath '%s/build/luajit/?.so;;';"):format(root),
+    ("  lua_package_path '%s/lua/?.lua;%s/lua/?/init.lua;;';"):format(dir, dir),
+    ("  lua_package_cpath '%s/lib/?.so;;';"):format(dir),
     (http:gsub("%${PORT}", tostring(port))),
     "}",
   }, "\n")
@@ -66,7 +69,8 @@ end
 --- Starts a GET in the background; returns a function that waits for it
 -- and gives the body.
 function Nginx:get_async(path, max_time)
-  local pipe = io.popen(("curl -s --max-time %d %s%s"):format(max_time or 10, self.url, path))
+  -- (never with the sanitizer run's LD_PRELOAD: curl hangs under it)
+  local pipe = io.popen(("unset LD_PRELOAD; curl -s --max-time %d %s%s"):format(max_time or 10, self.url, path))
   return function()
     local body = pipe:read("*a")
     pipe:close()
