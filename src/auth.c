@@ -193,5 +193,5 @@ int etcd3_auth_start(lua_State *L, etcd3_engine *e, size_t channel, double timeo
   lua_pushstring(L, e->password);
   lua_setfield(L, -2, "password");
   pthread_mutex_unlock(&e->mu);
-  return etcd3_call_start(L, e, channel, m, path, path + 1, lua_gettop(L), timeout);
+  return etcd3_call_start(L, e, channel, m, path, path + 1, lua_gettop(L), timeout, 0);
 }

@@ -29,6 +29,11 @@ typedef struct etcd3_call {
   const ProtobufCMethodDescriptor *method;
   const char *rpc_name;           /* static, "KV.Range" form */
   grpc_call *call;
+  /* A blocking ("sync") call completes on the engine's pluck queue, which
+   * the calling thread plucks in call:wait(): that thread drives the I/O
+   * itself and no thread hand-off happens (the benchmarks decided). NULL
+   * for calls the engine thread completes. */
+  grpc_completion_queue *sync_cq;
   grpc_metadata_array initial_md, trailing_md;
   grpc_byte_buffer *send, *recv;
   grpc_status_code status;
@@ -69,7 +74,7 @@ static void call_done(etcd3_tag *tag, int ok) {
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   last = --c->refs == 0;
-  if (!last) etcd3_engine_completed(e);
+  if (!last && !c->sync_cq) etcd3_engine_completed(e);
   pthread_mutex_unlock(&e->mu);
   if (last) {
     call_free(c);
@@ -100,8 +105,18 @@ static int collect(etcd3_call *c) {
   if (c->state != CALL_DONE) return 0;
   if (!c->collected) {
     c->collected = 1;
-    etcd3_engine_collected(c->engine);
+    if (!c->sync_cq) etcd3_engine_collected(c->engine);
   }
+  return 1;
+}
+
+/* Plucks the sync call's completion, waiting at most `seconds`; runs its
+ * done function in this thread. Returns whether it completed. Only the
+ * thread that owns the Lua state calls this. */
+static int pluck(etcd3_call *c, double seconds) {
+  grpc_event ev = grpc_completion_queue_pluck(c->sync_cq, &c->tag, etcd3_deadline(seconds), NULL);
+  if (ev.type != GRPC_OP_COMPLETE) return 0;
+  call_done(&c->tag, ev.success);
   return 1;
 }
 
@@ -109,6 +124,7 @@ static int collect(etcd3_call *c) {
 static int l_ready(lua_State *L) {
   etcd3_call *c = check_call(L)->c;
   int done;
+  if (c->sync_cq && c->state == CALL_RUNNING) pluck(c, 0);
   pthread_mutex_lock(&c->engine->mu);
   done = collect(c);
   pthread_mutex_unlock(&c->engine->mu);
@@ -124,6 +140,7 @@ static int l_wait(lua_State *L) {
   etcd3_engine *e = c->engine;
   double until = etcd3_now() + seconds;
   int done;
+  if (c->sync_cq && c->state == CALL_RUNNING) pluck(c, seconds);
   pthread_mutex_lock(&e->mu);
   for (;;) {
     double now = etcd3_now();
@@ -177,6 +194,11 @@ static void call_release(call_ud *u) {
                                  "call abandoned", NULL);
   else
     collect(c);
+  pthread_mutex_unlock(&e->mu);
+  /* nobody else plucks a sync call: its (cancelled) completion is taken
+   * here, at once */
+  if (c->sync_cq && c->state == CALL_RUNNING) pluck(c, 1e9);
+  pthread_mutex_lock(&e->mu);
   last = --c->refs == 0;
   pthread_mutex_unlock(&e->mu);
   if (last) {
@@ -207,7 +229,7 @@ static int l_cancel(lua_State *L) {
 int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      const ProtobufCMethodDescriptor *method,
                      const char *path, const char *rpc_name, int req_idx,
-                     double timeout) {
+                     double timeout, int sync) {
   grpc_op ops[6];
   ProtobufCMessage *msg;
   size_t len;
@@ -248,12 +270,17 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
     return luaL_error(L, "etcd3: client is closed");
   }
   e->refs++;
+  if (sync) {
+    if (!e->sync_cq) e->sync_cq = grpc_completion_queue_create_for_pluck(NULL);
+    c->sync_cq = e->sync_cq;
+  }
   c->refs = 2; /* Lua + engine */
   c->state = CALL_RUNNING;
   u->c = c;
   method_slice = grpc_slice_from_static_string(path);
   c->call = grpc_channel_create_call(e->channels[channel].channel, NULL,
-                                     GRPC_PROPAGATE_DEFAULTS, e->cq,
+                                     GRPC_PROPAGATE_DEFAULTS,
+                                     c->sync_cq ? c->sync_cq : e->cq,
                                      method_slice, NULL,
                                      etcd3_deadline(timeout), NULL);
   memset(ops, 0, sizeof ops);

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/resource.h>
 
 #include "etcd3.h"
 
@@ -93,7 +94,9 @@ static int l_new(lua_State *L) {
   return 1;
 }
 
-/* client:call(endpoint_index, "KV.Range", request, timeout) -> call */
+/* client:call(endpoint_index, "KV.Range", request, timeout [, sync]) -> call
+ * sync: the calling thread will wait for it (call:wait plucks its own
+ * queue) instead of an event loop. */
 static int l_call(lua_State *L) {
   etcd3_engine *e = check_open(L);
   size_t channel = check_channel(L, e, 2);
@@ -104,7 +107,7 @@ static int l_call(lua_State *L) {
   if (!m) return luaL_argerror(L, 3, "unknown RPC");
   luaL_checktype(L, 4, LUA_TTABLE);
   /* rpc_name must be static for the call's lifetime: use the path's tail */
-  return etcd3_call_start(L, e, channel, m, path, path + 1, 4, timeout);
+  return etcd3_call_start(L, e, channel, m, path, path + 1, 4, timeout, lua_toboolean(L, 6));
 }
 
 /* Parses a 16-hex-digit ID (or an integer on 5.3+). */
@@ -236,6 +239,16 @@ static int l_now(lua_State *L) {
   return 1;
 }
 
+/* core.cpu_time() -> user + system CPU seconds of the whole process (all
+ * threads, the engine's too): what the benchmarks report per operation. */
+static int l_cpu_time(lua_State *L) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  lua_pushnumber(L, (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+                        (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6);
+  return 1;
+}
+
 /* core.sleep(seconds): the plain-script strategy's sleep. */
 static int l_sleep(lua_State *L) {
   double s = luaL_checknumber(L, 1);
@@ -270,6 +283,8 @@ int etcd3_client_open(lua_State *L) {
   lua_setfield(L, -2, "now");
   lua_pushcfunction(L, l_sleep);
   lua_setfield(L, -2, "sleep");
+  lua_pushcfunction(L, l_cpu_time);
+  lua_setfield(L, -2, "cpu_time");
   return 0;
 }
 

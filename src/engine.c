@@ -288,6 +288,11 @@ void etcd3_engine_release(etcd3_engine *e) {
   last = --e->refs == 0;
   pthread_mutex_unlock(&e->mu);
   if (!last) return;
+  if (e->sync_cq) {
+    /* every sync call held a reference: none is pending any more */
+    grpc_completion_queue_shutdown(e->sync_cq);
+    grpc_completion_queue_destroy(e->sync_cq);
+  }
   for (size_t i = 0; i < e->n_channels; i++) free(e->channels[i].target);
   free(e->channels);
   etcd3_lease_free_hub(e);

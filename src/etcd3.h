@@ -53,6 +53,7 @@ typedef struct etcd3_engine {
   pthread_mutex_t mu;           /* guards everything below that changes */
   pthread_cond_t cond;          /* broadcast on every completion */
   grpc_completion_queue *cq;
+  grpc_completion_queue *sync_cq; /* plucked by the Lua thread (call.c) */
   pthread_t thread;
   int thread_started;
   int closed;                   /* set once by etcd3_engine_close */
@@ -141,7 +142,7 @@ int etcd3_server_stream_open(lua_State *L);
 int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      const ProtobufCMethodDescriptor *method,
                      const char *path, const char *rpc_name, int req_idx,
-                     double timeout);
+                     double timeout, int sync);
 int etcd3_call_open(lua_State *L);
 
 /* client.c */

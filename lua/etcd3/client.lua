@@ -128,6 +128,7 @@ function Client.new(config)
     _retired = {},
     _wait = wait.strategy(config.wait),
     _precheck = not config.wait and wait.precheck or nil,
+    _blocking = not config.wait and wait.blocking or nil,
     timeout = timeout,
   }, Client)
   if dial_timeout > 0 then
@@ -300,7 +301,7 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
     local i = endpoint or self:_pick(handle)
     local left = deadline - now()
     if left <= 0 then break end
-    local call = handle:call(i, rpc, req, left)
+    local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
     -- gRPC enforces the same deadline; a call not complete by then is
     -- cancelled here rather than waited for.
     local ready, werr = self._wait(self, call, deadline)

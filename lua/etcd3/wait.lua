@@ -113,6 +113,16 @@ local function auto(client, op, deadline)
   return plain(client, op, deadline)
 end
 
+--- Whether the automatic strategy will block this thread (a plain script):
+-- then a call waits on a completion queue of its own, which the calling
+-- thread drives itself (no hand-off to the engine thread).
+function _M.blocking()
+  if ngx and ngx.get_phase then return false end -- luacheck: ignore
+  local cqueues = package.loaded.cqueues
+  if cqueues and cqueues.running and cqueues.running() then return false end
+  return true
+end
+
 --- The strategy for a client config's `wait` field (nil: automatic).
 function _M.strategy(user_wait)
   if not user_wait then return auto end
