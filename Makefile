@@ -82,6 +82,20 @@ $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd/etcdserver/etcdserverpb/rpc
 deps:
 	sh tools/deps.sh
 
+BENCH_ENV := LUA_PATH="lua/?.lua;lua/?/init.lua;./?.lua;;" LUA_CPATH="build/lua5.4/?.so;;"
+
+# Side by side with Go clientv3, python-etcd3 and Node etcd3 (bench/README.md).
+bench: deps
+	sh tools/deps.sh bench
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 bench/run.lua
+
+# Every workload at 1/50 size, one round: proves the harness works (CI).
+bench-smoke: deps
+	sh tools/deps.sh bench
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --rounds 1
+
 demo: deps
 	$(MAKE) -s LUA=lua5.4
 	LUA_PATH="lua/?.lua;lua/?/init.lua;./?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \

@@ -149,7 +149,7 @@ elseif mode == "watchers" then
   local ws = {}
   for n = 1, opt.n do ws[n] = assert(cli:watch(key(opt.prefix, n - 1))) end
   core.sleep(2)
-  emit { workload = "G_1000_watchers_rss", n = opt.n, rss_base_kb = base, rss_kb = rss_kb() }
+  emit { workload = "G_1000_watchers_rss", n = #ws, rss_base_kb = base, rss_kb = rss_kb() }
 else
   io.stderr:write("unknown mode ", mode, "\n")
   os.exit(2)

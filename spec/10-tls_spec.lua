@@ -75,7 +75,8 @@ describe("TLS", function()
   end)
 
   it("fails clearly with a server certificate for another name", function()
-    fails_fast({ endpoints = "https://" .. wrong_name.endpoint, tls = { ca = certs.ca } }, "Peer name 127.0.0.1 is not in peer certificate")
+    fails_fast({ endpoints = "https://" .. wrong_name.endpoint, tls = { ca = certs.ca } },
+      "Peer name 127.0.0.1 is not in peer certificate")
   end)
 
   it("fails clearly with an expired server certificate", function()

@@ -1,10 +1,16 @@
 #!/bin/sh
 # Installs the Debian packages lua-etcd3 needs to build, test and demo,
 # when any is missing (apt-get update runs once, only then).
+# `deps.sh bench`: what the side-by-side benchmark's peers need instead.
 set -e
+if [ "${1:-}" = bench ]; then
+PKGS="golang-go golang-etcd-server-dev python3-etcd3 util-linux"
+command -v node > /dev/null 2>&1 || PKGS="$PKGS nodejs npm"
+else
 PKGS="make gcc clang pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
 lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-busted lua-check luarocks
 etcd-server etcd-client lua-cqueues nginx libnginx-mod-http-lua curl"
+fi
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

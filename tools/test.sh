@@ -91,6 +91,9 @@ lint_dirs="lua spec examples tools"
 # shellcheck disable=SC2086
 step luacheck luacheck $lint_dirs
 step rock sh tools/check-rock.sh
+# the benchmark harness at 1/50 size (benchmarks are not tests: no figure
+# is asserted, only that every workload ran for every client)
+step bench-smoke $MAKE -s bench-smoke
 
 echo "logs: $LOG"
 echo "$passed passed, $failed failed"
