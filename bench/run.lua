@@ -61,7 +61,7 @@ PEERS.lua = {
   name = "lua-etcd3",
   available = function() return sh("[ -f build/lua5.4/etcd3/core.so ]") end,
   command = function(endpoint, args)
-    return ("LUA_PATH=%s LUA_CPATH=%s lua5.4 bench/lua_driver.lua -endpoint %s %s"):format(
+    return ("env LUA_PATH=%s LUA_CPATH=%s lua5.4 bench/lua_driver.lua -endpoint %s %s"):format(
       q(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua"), q(ROOT .. "/build/lua5.4/?.so"), endpoint, args)
   end,
 }
@@ -73,6 +73,7 @@ PEERS.go = {
     return PEERS.go.bin ~= nil
   end,
   command = function(endpoint, args)
+    args = args:gsub("%-timeout (%d+)", "-timeout %1s") -- a Go duration
     return ("%s -endpoint %s %s"):format(PEERS.go.bin, endpoint, args)
   end,
 }
@@ -94,7 +95,7 @@ PEERS.node = {
     return PEERS.node.dir ~= nil
   end,
   command = function(endpoint, args)
-    return ("NODE_PATH=%s/node_modules node bench/peers/peersbench.js --endpoint http://%s %s"):format(
+    return ("env NODE_PATH=%s/node_modules node bench/peers/peersbench.js --endpoint http://%s %s"):format(
       PEERS.node.dir, endpoint, args)
   end,
 }
