@@ -128,6 +128,7 @@ void etcd3_auth_refresh(etcd3_engine *e) {
     return;
   }
   e->auth_inflight = 1;
+  etcd3_engine_wake(e);
   e->auth_call = a->call;
   e->refs++;
 }

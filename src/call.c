@@ -69,6 +69,7 @@ static void call_done(etcd3_tag *tag, int ok) {
   pthread_mutex_lock(&e->mu);
   c->call = NULL;
   c->state = CALL_DONE;
+  if (!c->sync_cq) e->async_inflight--;
   if (c->prev) c->prev->next = c->next;
   else e->inflight = c->next;
   if (c->next) c->next->prev = c->prev;
@@ -124,7 +125,8 @@ static int pluck(etcd3_call *c, double seconds) {
 static int l_ready(lua_State *L) {
   etcd3_call *c = check_call(L)->c;
   int done;
-  if (c->sync_cq && c->state == CALL_RUNNING) pluck(c, 0);
+  /* (a sync call progresses only in call:wait, which its waiter calls next:
+   * no poll here, it would cost a syscall per call) */
   pthread_mutex_lock(&c->engine->mu);
   done = collect(c);
   pthread_mutex_unlock(&c->engine->mu);
@@ -273,6 +275,9 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
   if (sync) {
     if (!e->sync_cq) e->sync_cq = grpc_completion_queue_create_for_pluck(NULL);
     c->sync_cq = e->sync_cq;
+  } else {
+    e->async_inflight++;
+    etcd3_engine_wake(e);
   }
   c->refs = 2; /* Lua + engine */
   c->state = CALL_RUNNING;

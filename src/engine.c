@@ -29,6 +29,11 @@
 
 /* gRPC is initialised lazily by the first client (never in luaopen: a
  * process that forks after grpc_init cannot use gRPC in the child). */
+/* Forks seen by this process: a child bumps it (pthread_atfork), so the
+ * check on every method costs no getpid() syscall. */
+static volatile unsigned fork_generation;
+static void on_fork_child(void) { fork_generation++; }
+
 static pthread_once_t grpc_once = PTHREAD_ONCE_INIT;
 
 /* gRPC logs connection errors to stderr from its own threads; a library
@@ -38,6 +43,7 @@ static pthread_once_t grpc_once = PTHREAD_ONCE_INIT;
 static void quiet_log(gpr_log_func_args *args) { (void)args; }
 
 static void init_grpc(void) {
+  pthread_atfork(NULL, NULL, on_fork_child);
   if (!getenv("GRPC_VERBOSITY")) gpr_set_log_function(quiet_log);
   grpc_init();
 }
@@ -55,7 +61,7 @@ gpr_timespec etcd3_deadline(double seconds) {
                       gpr_time_from_micros((int64_t)(seconds * 1e6), GPR_TIMESPAN));
 }
 
-int etcd3_engine_forked(const etcd3_engine *e) { return getpid() != e->pid; }
+int etcd3_engine_forked(const etcd3_engine *e) { return e->fork_generation != fork_generation; }
 
 /* The longest the engine thread sleeps without looking at its timers. */
 #define MAX_IDLE 1.0
@@ -73,10 +79,45 @@ static double run_timers(etcd3_engine *e) {
   return next > now ? next - now : 0;
 }
 
+/* Whether the engine thread may rest instead of polling: nothing of its
+ * own is under way (no stream, no call it completes, no re-auth) and every
+ * channel is connected or idle. Then the threads that wait for their own
+ * blocking calls are gRPC's only pollers and do the I/O themselves: with
+ * epoll1 a resting-free engine thread would be the designated poller and
+ * hand every completion over with a wake-up (measured: +100 us CPU per
+ * call). Mutex held. */
+static int may_rest(etcd3_engine *e) {
+  if (e->closed || e->async_inflight || e->streams || e->auth_inflight) return 0;
+  for (size_t i = 0; i < e->n_channels; i++) {
+    grpc_connectivity_state st = grpc_channel_check_connectivity_state(e->channels[i].channel, 0);
+    if (st != GRPC_CHANNEL_READY && st != GRPC_CHANNEL_IDLE) return 0;
+  }
+  return 1;
+}
+
+/* Wakes a resting engine thread (something for it to poll now). Mutex held. */
+void etcd3_engine_wake(etcd3_engine *e) {
+  if (e->resting) pthread_cond_broadcast(&e->cond);
+}
+
+/* How often a resting engine thread looks at its channels again. */
+#define REST_CHECK 0.1
+
 static void *engine_main(void *arg) {
   etcd3_engine *e = (etcd3_engine *)arg;
   for (;;) {
-    grpc_event ev = grpc_completion_queue_next(e->cq, etcd3_deadline(run_timers(e)), NULL);
+    double wait = run_timers(e);
+    grpc_event ev;
+    pthread_mutex_lock(&e->mu);
+    if (may_rest(e)) {
+      e->resting = 1;
+      etcd3_cond_wait(e, wait < REST_CHECK ? wait : REST_CHECK);
+      e->resting = 0;
+      pthread_mutex_unlock(&e->mu);
+      continue;
+    }
+    pthread_mutex_unlock(&e->mu);
+    ev = grpc_completion_queue_next(e->cq, etcd3_deadline(wait), NULL);
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
     if (ev.type == GRPC_OP_COMPLETE && ev.tag)
       ((etcd3_tag *)ev.tag)->done((etcd3_tag *)ev.tag, ev.success);
@@ -152,7 +193,7 @@ void etcd3_engine_collected(etcd3_engine *e) {
 
 static grpc_channel *open_channel(const char *target,
                                   const etcd3_channel_options *o) {
-  grpc_arg args[10];
+  grpc_arg args[11];
   grpc_channel_args cargs;
   grpc_channel_credentials *creds;
   grpc_channel *ch;
@@ -179,6 +220,9 @@ static grpc_channel *open_channel(const char *target,
   INT_ARG(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
   /* Each client owns its connections: closing one never disturbs another. */
   INT_ARG(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+  /* The library decides what is retried (reads, on another endpoint);
+   * gRPC's own retry layer would only buffer every message. */
+  INT_ARG(GRPC_ARG_ENABLE_RETRIES, 0);
 #undef INT_ARG
   if (o->tls && o->server_name) {
     args[n].type = GRPC_ARG_STRING;
@@ -215,7 +259,7 @@ etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
   pthread_mutex_init(&e->mu, NULL);
   pthread_cond_init(&e->cond, NULL);
   e->refs = 1;
-  e->pid = getpid();
+  e->fork_generation = fork_generation;
   e->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   /* room for endpoints added later (auto_sync); never reallocated */
   e->channels = (etcd3_channel *)calloc(ETCD3_MAX_ENDPOINTS, sizeof *e->channels);
@@ -262,6 +306,7 @@ void etcd3_engine_close(etcd3_engine *e) {
     return;
   }
   e->closed = 1;
+  etcd3_engine_wake(e); /* it must be polling to see the shutdown */
   etcd3_lease_shutdown(e);
   etcd3_watch_shutdown(e);
   if (e->auth_call)

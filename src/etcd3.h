@@ -57,10 +57,13 @@ typedef struct etcd3_engine {
   pthread_t thread;
   int thread_started;
   int closed;                   /* set once by etcd3_engine_close */
+  int resting;                  /* the engine thread is not polling */
+  int async_inflight;           /* calls the engine thread completes */
+  int streams;                  /* open streams (stream.c) */
   int refs;                     /* client + live call objects */
   int eventfd;                  /* readable while `uncollected` > 0 */
   unsigned long uncollected;    /* completions Lua has not collected */
-  pid_t pid;                    /* the process that created the engine */
+  unsigned fork_generation;     /* forks seen when the engine was made */
   size_t n_channels;            /* grows (auto_sync), never shrinks */
   etcd3_channel *channels;      /* ETCD3_MAX_ENDPOINTS slots */
   etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
@@ -90,6 +93,7 @@ double etcd3_now(void);
 gpr_timespec etcd3_deadline(double seconds);
 
 void etcd3_engine_unref_locked(etcd3_engine *e);  /* e->mu held, never last */
+void etcd3_engine_wake(etcd3_engine *e);          /* e->mu held */
 size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
 int etcd3_engine_add_channel(etcd3_engine *e, const char *target);
 void etcd3_cond_wait(etcd3_engine *e, double seconds); /* e->mu held */

@@ -69,6 +69,7 @@ static void stream_maybe_free(etcd3_stream *s) {
     grpc_slice_unref(s->md[i].value);
   }
   grpc_call_unref(s->call);
+  s->engine->streams--;
   etcd3_engine_unref_locked(s->engine);
   free(s);
 }
@@ -196,6 +197,8 @@ etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *pat
       grpc_slice_from_static_string(path), NULL,
       gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
   e->refs++;
+  e->streams++;
+  etcd3_engine_wake(e);
   memset(op, 0, sizeof op);
   op[0].op = GRPC_OP_SEND_INITIAL_METADATA;
   if (hasleader) {
