@@ -26,15 +26,7 @@ end)
 
 describe("kv", function()
   local member, cli, cluster_id, member_id
-
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  helper.member_and_client(function(m, c) member, cli = m, c end)
 
   it("puts and gets with exact result shapes", function()
     local put = assert(cli:put("/a", "1"))

@@ -12,15 +12,7 @@ end
 
 describe("txn", function()
   local member, cli
-
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  helper.member_and_client(function(m, c) member, cli = m, c end)
 
   describe("compares every target with every operator", function()
     local kv, lease_id

@@ -11,15 +11,7 @@ end
 
 describe("lease", function()
   local member, cli
-
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  helper.member_and_client(function(m, c) member, cli = m, c end)
 
   it("grants with hex IDs, and etcdctl agrees on time_to_live", function()
     local lease = assert(cli:grant(60))

@@ -29,15 +29,7 @@ end
 
 describe("watch", function()
   local member, cli
-
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  helper.member_and_client(function(m, c) member, cli = m, c end)
 
   it("delivers events written by etcdctl in another process", function()
     local w = assert(cli:watch("/e/k"))

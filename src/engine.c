@@ -182,6 +182,71 @@ void etcd3_engine_completed(etcd3_engine *e) {
   pthread_cond_broadcast(&e->cond);
 }
 
+/* A record (lease, watcher, stream) has news for Lua: counted once until
+ * Lua has seen it, so the pollfd stays readable meanwhile. e->mu held. */
+void etcd3_signal(etcd3_engine *e, int *signaled) {
+  if (!*signaled) {
+    *signaled = 1;
+    etcd3_engine_completed(e);
+  }
+}
+
+/* Lua has seen the record's news (or dropped the record). e->mu held. */
+void etcd3_unsignal(etcd3_engine *e, int *signaled) {
+  if (*signaled) {
+    *signaled = 0;
+    etcd3_engine_collected(e);
+  }
+}
+
+/* Waits on the engine's condition until ready(arg) or `seconds` passed;
+ * ready runs with e->mu held and may return a sooner deadline in *until.
+ * Takes and releases e->mu. */
+void etcd3_wait_until(etcd3_engine *e, double seconds, int (*ready)(void *arg, double now, double *until),
+                      void *arg) {
+  double until = etcd3_now() + seconds;
+  pthread_mutex_lock(&e->mu);
+  for (;;) {
+    double now = etcd3_now(), stop = until;
+    if (ready(arg, now, &stop) || now >= stop) break;
+    etcd3_cond_wait(e, stop - now);
+  }
+  pthread_mutex_unlock(&e->mu);
+}
+
+/* The record behind a userdata of metatable `mt` whose record starts with
+ * its engine pointer; raises if released or used in a forked child. */
+void *etcd3_check_record(lua_State *L, const char *mt, const char *what) {
+  void **u = (void **)luaL_checkudata(L, 1, mt);
+  if (!*u) luaL_error(L, "etcd3: %s already released", what);
+  if (etcd3_engine_forked(*(etcd3_engine **)*u))
+    luaL_error(L, "etcd3: %s used in a forked child (create a new client after fork)", what);
+  return *u;
+}
+
+/* For __gc: takes the record out of its userdata (the slot is emptied);
+ * NULL when already released, or in a forked child, where the inherited
+ * record is leaked on purpose (gRPC must not be touched there). */
+void *etcd3_take_record(lua_State *L, const char *mt) {
+  void **u = (void **)luaL_checkudata(L, 1, mt);
+  void *record = *u;
+  *u = NULL;
+  if (record && etcd3_engine_forked(*(etcd3_engine **)record)) return NULL;
+  return record;
+}
+
+/* Registers a userdata type: metatable `mt` with the methods as __index
+ * and gc as __gc. */
+void etcd3_register_type(lua_State *L, const char *mt, const luaL_Reg *methods, lua_CFunction gc) {
+  luaL_newmetatable(L, mt);
+  lua_newtable(L);
+  luaL_setfuncs(L, methods, 0);
+  lua_setfield(L, -2, "__index");
+  lua_pushcfunction(L, gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pop(L, 1);
+}
+
 /* Lua collected one completion; e->mu is held. */
 void etcd3_engine_collected(etcd3_engine *e) {
   if (e->uncollected > 0 && --e->uncollected == 0) {

@@ -94,6 +94,14 @@ gpr_timespec etcd3_deadline(double seconds);
 
 void etcd3_engine_unref_locked(etcd3_engine *e);  /* e->mu held, never last */
 void etcd3_engine_wake(etcd3_engine *e);          /* e->mu held */
+void etcd3_signal(etcd3_engine *e, int *signaled);   /* e->mu held */
+void etcd3_unsignal(etcd3_engine *e, int *signaled); /* e->mu held */
+void etcd3_wait_until(etcd3_engine *e, double seconds,
+                      int (*ready)(void *arg, double now, double *until), void *arg);
+/* Records behind lease/watch/stream userdata start with their engine. */
+void *etcd3_check_record(lua_State *L, const char *mt, const char *what);
+void *etcd3_take_record(lua_State *L, const char *mt);
+void etcd3_register_type(lua_State *L, const char *mt, const luaL_Reg *methods, lua_CFunction gc);
 size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
 int etcd3_engine_add_channel(etcd3_engine *e, const char *target);
 void etcd3_cond_wait(etcd3_engine *e, double seconds); /* e->mu held */

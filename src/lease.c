@@ -28,7 +28,7 @@
 #define MAX_BACKOFF 1.0
 
 typedef struct etcd3_lease {
-  etcd3_engine *engine;
+  etcd3_engine *engine;        /* first: see etcd3_check_record */
   int refs;
   int64_t id;
   int64_t ttl;            /* last TTL etcd granted or acknowledged */
@@ -73,10 +73,7 @@ static void lease_unref(etcd3_lease *l) {
 static void lose(etcd3_lease *l, const char *why) {
   if (l->lost) return;
   l->lost = why;
-  if (!l->signaled) {
-    l->signaled = 1;
-    etcd3_engine_completed(l->engine);
-  }
+  etcd3_signal(l->engine, &l->signaled);
 }
 
 /* Takes the lease off the keepalive list; drops the list's reference
@@ -188,19 +185,12 @@ void etcd3_lease_free_hub(etcd3_engine *e) {
 /* ---- Lua ------------------------------------------------------------- */
 
 static etcd3_lease *check_lease(lua_State *L) {
-  lease_ud *u = (lease_ud *)luaL_checkudata(L, 1, LEASE_MT);
-  if (!u->lease) luaL_error(L, "etcd3: lease state already released");
-  if (etcd3_engine_forked(u->lease->engine))
-    luaL_error(L, "etcd3: lease used in a forked child (create a new client after fork)");
-  return u->lease;
+  return (etcd3_lease *)etcd3_check_record(L, LEASE_MT, "lease");
 }
 
 /* Clears the pollfd signal once Lua has seen the loss; mutex held. */
 static void seen(etcd3_lease *l) {
-  if (l->signaled && l->lost) {
-    l->signaled = 0;
-    etcd3_engine_collected(l->engine);
-  }
+  if (l->lost) etcd3_unsignal(l->engine, &l->signaled);
 }
 
 /* core client:lease(id, ttl) -> state: liveness of a granted lease, counted
@@ -306,40 +296,28 @@ static int l_status(lua_State *L) {
   return 4;
 }
 
+/* Lost yet? Noticing a TTL that ran out here; wakes at the expiry. */
+static int lost_or_expired(void *arg, double now, double *until) {
+  etcd3_lease *l = (etcd3_lease *)arg;
+  if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
+  if (l->expires_at < *until) *until = l->expires_at;
+  return l->lost != NULL;
+}
+
 /* state:wait(seconds): blocks until lost or the time passes. */
 static int l_wait(lua_State *L) {
   etcd3_lease *l = check_lease(L);
-  double seconds = luaL_checknumber(L, 2);
-  etcd3_engine *e = l->engine;
-  double until = etcd3_now() + seconds;
-  pthread_mutex_lock(&e->mu);
-  while (!l->lost) {
-    double now = etcd3_now();
-    double stop = until < l->expires_at ? until : l->expires_at;
-    if (now >= l->expires_at) {
-      lose(l, "the TTL ran out without a renewal");
-      break;
-    }
-    if (now >= until) break;
-    etcd3_cond_wait(e, stop - now);
-  }
-  pthread_mutex_unlock(&e->mu);
+  etcd3_wait_until(l->engine, luaL_checknumber(L, 2), lost_or_expired, l);
   return 0;
 }
 
 static int l_gc(lua_State *L) {
-  lease_ud *u = (lease_ud *)luaL_checkudata(L, 1, LEASE_MT);
-  etcd3_lease *l = u->lease;
+  etcd3_lease *l = (etcd3_lease *)etcd3_take_record(L, LEASE_MT);
   etcd3_engine *e;
   if (!l) return 0;
-  u->lease = NULL;
   e = l->engine;
-  if (etcd3_engine_forked(e)) return 0; /* inherited: leak, touch nothing */
   pthread_mutex_lock(&e->mu);
-  if (l->signaled) {
-    l->signaled = 0;
-    etcd3_engine_collected(e);
-  }
+  etcd3_unsignal(e, &l->signaled);
   if (l->keepalive && e->lease_hub) unlink_lease((lease_hub *)e->lease_hub, l, 1);
   lease_unref(l);
   pthread_mutex_unlock(&e->mu);
@@ -352,12 +330,6 @@ int etcd3_lease_open(lua_State *L) {
     {"keepalive", l_keepalive}, {"stop", l_stop}, {"renewed", l_renewed},
     {"lose", l_lose}, {"status", l_status}, {"wait", l_wait}, {NULL, NULL},
   };
-  luaL_newmetatable(L, LEASE_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  etcd3_register_type(L, LEASE_MT, methods, l_gc);
   return 0;
 }

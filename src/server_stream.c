@@ -23,7 +23,7 @@ typedef struct message_node {
 } message_node;
 
 typedef struct server_stream {
-  etcd3_engine *engine;
+  etcd3_engine *engine;        /* first: see etcd3_check_record */
   etcd3_stream *stream;        /* NULL once ended or let go */
   int refs;
   int ended, signaled;
@@ -51,12 +51,7 @@ static void unref(server_stream *s) {
   free(s);
 }
 
-static void notify(server_stream *s) {
-  if (!s->signaled) {
-    s->signaled = 1;
-    etcd3_engine_completed(s->engine);
-  }
-}
+static void notify(server_stream *s) { etcd3_signal(s->engine, &s->signaled); }
 
 static void on_message(void *owner, etcd3_stream *st, ProtobufCMessage *msg) {
   server_stream *s = (server_stream *)owner;
@@ -91,10 +86,7 @@ static const etcd3_stream_ops snapshot_ops = {
 };
 
 static server_stream *check_ss(lua_State *L) {
-  server_stream_ud *u = (server_stream_ud *)luaL_checkudata(L, 1, SERVER_STREAM_MT);
-  if (!u->s) luaL_error(L, "etcd3: stream already released");
-  if (etcd3_engine_forked(u->s->engine)) luaL_error(L, "etcd3: stream used in a forked child");
-  return u->s;
+  return (server_stream *)etcd3_check_record(L, SERVER_STREAM_MT, "stream");
 }
 
 /* core client:snapshot(endpoint_index) -> stream of SnapshotResponse */
@@ -134,17 +126,16 @@ static int l_ready(lua_State *L) {
   return 1;
 }
 
+static int has_news(void *arg, double now, double *until) {
+  server_stream *s = (server_stream *)arg;
+  (void)now; (void)until;
+  return s->head || s->ended;
+}
+
 /* stream:wait(seconds) */
 static int l_wait(lua_State *L) {
   server_stream *s = check_ss(L);
-  double until = etcd3_now() + luaL_checknumber(L, 2);
-  pthread_mutex_lock(&s->engine->mu);
-  for (;;) {
-    double now = etcd3_now();
-    if (s->head || s->ended || now >= until) break;
-    etcd3_cond_wait(s->engine, until - now);
-  }
-  pthread_mutex_unlock(&s->engine->mu);
+  etcd3_wait_until(s->engine, luaL_checknumber(L, 2), has_news, s);
   return 0;
 }
 
@@ -175,10 +166,7 @@ static int l_poll(lua_State *L) {
   s->head = s->tail = NULL;
   ended = s->ended;
   status = s->status;
-  if (s->signaled) {
-    s->signaled = 0;
-    etcd3_engine_collected(s->engine);
-  }
+  etcd3_unsignal(s->engine, &s->signaled);
   pthread_mutex_unlock(&s->engine->mu);
   lua_newtable(L);
   for (message_node *m = t->head; m; m = m->next) {
@@ -195,23 +183,17 @@ static int l_poll(lua_State *L) {
 }
 
 static int l_gc(lua_State *L) {
-  server_stream_ud *u = (server_stream_ud *)luaL_checkudata(L, 1, SERVER_STREAM_MT);
-  server_stream *s = u->s;
+  server_stream *s = (server_stream *)etcd3_take_record(L, SERVER_STREAM_MT);
   etcd3_engine *e;
   if (!s) return 0;
-  u->s = NULL;
   e = s->engine;
-  if (etcd3_engine_forked(e)) return 0; /* inherited: leak, touch nothing */
   pthread_mutex_lock(&e->mu);
   if (s->stream) {
     etcd3_stream_close(s->stream); /* no callback follows */
     s->stream = NULL;
     s->refs--;                     /* the stream's reference */
   }
-  if (s->signaled) {
-    s->signaled = 0;
-    etcd3_engine_collected(e);
-  }
+  etcd3_unsignal(e, &s->signaled);
   unref(s);
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_release(e);
@@ -222,12 +204,6 @@ int etcd3_server_stream_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"ready", l_ready}, {"wait", l_wait}, {"poll", l_poll}, {NULL, NULL},
   };
-  luaL_newmetatable(L, SERVER_STREAM_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  etcd3_register_type(L, SERVER_STREAM_MT, methods, l_gc);
   return 0;
 }

@@ -40,7 +40,7 @@ typedef struct response_list {
 } response_list;
 
 typedef struct etcd3_watcher {
-  etcd3_engine *engine;
+  etcd3_engine *engine;        /* first: see etcd3_check_record */
   int refs;
   int64_t id;
   uint8_t *key, *range_end;
@@ -113,12 +113,7 @@ static void watcher_unref(etcd3_watcher *w) {
   free(w);
 }
 
-static void notify(etcd3_watcher *w) {
-  if (!w->signaled) {
-    w->signaled = 1;
-    etcd3_engine_completed(w->engine);
-  }
-}
+static void notify(etcd3_watcher *w) { etcd3_signal(w->engine, &w->signaled); }
 
 static void unlink_watcher(watch_hub *h, etcd3_watcher *w) {
   etcd3_watcher **p = &h->watchers;
@@ -436,19 +431,12 @@ void etcd3_watch_free_hub(etcd3_engine *e) {
 /* ---- Lua ------------------------------------------------------------- */
 
 static etcd3_watcher *check_watcher(lua_State *L) {
-  watch_ud *u = (watch_ud *)luaL_checkudata(L, 1, WATCH_MT);
-  if (!u->w) luaL_error(L, "etcd3: watcher already released");
-  if (etcd3_engine_forked(u->w->engine))
-    luaL_error(L, "etcd3: watcher used in a forked child (create a new client after fork)");
-  return u->w;
+  return (etcd3_watcher *)etcd3_check_record(L, WATCH_MT, "watcher");
 }
 
 /* Clears the pollfd signal when Lua has taken everything; mutex held. */
 static void seen(etcd3_watcher *w) {
-  if (w->signaled && !w->queue.head) {
-    w->signaled = 0;
-    etcd3_engine_collected(w->engine);
-  }
+  if (!w->queue.head) etcd3_unsignal(w->engine, &w->signaled);
 }
 
 static int opt_bool(lua_State *L, int idx, const char *name) {
@@ -541,19 +529,16 @@ static int l_ready(lua_State *L) {
   return 1;
 }
 
+static int has_news(void *arg, double now, double *until) {
+  etcd3_watcher *w = (etcd3_watcher *)arg;
+  (void)now; (void)until;
+  return w->queue.head || w->ended || w->signaled;
+}
+
 /* state:wait(seconds): until something arrives, or the time passes. */
 static int l_wait(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
-  double seconds = luaL_checknumber(L, 2);
-  etcd3_engine *e = w->engine;
-  double until = etcd3_now() + seconds;
-  pthread_mutex_lock(&e->mu);
-  for (;;) {
-    double now = etcd3_now();
-    if (w->queue.head || w->ended || w->signaled || now >= until) break;
-    etcd3_cond_wait(e, until - now);
-  }
-  pthread_mutex_unlock(&e->mu);
+  etcd3_wait_until(w->engine, luaL_checknumber(L, 2), has_news, w);
   return 0;
 }
 
@@ -663,19 +648,13 @@ static int l_progress(lua_State *L) {
 }
 
 static int l_gc(lua_State *L) {
-  watch_ud *u = (watch_ud *)luaL_checkudata(L, 1, WATCH_MT);
-  etcd3_watcher *w = u->w;
+  etcd3_watcher *w = (etcd3_watcher *)etcd3_take_record(L, WATCH_MT);
   etcd3_engine *e;
   if (!w) return 0;
-  u->w = NULL;
   e = w->engine;
-  if (etcd3_engine_forked(e)) return 0; /* inherited: leak, touch nothing */
   pthread_mutex_lock(&e->mu);
   if (!w->ended || w->on_stream) cancel_locked(w);
-  if (w->signaled) {
-    w->signaled = 0;
-    etcd3_engine_collected(e);
-  }
+  etcd3_unsignal(e, &w->signaled);
   list_free(&w->queue);
   watcher_unref(w);
   etcd3_watch_tick(e, etcd3_now()); /* closes the stream if none is left */
@@ -690,12 +669,6 @@ int etcd3_watch_open(lua_State *L) {
     {"revision", l_revision}, {"cancel", l_cancel}, {"progress", l_progress},
     {NULL, NULL},
   };
-  luaL_newmetatable(L, WATCH_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  etcd3_register_type(L, WATCH_MT, methods, l_gc);
   return 0;
 }

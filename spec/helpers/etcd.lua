@@ -231,6 +231,22 @@ function _M.single(opts)
   return _M.cluster(1, opts).members[1]
 end
 
+--- In a describe block: a member and a client to it for the whole block,
+-- handed to `set(member, client)` in setup, and stopped by PID in
+-- teardown. `opts` as for single().
+function _M.member_and_client(set, opts)
+  local member, client
+  setup(function() -- luacheck: ignore (busted's global)
+    member = _M.single(opts)
+    client = assert(require("etcd3").new { endpoints = member.endpoint })
+    set(member, client)
+  end)
+  teardown(function() -- luacheck: ignore
+    if client then client:close() end
+    if member then member:stop() end
+  end)
+end
+
 --- Base64 decoding, for `etcdctl -w json` output.
 function _M.unbase64(s)
   local alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
