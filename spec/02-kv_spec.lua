@@ -26,7 +26,9 @@ end)
 
 describe("kv", function()
   local member, cli, cluster_id, member_id
-  helper.member_and_client(function(m, c) member, cli = m, c end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(start_member)
+  teardown(stop_member)
 
   it("puts and gets with exact result shapes", function()
     local put = assert(cli:put("/a", "1"))

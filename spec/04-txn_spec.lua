@@ -12,7 +12,9 @@ end
 
 describe("txn", function()
   local member, cli
-  helper.member_and_client(function(m, c) member, cli = m, c end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(start_member)
+  teardown(stop_member)
 
   describe("compares every target with every operator", function()
     local kv, lease_id

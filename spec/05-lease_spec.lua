@@ -11,7 +11,9 @@ end
 
 describe("lease", function()
   local member, cli
-  helper.member_and_client(function(m, c) member, cli = m, c end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(start_member)
+  teardown(stop_member)
 
   it("grants with hex IDs, and etcdctl agrees on time_to_live", function()
     local lease = assert(cli:grant(60))

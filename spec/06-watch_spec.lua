@@ -29,7 +29,9 @@ end
 
 describe("watch", function()
   local member, cli
-  helper.member_and_client(function(m, c) member, cli = m, c end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(start_member)
+  teardown(stop_member)
 
   it("delivers events written by etcdctl in another process", function()
     local w = assert(cli:watch("/e/k"))

@@ -231,20 +231,22 @@ function _M.single(opts)
   return _M.cluster(1, opts).members[1]
 end
 
---- In a describe block: a member and a client to it for the whole block,
--- handed to `set(member, client)` in setup, and stopped by PID in
--- teardown. `opts` as for single().
+--- For a describe block: setup and teardown functions that start a member
+-- and a client to it, handed to `set(member, client)`, and stop them by
+-- PID (busted's setup/teardown are the spec file's, so the spec registers
+-- them: `setup(start) teardown(stop)`). `opts` as for single().
 function _M.member_and_client(set, opts)
   local member, client
-  setup(function() -- luacheck: ignore (busted's global)
+  local function start()
     member = _M.single(opts)
     client = assert(require("etcd3").new { endpoints = member.endpoint })
     set(member, client)
-  end)
-  teardown(function() -- luacheck: ignore
+  end
+  local function stop()
     if client then client:close() end
     if member then member:stop() end
-  end)
+  end
+  return start, stop
 end
 
 --- Base64 decoding, for `etcdctl -w json` output.
