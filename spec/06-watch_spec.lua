@@ -203,6 +203,23 @@ describe("watch", function()
     helper.wait_for(function() return watcher_count(member) == base end, 10, "the server's watcher count to return to " .. base)
   end)
 
+  -- regression: a stream batch started after close aborted the process in
+  -- gRPC (assertion grpc_cq_begin_op) about one run in two
+  it("closes while streams are busy, again and again", function()
+    for i = 1, 30 do
+      local other = assert(etcd3.new { endpoints = member.endpoint })
+      local lease = assert(other:grant(5))
+      lease:keepalive()
+      local w = assert(other:watch("/busy/", { prefix = true }))
+      for j = 1, 5 do assert(cli:put("/busy/" .. j, tostring(i))) end
+      if i % 2 == 0 then assert(w:next(5)) end
+      other:close()
+      local ev, err = w:next(1)
+      while ev do ev, err = w:next(1) end
+      assert.are.equal("CLOSED", err.code)
+    end
+  end)
+
   it("raises on bad arguments and after close", function()
     assert.has_error(function() cli:watch(5) end)
     assert.has_error(function() cli:watch("/k", { revision = 5 }) end, "etcd3.watch: unknown option 'revision'")

@@ -91,10 +91,17 @@ static void start_recv(etcd3_stream *s) {
     s->batches++;
 }
 
+/* Whether the stream may start another batch: not once it ended, once its
+ * owner let go (it is being cancelled), or once the engine is closing (its
+ * queue is shut down: gRPC aborts on a batch started there). */
+static int may_start(const etcd3_stream *s) {
+  return !s->ended && s->owner && !s->engine->closed;
+}
+
 static void start_send(etcd3_stream *s) {
   grpc_op op;
   pending_send *p = s->queue;
-  if (s->send_buf || !p || s->ended) return;
+  if (s->send_buf || !p || !may_start(s)) return;
   s->queue = p->next;
   if (!s->queue) s->queue_tail = NULL;
   s->send_buf = p->buf;
@@ -151,7 +158,7 @@ static void on_recv(etcd3_tag *tag, int ok) {
       s->ops->on_message(s->owner, s, msg);
       msg = NULL;
     }
-    if (!s->ended) start_recv(s);
+    if (may_start(s)) start_recv(s);
   }
   /* no message: the stream is ending; its status follows */
   stream_maybe_free(s);
