@@ -19,7 +19,7 @@ ETCD_PROTO_DIR ?= $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd
 ifeq ($(notdir $(LUA)),luajit)
 LUA_INCDIR ?= /usr/include/luajit-2.1
 else
-LUA_INCDIR ?= /usr/include/$(LUA)
+LUA_INCDIR ?= /usr/include/$(notdir $(LUA))
 endif
 
 CC       ?= cc
