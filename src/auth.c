@@ -106,19 +106,8 @@ void etcd3_auth_refresh(etcd3_engine *e) {
   a->call = grpc_channel_create_call(e->channels[channel].channel, NULL, GRPC_PROPAGATE_DEFAULTS,
                                      e->cq, grpc_slice_from_static_string("/etcdserverpb.Auth/Authenticate"),
                                      NULL, etcd3_deadline(5), NULL);
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = a->send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &a->initial_md;
-  ops[4].op = GRPC_OP_RECV_MESSAGE;
-  ops[4].data.recv_message.recv_message = &a->recv;
-  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  ops[5].data.recv_status_on_client.trailing_metadata = &a->trailing_md;
-  ops[5].data.recv_status_on_client.status = &a->status;
-  ops[5].data.recv_status_on_client.status_details = &a->details;
+  etcd3_unary_ops(ops, NULL, 0, a->send, &a->initial_md, &a->recv, &a->trailing_md, &a->status,
+                  &a->details);
   if (grpc_call_start_batch(a->call, ops, 6, &a->tag, NULL) != GRPC_CALL_OK) {
     grpc_metadata_array_destroy(&a->initial_md);
     grpc_metadata_array_destroy(&a->trailing_md);

@@ -225,6 +225,30 @@ static int l_cancel(lua_State *L) {
   return 0;
 }
 
+/* The one batch of a unary call: send metadata, message and close, then
+ * receive metadata, message and status (DESIGN.md: the batch reports
+ * success even when the RPC failed; the status says how it went). */
+void etcd3_unary_ops(grpc_op ops[6], grpc_metadata *md, size_t n_md, grpc_byte_buffer *send,
+                     grpc_metadata_array *initial_md, grpc_byte_buffer **recv,
+                     grpc_metadata_array *trailing_md, grpc_status_code *status,
+                     grpc_slice *details) {
+  memset(ops, 0, 6 * sizeof *ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[0].data.send_initial_metadata.count = n_md;
+  ops[0].data.send_initial_metadata.metadata = md;
+  ops[1].op = GRPC_OP_SEND_MESSAGE;
+  ops[1].data.send_message.send_message = send;
+  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+  ops[3].data.recv_initial_metadata.recv_initial_metadata = initial_md;
+  ops[4].op = GRPC_OP_RECV_MESSAGE;
+  ops[4].data.recv_message.recv_message = recv;
+  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+  ops[5].data.recv_status_on_client.trailing_metadata = trailing_md;
+  ops[5].data.recv_status_on_client.status = status;
+  ops[5].data.recv_status_on_client.status_details = details;
+}
+
 /* Encodes the request table at req_idx and starts the call on the given
  * channel; pushes the call userdata. Raises on a bad request or a closed
  * client; nothing is left behind when it does. */
@@ -288,24 +312,11 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                                      c->sync_cq ? c->sync_cq : e->cq,
                                      method_slice, NULL,
                                      etcd3_deadline(timeout), NULL);
-  memset(ops, 0, sizeof ops);
-  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
   /* Authenticate itself never carries a token: etcd refuses one that
    * expired even there. */
   c->n_md = strcmp(path, "/etcdserverpb.Auth/Authenticate") == 0 ? 0 : etcd3_auth_metadata(e, c->md, 1);
-  ops[0].data.send_initial_metadata.count = c->n_md;
-  ops[0].data.send_initial_metadata.metadata = c->md;
-  ops[1].op = GRPC_OP_SEND_MESSAGE;
-  ops[1].data.send_message.send_message = c->send;
-  ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-  ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-  ops[3].data.recv_initial_metadata.recv_initial_metadata = &c->initial_md;
-  ops[4].op = GRPC_OP_RECV_MESSAGE;
-  ops[4].data.recv_message.recv_message = &c->recv;
-  ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-  ops[5].data.recv_status_on_client.trailing_metadata = &c->trailing_md;
-  ops[5].data.recv_status_on_client.status = &c->status;
-  ops[5].data.recv_status_on_client.status_details = &c->details;
+  etcd3_unary_ops(ops, c->md, c->n_md, c->send, &c->initial_md, &c->recv, &c->trailing_md,
+                  &c->status, &c->details);
   c->next = e->inflight;
   if (e->inflight) e->inflight->prev = c;
   e->inflight = c;
@@ -334,12 +345,8 @@ int etcd3_call_open(lua_State *L) {
     {"ready", l_ready}, {"wait", l_wait}, {"result", l_result},
     {"cancel", l_cancel}, {NULL, NULL},
   };
-  luaL_newmetatable(L, ETCD3_CALL_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_gc);
-  lua_setfield(L, -2, "__gc");
+  etcd3_register_type(L, ETCD3_CALL_MT, methods, l_gc);
+  luaL_getmetatable(L, ETCD3_CALL_MT);
   lua_pushcfunction(L, l_tostring);
   lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);

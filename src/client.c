@@ -270,13 +270,7 @@ int etcd3_client_open(lua_State *L) {
     {"authenticate", l_authenticate}, {"add_endpoint", l_add_endpoint},
     {"snapshot", l_snapshot}, {"token", l_token}, {NULL, NULL},
   };
-  luaL_newmetatable(L, ETCD3_CLIENT_MT);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, l_close);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
+  etcd3_register_type(L, ETCD3_CLIENT_MT, methods, l_close);
   lua_pushcfunction(L, l_new);
   lua_setfield(L, -2, "new");
   lua_pushcfunction(L, l_now);

@@ -156,6 +156,10 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      const char *path, const char *rpc_name, int req_idx,
                      double timeout, int sync);
 int etcd3_call_open(lua_State *L);
+void etcd3_unary_ops(grpc_op ops[6], grpc_metadata *md, size_t n_md, grpc_byte_buffer *send,
+                     grpc_metadata_array *initial_md, grpc_byte_buffer **recv,
+                     grpc_metadata_array *trailing_md, grpc_status_code *status,
+                     grpc_slice *details);
 
 /* client.c */
 int etcd3_client_open(lua_State *L);
