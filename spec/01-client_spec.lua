@@ -151,7 +151,10 @@ describe("client", function()
   end)
 
   it("closes with <close> on Lua 5.4", function()
-    if _VERSION ~= "Lua 5.4" then return end
+    if _VERSION ~= "Lua 5.4" then
+      pending("<close> is Lua 5.4 syntax")
+      return
+    end
     local chunk = assert(load([[
       local etcd3, ep = ...
       local keep

@@ -162,13 +162,11 @@ describe("kv", function()
     end)
 
     it("min/max mod and create revisions", function()
-      local p = { prefix = true }
       local function with(k, v) local o = { prefix = true }; o[k] = v; return keys(assert(cli:get("/r/", o))) end
       assert.are.same({ "/r/b" }, with("min_mod_revision", base + 4))
       assert.are.same({ "/r/a", "/r/c", "/r/d" }, with("max_mod_revision", base + 3))
       assert.are.same({ "/r/b", "/r/d" }, with("min_create_revision", base + 2))
       assert.are.same({ "/r/a", "/r/c" }, with("max_create_revision", base + 1))
-      assert.is_table(p)
     end)
   end)
 
