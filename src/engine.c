@@ -224,6 +224,22 @@ void *etcd3_check_record(lua_State *L, const char *mt, const char *what) {
   return *u;
 }
 
+/* Pushes a userdata of metatable `mt` holding a new zeroed record of
+ * `size` bytes whose first member (its engine) is set to e; raises on out
+ * of memory, leaving an empty userdata that __gc ignores. The caller takes
+ * the engine reference the record needs. */
+void *etcd3_new_record(lua_State *L, const char *mt, size_t size, etcd3_engine *e) {
+  void **u = (void **)lua_newuserdata(L, sizeof(void *));
+  void *record;
+  *u = NULL;
+  luaL_setmetatable(L, mt);
+  record = calloc(1, size);
+  if (!record) luaL_error(L, "etcd3: out of memory");
+  *(etcd3_engine **)record = e;
+  *u = record;
+  return record;
+}
+
 /* For __gc: takes the record out of its userdata (the slot is emptied);
  * NULL when already released, or in a forked child, where the inherited
  * record is leaked on purpose (gRPC must not be touched there). */

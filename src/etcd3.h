@@ -101,6 +101,7 @@ void etcd3_wait_until(etcd3_engine *e, double seconds,
 /* Records behind lease/watch/stream userdata start with their engine. */
 void *etcd3_check_record(lua_State *L, const char *mt, const char *what);
 void *etcd3_take_record(lua_State *L, const char *mt);
+void *etcd3_new_record(lua_State *L, const char *mt, size_t size, etcd3_engine *e);
 void etcd3_register_type(lua_State *L, const char *mt, const luaL_Reg *methods, lua_CFunction gc);
 size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
 int etcd3_engine_add_channel(etcd3_engine *e, const char *target);

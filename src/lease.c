@@ -49,10 +49,6 @@ typedef struct lease_hub {
   size_t channel;
 } lease_hub;
 
-typedef struct lease_ud {
-  etcd3_lease *lease;
-} lease_ud;
-
 static lease_hub *hub_of(etcd3_engine *e) {
   if (!e->lease_hub) {
     lease_hub *h = (lease_hub *)calloc(1, sizeof *h);
@@ -196,13 +192,7 @@ static void seen(etcd3_lease *l) {
 /* core client:lease(id, ttl) -> state: liveness of a granted lease, counted
  * from now. */
 int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl) {
-  lease_ud *u = (lease_ud *)lua_newuserdata(L, sizeof *u);
-  etcd3_lease *l;
-  u->lease = NULL;
-  luaL_setmetatable(L, LEASE_MT);
-  l = (etcd3_lease *)calloc(1, sizeof *l);
-  if (!l) return luaL_error(L, "etcd3: out of memory");
-  l->engine = e;
+  etcd3_lease *l = (etcd3_lease *)etcd3_new_record(L, LEASE_MT, sizeof *l, e);
   l->refs = 1;
   l->id = id;
   l->ttl = ttl;
@@ -211,7 +201,6 @@ int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl) {
   pthread_mutex_lock(&e->mu);
   e->refs++;
   pthread_mutex_unlock(&e->mu);
-  u->lease = l;
   return 1;
 }
 

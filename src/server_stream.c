@@ -32,10 +32,6 @@ typedef struct server_stream {
   message_node *head, *tail;
 } server_stream;
 
-typedef struct server_stream_ud {
-  server_stream *s;
-} server_stream_ud;
-
 static void free_messages(message_node *n) {
   while (n) {
     message_node *next = n->next;
@@ -92,15 +88,8 @@ static server_stream *check_ss(lua_State *L) {
 /* core client:snapshot(endpoint_index) -> stream of SnapshotResponse */
 int etcd3_snapshot_start(lua_State *L, etcd3_engine *e, size_t channel) {
   Etcdserverpb__SnapshotRequest req = ETCDSERVERPB__SNAPSHOT_REQUEST__INIT;
-  server_stream_ud *u = (server_stream_ud *)lua_newuserdata(L, sizeof *u);
-  server_stream *s;
-  u->s = NULL;
-  luaL_setmetatable(L, SERVER_STREAM_MT);
-  s = (server_stream *)calloc(1, sizeof *s);
-  if (!s) return luaL_error(L, "etcd3: out of memory");
-  s->engine = e;
+  server_stream *s = (server_stream *)etcd3_new_record(L, SERVER_STREAM_MT, sizeof *s, e);
   s->refs = 1;
-  u->s = s;
   pthread_mutex_lock(&e->mu);
   e->refs++;
   s->stream = etcd3_stream_open(e, channel, "/etcdserverpb.Maintenance/Snapshot", 0,

@@ -71,10 +71,6 @@ typedef struct watch_hub {
   size_t channel;
 } watch_hub;
 
-typedef struct watch_ud {
-  etcd3_watcher *w;
-} watch_ud;
-
 static watch_hub *hub_of(etcd3_engine *e) {
   if (!e->watch_hub) {
     watch_hub *h = (watch_hub *)calloc(1, sizeof *h);
@@ -463,18 +459,12 @@ static uint8_t *opt_bytes(lua_State *L, int idx, const char *name, size_t *len, 
  * prev_kv, progress_notify, fragment, noput, nodelete, max_queued.
  * The Lua layer has checked every field. */
 int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec) {
-  watch_ud *u;
   etcd3_watcher *w;
   watch_hub *h;
   int present;
   spec = lua_absindex(L, spec);
-  u = (watch_ud *)lua_newuserdata(L, sizeof *u);
-  u->w = NULL;
-  luaL_setmetatable(L, WATCH_MT);
-  w = (etcd3_watcher *)calloc(1, sizeof *w);
-  if (!w) return luaL_error(L, "etcd3: out of memory");
-  u->w = w; /* from here __gc frees it; nothing below raises */
-  w->engine = e;
+  /* from here __gc frees it; nothing below raises */
+  w = (etcd3_watcher *)etcd3_new_record(L, WATCH_MT, sizeof *w, e);
   w->refs = 1;
   w->key = opt_bytes(L, spec, "key", &w->key_len, &present);
   w->range_end = opt_bytes(L, spec, "range_end", &w->range_end_len, &w->has_range_end);

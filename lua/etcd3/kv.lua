@@ -64,11 +64,19 @@ end
 -- Every builder checks at `level`, the error level that points at the
 -- user's call through the public function that called it.
 
+-- Checks key and options of a call over a range; returns the options
+-- and the request's key and range end.
+local function ranged(fname, key, opts, spec, level)
+  check.arg(fname, 1, key, "string", level + 1)
+  opts = check.options(fname, opts, spec, level + 1)
+  return opts, _M.range_key(key, opts), range_end(fname, key, opts, level + 1)
+end
+
 function _M.range_request(fname, key, opts, level)
-  check.arg(fname, 1, key, "string", level)
-  opts = check.options(fname, opts, _M.GET_OPTS, level)
+  local range_key, end_key
+  opts, range_key, end_key = ranged(fname, key, opts, _M.GET_OPTS, level)
   return {
-    key = _M.range_key(key, opts), range_end = range_end(fname, key, opts, level),
+    key = range_key, range_end = end_key,
     limit = opts.limit, revision = opts.revision,
     sort_order = opts.sort_order and SORT_ORDER[opts.sort_order],
     sort_target = opts.sort_target and SORT_TARGET[opts.sort_target],
@@ -95,12 +103,9 @@ function _M.put_request(fname, key, value, opts, level)
 end
 
 function _M.delete_request(fname, key, opts, level)
-  check.arg(fname, 1, key, "string", level)
-  opts = check.options(fname, opts, _M.DELETE_OPTS, level)
-  return {
-    key = _M.range_key(key, opts), range_end = range_end(fname, key, opts, level),
-    prev_kv = opts.prev_kv,
-  }, opts
+  local range_key, end_key
+  opts, range_key, end_key = ranged(fname, key, opts, _M.DELETE_OPTS, level)
+  return { key = range_key, range_end = end_key, prev_kv = opts.prev_kv }, opts
 end
 
 -- Methods added to the client class -----------------------------------
