@@ -59,7 +59,7 @@ $(MODULE): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(GRPC_LIBS) $(LDFLAGS)
 
-$(BUILD)/%.o: src/%.c src/etcd3.h src/compat.h $(PB_C)
+$(BUILD)/%.o: src/%.c $(wildcard src/*.h) $(PB_C)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -I$(LUA_INCDIR) -I$(PROTO_OUT) $(GRPC_CFLAGS) -c $< -o $@
 

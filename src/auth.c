@@ -3,124 +3,36 @@
  * re-authentication in the background for the streams.
  *
  * The Lua layer authenticates on connect and again when a unary call is
- * refused for its token (lua/etcd3/auth.lua), and hands the token to the
+ * refused for its token (lua/etcd3/client.lua), and hands the token to the
  * engine. Streams have no Lua call to retry them, so when etcd refuses a
  * stream or a watch create for its token, the engine authenticates by
- * itself with the credentials it keeps, then re-opens its streams with the
- * new token (watchers resume from their last revision + 1).
+ * itself with the credentials it keeps (a background call), then tells its
+ * services of the new token (they re-open their streams; watchers resume
+ * from their last revision + 1).
  *
- * The password lives only in engine memory (zeroed when freed); it never
- * appears in an error, a log line, or tostring of anything.
+ * The state is the engine's "auth" service, registered on the first token
+ * or credentials. The password lives only there (zeroed when freed); it
+ * never appears in an error, a log line, or tostring of anything.
  */
 #include <stdlib.h>
 #include <string.h>
 
 #include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
-#include <grpc/slice.h>
 
-#include "etcd3.h"
+#include "auth.h"
+#include "call.h"
+#include "codec.h"
 #include "rpc.pb-c.h"
 
-typedef struct auth_call {
-  etcd3_tag tag;
-  etcd3_engine *engine;
-  grpc_call *call;
-  grpc_metadata_array initial_md, trailing_md;
-  grpc_byte_buffer *send, *recv;
-  grpc_status_code status;
-  grpc_slice details;
-} auth_call;
+#define AUTHENTICATE_PATH "/etcdserverpb.Auth/Authenticate"
+#define BACKGROUND_TIMEOUT 5.0
 
-size_t etcd3_auth_metadata(etcd3_engine *e, grpc_metadata *md, size_t room) {
-  if (!e->token || room == 0) return 0;
-  md[0].key = grpc_slice_from_static_string("token");
-  md[0].value = grpc_slice_from_copied_string(e->token);
-  return 1;
-}
-
-static void set_token(etcd3_engine *e, const char *token) {
-  free(e->token);
-  e->token = token && *token ? strdup(token) : NULL;
-  e->token_generation++;
-}
-
-static void auth_done(etcd3_tag *tag, int ok) {
-  auth_call *a = (auth_call *)tag;
-  etcd3_engine *e = a->engine;
-  Etcdserverpb__AuthenticateResponse *r = NULL;
-  (void)ok;
-  if (a->status == GRPC_STATUS_OK && a->recv) {
-    grpc_byte_buffer_reader reader;
-    if (grpc_byte_buffer_reader_init(&reader, a->recv)) {
-      grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
-      grpc_byte_buffer_reader_destroy(&reader);
-      r = etcdserverpb__authenticate_response__unpack(NULL, GRPC_SLICE_LENGTH(slice),
-                                                      GRPC_SLICE_START_PTR(slice));
-      grpc_slice_unref(slice);
-    }
-  }
-  pthread_mutex_lock(&e->mu);
-  e->auth_inflight = 0;
-  e->auth_call = NULL;
-  if (!e->closed) {
-    if (r) set_token(e, r->token);
-    /* streams carry the token from their start: re-open them (after a
-     * failure too: what etcd refuses again then ends with its error) */
-    etcd3_watch_restart(e);
-  }
-  etcd3_engine_unref_locked(e);
-  pthread_mutex_unlock(&e->mu);
-  if (r) etcdserverpb__authenticate_response__free_unpacked(r, NULL);
-  grpc_metadata_array_destroy(&a->initial_md);
-  grpc_metadata_array_destroy(&a->trailing_md);
-  if (a->send) grpc_byte_buffer_destroy(a->send);
-  if (a->recv) grpc_byte_buffer_destroy(a->recv);
-  grpc_slice_unref(a->details);
-  grpc_call_unref(a->call);
-  free(a);
-}
-
-/* Starts an Authenticate call unless one is under way; mutex held. */
-void etcd3_auth_refresh(etcd3_engine *e) {
-  Etcdserverpb__AuthenticateRequest req = ETCDSERVERPB__AUTHENTICATE_REQUEST__INIT;
-  grpc_op ops[6];
-  grpc_slice payload;
-  size_t channel;
-  auth_call *a;
-  if (!e->user || !e->password || e->auth_inflight || e->closed) return;
-  a = (auth_call *)calloc(1, sizeof *a);
-  if (!a) return;
-  a->tag.done = auth_done;
-  a->engine = e;
-  a->details = grpc_empty_slice();
-  req.name = e->user;
-  req.password = e->password;
-  payload = grpc_slice_malloc(protobuf_c_message_get_packed_size(&req.base));
-  protobuf_c_message_pack(&req.base, GRPC_SLICE_START_PTR(payload));
-  a->send = grpc_raw_byte_buffer_create(&payload, 1);
-  grpc_slice_unref(payload);
-  grpc_metadata_array_init(&a->initial_md);
-  grpc_metadata_array_init(&a->trailing_md);
-  channel = etcd3_engine_next_channel(e, e->n_channels - 1);
-  a->call = grpc_channel_create_call(e->channels[channel].channel, NULL, GRPC_PROPAGATE_DEFAULTS,
-                                     e->cq, grpc_slice_from_static_string("/etcdserverpb.Auth/Authenticate"),
-                                     NULL, etcd3_deadline(5), NULL);
-  etcd3_unary_ops(ops, NULL, 0, a->send, &a->initial_md, &a->recv, &a->trailing_md, &a->status,
-                  &a->details);
-  if (grpc_call_start_batch(a->call, ops, 6, &a->tag, NULL) != GRPC_CALL_OK) {
-    grpc_metadata_array_destroy(&a->initial_md);
-    grpc_metadata_array_destroy(&a->trailing_md);
-    grpc_byte_buffer_destroy(a->send);
-    grpc_call_unref(a->call);
-    free(a);
-    return;
-  }
-  e->auth_inflight = 1;
-  etcd3_engine_wake(e);
-  e->auth_call = a->call;
-  e->refs++;
-}
+typedef struct auth_state {
+  char *token;                  /* carried by every call and stream */
+  char *user, *password;        /* for re-authenticating by itself */
+  unsigned generation;          /* bumped on every new token */
+  int refreshing;               /* a background Authenticate is under way */
+} auth_state;
 
 static void free_secret(char **s) {
   if (*s) {
@@ -130,20 +42,112 @@ static void free_secret(char **s) {
   }
 }
 
-void etcd3_auth_free(etcd3_engine *e) {
-  free_secret(&e->token);
-  free_secret(&e->user);
-  free_secret(&e->password);
+ETCD3_LOCKED static size_t auth_metadata(etcd3_engine *e, void *state, grpc_metadata *md,
+                                         size_t room) {
+  auth_state *a = (auth_state *)state;
+  (void)e;
+  if (!a->token || room == 0) return 0;
+  md[0].key = grpc_slice_from_static_string("token");
+  md[0].value = grpc_slice_from_copied_string(a->token);
+  return 1;
 }
 
-/* ---- Lua: methods of the core client (client.c registers them) -------- */
+static void auth_free(void *state) {
+  auth_state *a = (auth_state *)state;
+  free_secret(&a->token);
+  free_secret(&a->user);
+  free_secret(&a->password);
+  free(a);
+}
+
+/* The background call is one of the calls service's: closing the engine
+ * cancels it there. */
+static const etcd3_service_ops auth_service = {
+  "auth", NULL, auth_metadata, NULL, NULL, auth_free,
+};
+
+/* The engine's auth state, registered on first use; NULL when closed or
+ * out of memory. */
+ETCD3_LOCKED static auth_state *auth_of(etcd3_engine *e) {
+  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  if (a) return a;
+  a = (auth_state *)calloc(1, sizeof *a);
+  if (a && !etcd3_engine_attach(e, &auth_service, a)) {
+    free(a);
+    a = NULL;
+  }
+  return a;
+}
+
+ETCD3_LOCKED static void set_token(auth_state *a, const char *token) {
+  free_secret(&a->token);
+  a->token = token && *token ? strdup(token) : NULL;
+  a->generation++;
+}
+
+ETCD3_LOCKED int etcd3_auth_can_refresh(etcd3_engine *e, unsigned *generation) {
+  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  if (!a || !a->user || !a->password) return 0;
+  *generation = a->generation;
+  return 1;
+}
+
+/* Engine thread: the background Authenticate finished. */
+static void authenticated(etcd3_engine *e, void *arg, grpc_status_code status,
+                          grpc_byte_buffer *response) {
+  auth_state *a = (auth_state *)arg;
+  Etcdserverpb__AuthenticateResponse *r = NULL;
+  (void)status;
+  if (response)
+    r = (Etcdserverpb__AuthenticateResponse *)etcd3_unpack(
+        &etcdserverpb__authenticate_response__descriptor, response);
+  pthread_mutex_lock(&e->mu);
+  a->refreshing = 0;
+  if (!e->closed) {
+    if (r) set_token(a, r->token);
+    /* streams carry the token from their start: they re-open (after a
+     * failure too: what etcd refuses again then ends with its error) */
+    etcd3_engine_token_changed(e);
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (r) protobuf_c_message_free_unpacked(&r->base, NULL);
+}
+
+ETCD3_LOCKED void etcd3_auth_refresh(etcd3_engine *e) {
+  Etcdserverpb__AuthenticateRequest req = ETCDSERVERPB__AUTHENTICATE_REQUEST__INIT;
+  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  size_t channel;
+  if (!a || !a->user || !a->password || a->refreshing || e->closed) return;
+  req.name = a->user;
+  req.password = a->password;
+  channel = etcd3_engine_next_channel(e, e->n_channels - 1);
+  a->refreshing = etcd3_call_background(e, channel, AUTHENTICATE_PATH, etcd3_pack(&req.base),
+                                        BACKGROUND_TIMEOUT, authenticated, a);
+}
+
+/* ---- Lua: methods of the core client ----------------------------------- */
+
+/* client:token() -> the current auth token or nil (for a sibling client
+ * aimed at one member) */
+int etcd3_auth_token(lua_State *L, etcd3_engine *e) {
+  auth_state *a;
+  pthread_mutex_lock(&e->mu);
+  a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  if (a && a->token) lua_pushstring(L, a->token);
+  else lua_pushnil(L);
+  pthread_mutex_unlock(&e->mu);
+  return 1;
+}
 
 /* client:set_token(token | nil) */
 int etcd3_auth_set_token(lua_State *L, etcd3_engine *e) {
   const char *token = luaL_optstring(L, 2, NULL);
+  auth_state *a;
   pthread_mutex_lock(&e->mu);
-  set_token(e, token);
+  a = auth_of(e);
+  if (a) set_token(a, token);
   pthread_mutex_unlock(&e->mu);
+  if (!a) return luaL_error(L, "etcd3: client is closed");
   return 0;
 }
 
@@ -152,17 +156,23 @@ int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e) {
   const char *user = luaL_checkstring(L, 2);
   const char *password = luaL_checkstring(L, 3);
   char *u = strdup(user), *p = strdup(password);
-  if (!u || !p) {
-    free(u);
-    free(p);
-    return luaL_error(L, "etcd3: out of memory");
+  auth_state *a = NULL;
+  if (u && p) {
+    pthread_mutex_lock(&e->mu);
+    a = auth_of(e);
+    if (a) {
+      free_secret(&a->user);
+      free_secret(&a->password);
+      a->user = u;
+      a->password = p;
+    }
+    pthread_mutex_unlock(&e->mu);
   }
-  pthread_mutex_lock(&e->mu);
-  free_secret(&e->user);
-  free_secret(&e->password);
-  e->user = u;
-  e->password = p;
-  pthread_mutex_unlock(&e->mu);
+  if (!a) {
+    free_secret(&u);
+    free_secret(&p);
+    return luaL_error(L, u && p ? "etcd3: client is closed" : "etcd3: out of memory");
+  }
   return 0;
 }
 
@@ -172,16 +182,18 @@ int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e) {
 int etcd3_auth_start(lua_State *L, etcd3_engine *e, size_t channel, double timeout) {
   const char *path;
   const ProtobufCMethodDescriptor *m = etcd3_find_method("Auth.Authenticate", &path);
+  auth_state *a;
   pthread_mutex_lock(&e->mu);
-  if (!e->user || !e->password) {
+  a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  if (!a || !a->user || !a->password) {
     pthread_mutex_unlock(&e->mu);
     return luaL_error(L, "etcd3: no credentials to authenticate with");
   }
-  lua_createtable(L, 0, 2);
-  lua_pushstring(L, e->user);
+  lua_createtable(L, 0, 2); /* stack: request */
+  lua_pushstring(L, a->user);
   lua_setfield(L, -2, "name");
-  lua_pushstring(L, e->password);
+  lua_pushstring(L, a->password);
   lua_setfield(L, -2, "password");
   pthread_mutex_unlock(&e->mu);
-  return etcd3_call_start(L, e, channel, m, path, path + 1, lua_gettop(L), timeout, 0);
+  return etcd3_call_start(L, e, channel, m, path, lua_gettop(L), timeout, 0);
 }

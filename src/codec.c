@@ -19,6 +19,9 @@
  * luaL_error raised half-way (a wrong type deep in a table) leaks nothing:
  * the arena's __gc frees it. Decoding keeps the unpacked message in a boxed
  * userdata for the same reason.
+ *
+ * The same file packs and unpacks messages to and from gRPC byte buffers
+ * for every call and stream (etcd3_pack, etcd3_unpack).
  */
 #include <ctype.h>
 #include <stdio.h>
@@ -29,7 +32,8 @@
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
 
-#include "etcd3.h"
+#include "auxiliar.h"
+#include "codec.h"
 #include "rpc.pb-c.h"
 
 /* ---- field names ------------------------------------------------------ */
@@ -140,16 +144,10 @@ static uint64_t check_u64(lua_State *L, int idx, const char *field, int is_id) {
   if (is_id && lua_type(L, idx) == LUA_TSTRING) {
     size_t len;
     const char *s = lua_tolstring(L, idx, &len);
-    char *end;
-    unsigned long long v;
-    if (len == 0 || len > 16 || !isxdigit((unsigned char)s[0]))
-      luaL_error(L, "etcd3: field '%s': bad ID '%s' (up to 16 hex digits)",
-                 field, s);
-    v = strtoull(s, &end, 16);
-    if (*end != '\0')
-      luaL_error(L, "etcd3: field '%s': bad ID '%s' (up to 16 hex digits)",
-                 field, s);
-    return (uint64_t)v;
+    uint64_t v;
+    if (!etcd3_parse_id(s, len, &v))
+      luaL_error(L, "etcd3: field '%s': bad ID '%s' (up to 16 hex digits)", field, s);
+    return v;
   }
   if (lua_type(L, idx) != LUA_TNUMBER)
     field_error(L, field, is_id ? "ID (hex string or integer)" : "integer",
@@ -168,6 +166,32 @@ static uint64_t check_u64(lua_State *L, int idx, const char *field, int is_id) {
     return (uint64_t)(int64_t)n;
   }
 #endif
+}
+
+/* Every character a hex digit, 1 to 16 of them: nothing else is an ID
+ * (no sign, no 0x, no spaces, which strtoull would let through). */
+int etcd3_parse_id(const char *s, size_t len, uint64_t *id) {
+  uint64_t v = 0;
+  if (len == 0 || len > 16) return 0;
+  for (size_t i = 0; i < len; i++) {
+    int c = (unsigned char)s[i];
+    if (!isxdigit(c)) return 0;
+    v = v << 4 | (uint64_t)(isdigit(c) ? c - '0' : tolower(c) - 'a' + 10);
+  }
+  *id = v;
+  return 1;
+}
+
+/* An ID argument of a Lua function: a hex string or an integer. */
+uint64_t etcd3_check_id(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    size_t len;
+    const char *s = lua_tolstring(L, idx, &len);
+    uint64_t v;
+    if (!etcd3_parse_id(s, len, &v)) luaL_argerror(L, idx, "bad ID (up to 16 hex digits)");
+    return v;
+  }
+  return check_u64(L, idx, "id", 1);
 }
 
 static void encode_table(lua_State *L, int idx,
@@ -301,17 +325,15 @@ ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
 
 /* ---- decoding --------------------------------------------------------- */
 
+/* A decoded message on the Lua stack while it is turned into a table: a
+ * raise half-way (out of memory, stack overflow) frees it in __gc. */
 typedef struct decoded {
   ProtobufCMessage *msg;
-  grpc_slice slice;
-  int has_slice;
 } decoded;
 
 static void decoded_free(decoded *box) {
   if (box->msg) protobuf_c_message_free_unpacked(box->msg, NULL);
   box->msg = NULL;
-  if (box->has_slice) grpc_slice_unref(box->slice);
-  box->has_slice = 0;
 }
 
 static int decoded_gc(lua_State *L) {
@@ -428,29 +450,43 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
  * that does not parse, pushes nothing and returns 0. */
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
                  grpc_byte_buffer *buf) {
-  grpc_byte_buffer_reader reader;
   decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
   box->msg = NULL;
-  box->has_slice = 0;
   luaL_setmetatable(L, ETCD3_DECODED_MT);
-  if (!grpc_byte_buffer_reader_init(&reader, buf)) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  box->slice = grpc_byte_buffer_reader_readall(&reader);
-  box->has_slice = 1;
-  grpc_byte_buffer_reader_destroy(&reader);
-  box->msg = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(box->slice),
-                                       GRPC_SLICE_START_PTR(box->slice));
+  box->msg = etcd3_unpack(d, buf);
   if (!box->msg) {
-    decoded_free(box);
     lua_pop(L, 1);
     return 0;
   }
-  etcd3_push_message(L, box->msg);
+  etcd3_push_message(L, box->msg); /* stack: box, table */
   decoded_free(box);
   lua_remove(L, -2);
   return 1;
+}
+
+/* ---- byte buffers ----------------------------------------------------- */
+
+grpc_byte_buffer *etcd3_pack(const ProtobufCMessage *msg) {
+  grpc_slice slice = grpc_slice_malloc(protobuf_c_message_get_packed_size(msg));
+  grpc_byte_buffer *buf;
+  protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
+  buf = grpc_raw_byte_buffer_create(&slice, 1);
+  grpc_slice_unref(slice);
+  return buf;
+}
+
+/* protobuf-c copies what it keeps (bytes, strings), so the slice goes
+ * at once. */
+ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
+  grpc_byte_buffer_reader reader;
+  grpc_slice slice;
+  ProtobufCMessage *msg;
+  if (!buf || !grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
+  slice = grpc_byte_buffer_reader_readall(&reader);
+  grpc_byte_buffer_reader_destroy(&reader);
+  msg = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice));
+  grpc_slice_unref(slice);
+  return msg;
 }
 
 /* ---- methods and status codes ----------------------------------------- */

@@ -1,5 +1,6 @@
 /*
- * engine.c - one completion queue and one thread per client.
+ * engine.c - one completion queue and one thread per client, its channels,
+ * its timers and the registry of the services that run on it.
  *
  * gRPC makes progress (connects, reconnects, keepalive pings) only while some
  * thread waits on a completion queue, so each client owns a thread that waits
@@ -10,8 +11,11 @@
  *
  * Lifetime: etcd3_engine_close() (client close or __gc) cancels what is in
  * flight, destroys the channels, shuts the queue down and joins the thread;
- * the struct itself lives until its last reference (call objects hold one)
+ * the struct itself lives until its last reference (bound objects hold one)
  * is released, so Lua may collect clients and calls in any order.
+ *
+ * This file names no service: lease keepalive, watches, auth and calls
+ * register an etcd3_service_ops table (engine.h) and are run through it.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -25,7 +29,7 @@
 #include <grpc/support/log.h>
 #include <grpc/support/time.h>
 
-#include "etcd3.h"
+#include "engine.h"
 
 /* gRPC is initialised lazily by the first client (never in luaopen: a
  * process that forks after grpc_init cannot use gRPC in the child). */
@@ -66,28 +70,30 @@ int etcd3_engine_forked(const etcd3_engine *e) { return e->fork_generation != fo
 /* The longest the engine thread sleeps without looking at its timers. */
 #define MAX_IDLE 1.0
 
-/* Runs the lease and watch timers; returns the seconds until they want to
- * run again. */
+/* Runs every service's timer; returns the seconds until one wants to run
+ * again (at most MAX_IDLE). */
 static double run_timers(etcd3_engine *e) {
-  double now = etcd3_now(), next, t;
+  double now = etcd3_now(), next = 0;
   pthread_mutex_lock(&e->mu);
-  next = etcd3_lease_tick(e, now);
-  t = etcd3_watch_tick(e, now);
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    double t = sv->ops->tick ? sv->ops->tick(e, sv->state, now) : 0;
+    if (t > 0 && (next == 0 || t < next)) next = t;
+  }
   pthread_mutex_unlock(&e->mu);
-  if (t > 0 && (next == 0 || t < next)) next = t;
   if (next == 0 || next - now > MAX_IDLE) return MAX_IDLE;
   return next > now ? next - now : 0;
 }
 
 /* Whether the engine thread may rest instead of polling: nothing of its
- * own is under way (no stream, no call it completes, no re-auth) and every
+ * own is under way (no stream, no call it completes) and every
  * channel is connected or idle. Then the threads that wait for their own
  * blocking calls are gRPC's only pollers and do the I/O themselves: with
  * epoll1 a resting-free engine thread would be the designated poller and
  * hand every completion over with a wake-up (measured: +100 us CPU per
- * call). Mutex held. */
-static int may_rest(etcd3_engine *e) {
-  if (e->closed || e->async_inflight || e->streams || e->auth_inflight) return 0;
+ * call). */
+ETCD3_LOCKED static int may_rest(etcd3_engine *e) {
+  if (e->closed || e->polled) return 0;
   for (size_t i = 0; i < e->n_channels; i++) {
     grpc_connectivity_state st = grpc_channel_check_connectivity_state(e->channels[i].channel, 0);
     if (st != GRPC_CHANNEL_READY && st != GRPC_CHANNEL_IDLE) return 0;
@@ -95,8 +101,8 @@ static int may_rest(etcd3_engine *e) {
   return 1;
 }
 
-/* Wakes a resting engine thread (something for it to poll now). Mutex held. */
-void etcd3_engine_wake(etcd3_engine *e) {
+/* Wakes a resting engine thread (something for it to poll now). */
+ETCD3_LOCKED void etcd3_engine_wake(etcd3_engine *e) {
   if (e->resting) pthread_cond_broadcast(&e->cond);
 }
 
@@ -111,7 +117,7 @@ static void *engine_main(void *arg) {
     pthread_mutex_lock(&e->mu);
     if (may_rest(e)) {
       e->resting = 1;
-      etcd3_cond_wait(e, wait < REST_CHECK ? wait : REST_CHECK);
+      etcd3_engine_cond_wait(e, wait < REST_CHECK ? wait : REST_CHECK);
       e->resting = 0;
       pthread_mutex_unlock(&e->mu);
       continue;
@@ -125,7 +131,50 @@ static void *engine_main(void *arg) {
   return NULL;
 }
 
-void etcd3_engine_unref_locked(etcd3_engine *e) { e->refs--; }
+ETCD3_LOCKED void etcd3_engine_ref_locked(etcd3_engine *e) { e->refs++; }
+ETCD3_LOCKED void etcd3_engine_unref_locked(etcd3_engine *e) { e->refs--; }
+
+void etcd3_engine_ref(etcd3_engine *e) {
+  pthread_mutex_lock(&e->mu);
+  e->refs++;
+  pthread_mutex_unlock(&e->mu);
+}
+
+ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops *ops) {
+  for (size_t i = 0; i < e->n_services; i++)
+    if (e->services[i].ops == ops) return e->services[i].state;
+  return NULL;
+}
+
+ETCD3_LOCKED int etcd3_engine_attach(etcd3_engine *e, const etcd3_service_ops *ops, void *state) {
+  if (e->closed || e->n_services == ETCD3_MAX_SERVICES) return 0;
+  e->services[e->n_services].ops = ops;
+  e->services[e->n_services].state = state;
+  e->n_services++;
+  return 1;
+}
+
+ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room) {
+  size_t n = 0;
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    if (sv->ops->metadata) n += sv->ops->metadata(e, sv->state, md + n, room - n);
+  }
+  return n;
+}
+
+ETCD3_LOCKED void etcd3_engine_token_changed(etcd3_engine *e) {
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    if (sv->ops->token_changed) sv->ops->token_changed(e, sv->state);
+  }
+}
+
+/* The queue blocking calls pluck, made on first use. */
+ETCD3_LOCKED grpc_completion_queue *etcd3_engine_pluck_queue(etcd3_engine *e) {
+  if (!e->pluck_cq) e->pluck_cq = grpc_completion_queue_create_for_pluck(NULL);
+  return e->pluck_cq;
+}
 
 static grpc_channel *open_channel(const char *target, const etcd3_channel_options *o);
 
@@ -149,8 +198,8 @@ int etcd3_engine_add_channel(etcd3_engine *e, const char *target) {
 }
 
 /* The channel after `after` that is not known to be failing (the one after
- * it when all are). Mutex held. */
-size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
+ * it when all are). */
+ETCD3_LOCKED size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
   for (size_t k = 1; k <= e->n_channels; k++) {
     size_t i = (after + k) % e->n_channels;
     if (!e->channels[i].channel) continue;
@@ -161,7 +210,7 @@ size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
   return (after + 1) % e->n_channels;
 }
 
-void etcd3_cond_wait(etcd3_engine *e, double seconds) {
+ETCD3_LOCKED void etcd3_engine_cond_wait(etcd3_engine *e, double seconds) {
   struct timespec until;
   long long ns;
   clock_gettime(CLOCK_REALTIME, &until);
@@ -172,104 +221,44 @@ void etcd3_cond_wait(etcd3_engine *e, double seconds) {
   pthread_cond_timedwait(&e->cond, &e->mu, &until);
 }
 
-/* Counts one completion for Lua to collect; e->mu is held. */
-void etcd3_engine_completed(etcd3_engine *e) {
+/* Posts news for Lua: counted once until Lua has seen it, so the pollfd
+ * stays readable meanwhile (an eventfd write only on the first). */
+ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted) {
   uint64_t one = 1;
-  if (e->uncollected++ == 0) {
+  if (*posted) return;
+  *posted = 1;
+  if (e->news++ == 0) {
     ssize_t n = write(e->eventfd, &one, sizeof one);
     (void)n; /* the counter cannot overflow: it is drained at zero */
   }
   pthread_cond_broadcast(&e->cond);
 }
 
-/* A record (lease, watcher, stream) has news for Lua: counted once until
- * Lua has seen it, so the pollfd stays readable meanwhile. e->mu held. */
-void etcd3_signal(etcd3_engine *e, int *signaled) {
-  if (!*signaled) {
-    *signaled = 1;
-    etcd3_engine_completed(e);
-  }
-}
-
-/* Lua has seen the record's news (or dropped the record). e->mu held. */
-void etcd3_unsignal(etcd3_engine *e, int *signaled) {
-  if (*signaled) {
-    *signaled = 0;
-    etcd3_engine_collected(e);
+/* Lua has seen the news (or dropped the object): the pollfd is drained
+ * when no news is left. */
+ETCD3_LOCKED void etcd3_news_seen(etcd3_engine *e, int *posted) {
+  if (!*posted) return;
+  *posted = 0;
+  if (e->news > 0 && --e->news == 0) {
+    uint64_t v;
+    ssize_t n = read(e->eventfd, &v, sizeof v);
+    (void)n; /* EAGAIN is fine: nothing to drain */
   }
 }
 
 /* Waits on the engine's condition until ready(arg) or `seconds` passed;
  * ready runs with e->mu held and may return a sooner deadline in *until.
  * Takes and releases e->mu. */
-void etcd3_wait_until(etcd3_engine *e, double seconds, int (*ready)(void *arg, double now, double *until),
-                      void *arg) {
+void etcd3_engine_wait_until(etcd3_engine *e, double seconds,
+                             int (*ready)(void *arg, double now, double *until), void *arg) {
   double until = etcd3_now() + seconds;
   pthread_mutex_lock(&e->mu);
   for (;;) {
     double now = etcd3_now(), stop = until;
     if (ready(arg, now, &stop) || now >= stop) break;
-    etcd3_cond_wait(e, stop - now);
+    etcd3_engine_cond_wait(e, stop - now);
   }
   pthread_mutex_unlock(&e->mu);
-}
-
-/* The record behind a userdata of metatable `mt` whose record starts with
- * its engine pointer; raises if released or used in a forked child. */
-void *etcd3_check_record(lua_State *L, const char *mt, const char *what) {
-  void **u = (void **)luaL_checkudata(L, 1, mt);
-  if (!*u) luaL_error(L, "etcd3: %s already released", what);
-  if (etcd3_engine_forked(*(etcd3_engine **)*u))
-    luaL_error(L, "etcd3: %s used in a forked child (create a new client after fork)", what);
-  return *u;
-}
-
-/* Pushes a userdata of metatable `mt` holding a new zeroed record of
- * `size` bytes whose first member (its engine) is set to e; raises on out
- * of memory, leaving an empty userdata that __gc ignores. The caller takes
- * the engine reference the record needs. */
-void *etcd3_new_record(lua_State *L, const char *mt, size_t size, etcd3_engine *e) {
-  void **u = (void **)lua_newuserdata(L, sizeof(void *));
-  void *record;
-  *u = NULL;
-  luaL_setmetatable(L, mt);
-  record = calloc(1, size);
-  if (!record) luaL_error(L, "etcd3: out of memory");
-  *(etcd3_engine **)record = e;
-  *u = record;
-  return record;
-}
-
-/* For __gc: takes the record out of its userdata (the slot is emptied);
- * NULL when already released, or in a forked child, where the inherited
- * record is leaked on purpose (gRPC must not be touched there). */
-void *etcd3_take_record(lua_State *L, const char *mt) {
-  void **u = (void **)luaL_checkudata(L, 1, mt);
-  void *record = *u;
-  *u = NULL;
-  if (record && etcd3_engine_forked(*(etcd3_engine **)record)) return NULL;
-  return record;
-}
-
-/* Registers a userdata type: metatable `mt` with the methods as __index
- * and gc as __gc. */
-void etcd3_register_type(lua_State *L, const char *mt, const luaL_Reg *methods, lua_CFunction gc) {
-  luaL_newmetatable(L, mt);
-  lua_newtable(L);
-  luaL_setfuncs(L, methods, 0);
-  lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pop(L, 1);
-}
-
-/* Lua collected one completion; e->mu is held. */
-void etcd3_engine_collected(etcd3_engine *e) {
-  if (e->uncollected > 0 && --e->uncollected == 0) {
-    uint64_t v;
-    ssize_t n = read(e->eventfd, &v, sizeof v);
-    (void)n; /* EAGAIN is fine: nothing to drain */
-  }
 }
 
 static grpc_channel *open_channel(const char *target,
@@ -388,12 +377,11 @@ void etcd3_engine_close(etcd3_engine *e) {
   }
   e->closed = 1;
   etcd3_engine_wake(e); /* it must be polling to see the shutdown */
-  etcd3_lease_shutdown(e);
-  etcd3_watch_shutdown(e);
-  if (e->auth_call)
-    grpc_call_cancel_with_status(e->auth_call, GRPC_STATUS_CANCELLED, "client closed", NULL);
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    if (sv->ops->shutdown) sv->ops->shutdown(e, sv->state);
+  }
   pthread_mutex_unlock(&e->mu);
-  etcd3_engine_cancel_all(e);
   for (size_t i = 0; i < e->n_channels; i++) {
     if (e->channels[i].channel) grpc_channel_destroy(e->channels[i].channel);
     e->channels[i].channel = NULL;
@@ -414,16 +402,17 @@ void etcd3_engine_release(etcd3_engine *e) {
   last = --e->refs == 0;
   pthread_mutex_unlock(&e->mu);
   if (!last) return;
-  if (e->sync_cq) {
-    /* every sync call held a reference: none is pending any more */
-    grpc_completion_queue_shutdown(e->sync_cq);
-    grpc_completion_queue_destroy(e->sync_cq);
+  if (e->pluck_cq) {
+    /* every plucked call held a reference: none is pending any more */
+    grpc_completion_queue_shutdown(e->pluck_cq);
+    grpc_completion_queue_destroy(e->pluck_cq);
   }
   for (size_t i = 0; i < e->n_channels; i++) free(e->channels[i].target);
   free(e->channels);
-  etcd3_lease_free_hub(e);
-  etcd3_watch_free_hub(e);
-  etcd3_auth_free(e);
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    if (sv->ops->free) sv->ops->free(sv->state);
+  }
   close(e->eventfd);
   pthread_cond_destroy(&e->cond);
   pthread_mutex_destroy(&e->mu);

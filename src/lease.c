@@ -1,7 +1,7 @@
 /*
  * lease.c - lease liveness and keepalive, run by the engine thread.
  *
- * Every lease the Lua side holds has a C record here (the etcd3.LeaseState
+ * Every lease the Lua side holds has a C object here (the etcd3.LeaseState
  * userdata) that knows when the lease runs out: etcd's last acknowledged
  * TTL counted from the moment that renewal was sent. Leases under
  * keepalive are renewed every ttl/3 over one LeaseKeepAlive stream per
@@ -14,21 +14,21 @@
  * the last acknowledged renewal (a frozen or partitioned member). Losing it
  * signals the pollfd, so event loops wake.
  *
- * Records are shared by the Lua userdata and the engine's keepalive list,
- * counted in `refs` under the engine mutex.
+ * The leases under keepalive and their stream are the engine's "lease
+ * keepalive" service (registered on the first keepalive). Lease objects
+ * are shared by the Lua userdata and that list, counted in `refs` under
+ * the engine mutex.
  */
 #include <stdlib.h>
 #include <string.h>
 
-#include "etcd3.h"
+#include "auxiliar.h"
+#include "lease.h"
+#include "stream.h"
 #include "rpc.pb-c.h"
 
-#define LEASE_MT "etcd3.LeaseState"
-#define MIN_BACKOFF 0.1
-#define MAX_BACKOFF 1.0
-
 typedef struct etcd3_lease {
-  etcd3_engine *engine;        /* first: see etcd3_check_record */
+  etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   int refs;
   int64_t id;
   int64_t ttl;            /* last TTL etcd granted or acknowledged */
@@ -37,45 +37,61 @@ typedef struct etcd3_lease {
   double next_renew;
   int keepalive;          /* in the engine's keepalive list */
   const char *lost;       /* why it is lost, or NULL while alive */
-  int signaled;           /* counted in engine->uncollected */
+  int news;               /* the loss is posted, not yet seen by Lua */
   struct etcd3_lease *next;
 } etcd3_lease;
 
-typedef struct lease_hub {
-  etcd3_stream *stream;
-  etcd3_lease *leases;    /* under keepalive */
-  double reopen_at;
-  double backoff;
-  size_t channel;
-} lease_hub;
+/* The leases the engine renews, over one stream. */
+typedef struct keepalive_set {
+  etcd3_engine *engine;
+  etcd3_restream keepalive;
+  etcd3_lease *leases;
+} keepalive_set;
 
-static lease_hub *hub_of(etcd3_engine *e) {
-  if (!e->lease_hub) {
-    lease_hub *h = (lease_hub *)calloc(1, sizeof *h);
-    if (!h) return NULL;
-    h->backoff = MIN_BACKOFF;
-    e->lease_hub = h;
+ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double now);
+ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state);
+
+/* token_changed is NULL on purpose: etcd 3.4 checks no token on
+ * LeaseKeepAlive, so the open stream keeps renewing with the old one. */
+static const etcd3_service_ops keepalive_service = {
+  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, free,
+};
+
+static const etcd3_stream_ops keepalive_ops;
+
+/* The engine's keepalive set, registered on first use; NULL when closed or
+ * out of memory. */
+ETCD3_LOCKED static keepalive_set *keepalive_of(etcd3_engine *e) {
+  keepalive_set *k = (keepalive_set *)etcd3_engine_service(e, &keepalive_service);
+  if (k) return k;
+  k = (keepalive_set *)calloc(1, sizeof *k);
+  if (!k) return NULL;
+  k->engine = e;
+  etcd3_restream_init(&k->keepalive, "/etcdserverpb.Lease/LeaseKeepAlive", 0, &keepalive_ops);
+  if (!etcd3_engine_attach(e, &keepalive_service, k)) {
+    free(k);
+    return NULL;
   }
-  return (lease_hub *)e->lease_hub;
+  return k;
 }
 
-/* The record's engine reference belongs to the Lua userdata (released
+/* The object's engine reference belongs to the Lua userdata (released
  * in __gc); the keepalive list never outlives the engine. */
 static void lease_unref(etcd3_lease *l) {
   if (--l->refs == 0) free(l);
 }
 
-/* Marks the lease lost and wakes Lua; mutex held. */
-static void lose(etcd3_lease *l, const char *why) {
+/* Marks the lease lost and wakes Lua. */
+ETCD3_LOCKED static void lose(etcd3_lease *l, const char *why) {
   if (l->lost) return;
   l->lost = why;
-  etcd3_signal(l->engine, &l->signaled);
+  etcd3_news_post(l->engine, &l->news);
 }
 
 /* Takes the lease off the keepalive list; drops the list's reference
  * unless keep_ref (the caller then drops it with its own). */
-static void unlink_lease(lease_hub *h, etcd3_lease *l, int keep_ref) {
-  etcd3_lease **p = &h->leases;
+ETCD3_LOCKED static void unlink_lease(keepalive_set *k, etcd3_lease *l, int keep_ref) {
+  etcd3_lease **p = &k->leases;
   while (*p && *p != l) p = &(*p)->next;
   if (!*p) return;
   *p = l->next;
@@ -85,13 +101,12 @@ static void unlink_lease(lease_hub *h, etcd3_lease *l, int keep_ref) {
   else lease_unref(l);
 }
 
-static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
-  etcd3_engine *e = (etcd3_engine *)owner;
-  lease_hub *h = (lease_hub *)e->lease_hub;
+ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
+  keepalive_set *k = (keepalive_set *)owner;
   Etcdserverpb__LeaseKeepAliveResponse *r = (Etcdserverpb__LeaseKeepAliveResponse *)msg;
   (void)s;
-  h->backoff = MIN_BACKOFF;
-  for (etcd3_lease *l = h->leases; l; l = l->next) {
+  etcd3_restream_healthy(&k->keepalive);
+  for (etcd3_lease *l = k->leases; l; l = l->next) {
     if (l->id != r->id) continue;
     if (r->ttl <= 0) {
       lose(l, "etcd says the lease expired or was revoked");
@@ -104,18 +119,13 @@ static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   protobuf_c_message_free_unpacked(msg, NULL);
 }
 
-static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_status_code status,
-                                const char *details) {
-  etcd3_engine *e = (etcd3_engine *)owner;
-  lease_hub *h = (lease_hub *)e->lease_hub;
-  double now = etcd3_now();
+ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_status_code status,
+                                             const char *details) {
+  keepalive_set *k = (keepalive_set *)owner;
   (void)s; (void)status; (void)details;
-  h->stream = NULL;
-  /* Try the next endpoint, after a short backoff; renew at once there. */
-  h->channel = etcd3_engine_next_channel(e, h->channel);
-  h->reopen_at = now + h->backoff;
-  h->backoff = h->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : h->backoff * 2;
-  for (etcd3_lease *l = h->leases; l; l = l->next) l->next_renew = 0;
+  /* the next endpoint, after a short backoff; renew at once there */
+  etcd3_restream_broken(k->engine, &k->keepalive);
+  for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
 }
 
 static const etcd3_stream_ops keepalive_ops = {
@@ -123,35 +133,28 @@ static const etcd3_stream_ops keepalive_ops = {
 };
 
 /* Renews what is due, notices what ran out, keeps the stream open while
- * leases need it. Returns the next time it wants to run (0: none).
- * Mutex held; engine thread or Lua thread. */
-double etcd3_lease_tick(etcd3_engine *e, double now) {
-  lease_hub *h = (lease_hub *)e->lease_hub;
+ * leases need it. Returns the next time it wants to run (0: none). */
+ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double now) {
+  keepalive_set *k = (keepalive_set *)state;
+  etcd3_stream *stream;
   double next = 0;
   etcd3_lease *l, *following;
-  if (!h || e->closed) return 0;
-  for (l = h->leases; l; l = following) {
+  if (e->closed) return 0;
+  for (l = k->leases; l; l = following) {
     following = l->next;
     if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
-    if (l->lost) unlink_lease(h, l, 0);
+    if (l->lost) unlink_lease(k, l, 0);
   }
-  if (!h->leases) {
-    if (h->stream) {
-      etcd3_stream_close(h->stream);
-      h->stream = NULL;
-    }
+  if (!k->leases) {
+    etcd3_restream_close(&k->keepalive);
     return 0;
   }
-  if (!h->stream && now >= h->reopen_at) {
-    h->stream = etcd3_stream_open(e, h->channel, "/etcdserverpb.Lease/LeaseKeepAlive", 0,
-                                  &keepalive_ops, e);
-    if (!h->stream) h->reopen_at = now + h->backoff;
-  }
-  for (l = h->leases; l; l = l->next) {
-    if (h->stream && now >= l->next_renew) {
+  stream = etcd3_restream_open(e, &k->keepalive, k, now);
+  for (l = k->leases; l; l = l->next) {
+    if (stream && now >= l->next_renew) {
       Etcdserverpb__LeaseKeepAliveRequest req = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
       req.id = l->id;
-      if (etcd3_stream_send(h->stream, &req.base)) {
+      if (etcd3_stream_send(stream, &req.base)) {
         l->last_send = now;
         /* ask again after a third of the TTL even if no answer comes */
         l->next_renew = now + (l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0);
@@ -160,66 +163,53 @@ double etcd3_lease_tick(etcd3_engine *e, double now) {
     if (next == 0 || l->next_renew < next) next = l->next_renew;
     if (l->expires_at < next) next = l->expires_at;
   }
-  if (!h->stream && (next == 0 || h->reopen_at < next)) next = h->reopen_at;
+  if (!stream && (next == 0 || k->keepalive.reopen_at < next)) next = k->keepalive.reopen_at;
   return next;
 }
 
-/* Engine close: every lease under keepalive is let go. Mutex held. */
-void etcd3_lease_shutdown(etcd3_engine *e) {
-  lease_hub *h = (lease_hub *)e->lease_hub;
-  if (!h) return;
-  if (h->stream) etcd3_stream_close(h->stream);
-  h->stream = NULL;
-  while (h->leases) unlink_lease(h, h->leases, 0);
-}
-
-void etcd3_lease_free_hub(etcd3_engine *e) {
-  free(e->lease_hub);
-  e->lease_hub = NULL;
+/* Engine close: every lease under keepalive is let go. */
+ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state) {
+  keepalive_set *k = (keepalive_set *)state;
+  (void)e;
+  etcd3_restream_close(&k->keepalive);
+  while (k->leases) unlink_lease(k, k->leases, 0);
 }
 
 /* ---- Lua ------------------------------------------------------------- */
 
 static etcd3_lease *check_lease(lua_State *L) {
-  return (etcd3_lease *)etcd3_check_record(L, LEASE_MT, "lease");
-}
-
-/* Clears the pollfd signal once Lua has seen the loss; mutex held. */
-static void seen(etcd3_lease *l) {
-  if (l->lost) etcd3_unsignal(l->engine, &l->signaled);
+  return (etcd3_lease *)etcd3_bound_check(L, ETCD3_LEASE_MT, "lease");
 }
 
 /* core client:lease(id, ttl) -> state: liveness of a granted lease, counted
  * from now. */
 int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl) {
-  etcd3_lease *l = (etcd3_lease *)etcd3_new_record(L, LEASE_MT, sizeof *l, e);
+  etcd3_lease *l = (etcd3_lease *)etcd3_bound_new(L, ETCD3_LEASE_MT, sizeof *l, e);
   l->refs = 1;
   l->id = id;
   l->ttl = ttl;
   l->last_send = etcd3_now();
   l->expires_at = l->last_send + (double)ttl;
-  pthread_mutex_lock(&e->mu);
-  e->refs++;
-  pthread_mutex_unlock(&e->mu);
+  etcd3_engine_ref(e);
   return 1;
 }
 
 /* state:keepalive(): renew in the background from now on. */
-static int l_keepalive(lua_State *L) {
+static int lease_keepalive(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   etcd3_engine *e = l->engine;
-  lease_hub *h;
+  keepalive_set *k;
   int ok = 1;
   pthread_mutex_lock(&e->mu);
-  h = hub_of(e);
-  if (e->closed || !h) ok = 0;
+  k = keepalive_of(e);
+  if (e->closed || !k) ok = 0;
   else if (!l->keepalive && !l->lost) {
     l->keepalive = 1;
     l->refs++;
     l->next_renew = 0;
-    l->next = h->leases;
-    h->leases = l;
-    etcd3_lease_tick(e, etcd3_now()); /* the first renewal leaves now */
+    l->next = k->leases;
+    k->leases = l;
+    keepalive_tick(e, k, etcd3_now()); /* the first renewal leaves now */
   }
   pthread_mutex_unlock(&e->mu);
   if (!ok) return luaL_error(L, "etcd3: client is closed");
@@ -228,18 +218,18 @@ static int l_keepalive(lua_State *L) {
 }
 
 /* state:stop(): no more renewals (the lease then expires on its own). */
-static int l_stop(lua_State *L) {
+static int lease_stop(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   etcd3_engine *e = l->engine;
   pthread_mutex_lock(&e->mu);
-  /* the userdata still holds a reference: the record stays */
-  if (l->keepalive && e->lease_hub) unlink_lease((lease_hub *)e->lease_hub, l, 1);
+  /* the userdata still holds a reference: the object stays */
+  if (l->keepalive) unlink_lease(etcd3_engine_service(e, &keepalive_service), l, 1);
   pthread_mutex_unlock(&e->mu);
   return 0;
 }
 
 /* state:renewed(ttl, sent_at): a keepalive_once answer (ttl <= 0: gone). */
-static int l_renewed(lua_State *L) {
+static int lease_renewed(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   lua_Number ttl = luaL_checknumber(L, 2);
   lua_Number sent_at = luaL_checknumber(L, 3);
@@ -254,7 +244,7 @@ static int l_renewed(lua_State *L) {
 }
 
 /* state:lose(why): revoked or found gone by a call of the Lua side. */
-static int l_lose(lua_State *L) {
+static int lease_lose(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   luaL_checkstring(L, 2);
   pthread_mutex_lock(&l->engine->mu);
@@ -266,7 +256,7 @@ static int l_lose(lua_State *L) {
 }
 
 /* state:alive() -> boolean, state:remaining() -> seconds, and why lost */
-static int l_status(lua_State *L) {
+static int lease_status(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   double now = etcd3_now();
   int alive;
@@ -275,7 +265,7 @@ static int l_status(lua_State *L) {
   if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
   alive = !l->lost;
   remaining = alive ? l->expires_at - now : 0;
-  if (!alive) seen(l);
+  if (!alive) etcd3_news_seen(l->engine, &l->news);
   lua_pushboolean(L, alive);
   lua_pushnumber(L, remaining);
   if (l->lost) lua_pushstring(L, l->lost);
@@ -286,7 +276,7 @@ static int l_status(lua_State *L) {
 }
 
 /* Lost yet? Noticing a TTL that ran out here; wakes at the expiry. */
-static int lost_or_expired(void *arg, double now, double *until) {
+ETCD3_LOCKED static int lost_or_expired(void *arg, double now, double *until) {
   etcd3_lease *l = (etcd3_lease *)arg;
   if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
   if (l->expires_at < *until) *until = l->expires_at;
@@ -294,20 +284,20 @@ static int lost_or_expired(void *arg, double now, double *until) {
 }
 
 /* state:wait(seconds): blocks until lost or the time passes. */
-static int l_wait(lua_State *L) {
+static int lease_wait(lua_State *L) {
   etcd3_lease *l = check_lease(L);
-  etcd3_wait_until(l->engine, luaL_checknumber(L, 2), lost_or_expired, l);
+  etcd3_engine_wait_until(l->engine, luaL_checknumber(L, 2), lost_or_expired, l);
   return 0;
 }
 
-static int l_gc(lua_State *L) {
-  etcd3_lease *l = (etcd3_lease *)etcd3_take_record(L, LEASE_MT);
+static int lease_gc(lua_State *L) {
+  etcd3_lease *l = (etcd3_lease *)etcd3_bound_take(L, ETCD3_LEASE_MT);
   etcd3_engine *e;
   if (!l) return 0;
   e = l->engine;
   pthread_mutex_lock(&e->mu);
-  etcd3_unsignal(e, &l->signaled);
-  if (l->keepalive && e->lease_hub) unlink_lease((lease_hub *)e->lease_hub, l, 1);
+  etcd3_news_seen(e, &l->news);
+  if (l->keepalive) unlink_lease(etcd3_engine_service(e, &keepalive_service), l, 1);
   lease_unref(l);
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_release(e);
@@ -316,9 +306,9 @@ static int l_gc(lua_State *L) {
 
 int etcd3_lease_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"keepalive", l_keepalive}, {"stop", l_stop}, {"renewed", l_renewed},
-    {"lose", l_lose}, {"status", l_status}, {"wait", l_wait}, {NULL, NULL},
+    {"keepalive", lease_keepalive}, {"stop", lease_stop}, {"renewed", lease_renewed},
+    {"lose", lease_lose}, {"status", lease_status}, {"wait", lease_wait}, {NULL, NULL},
   };
-  etcd3_register_type(L, LEASE_MT, methods, l_gc);
+  etcd3_register_type(L, ETCD3_LEASE_MT, methods, lease_gc);
   return 0;
 }

@@ -12,10 +12,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "etcd3.h"
+#include "auxiliar.h"
+#include "codec.h"
+#include "server_stream.h"
+#include "stream.h"
 #include "rpc.pb-c.h"
-
-#define SERVER_STREAM_MT "etcd3.ServerStream"
 
 typedef struct message_node {
   ProtobufCMessage *msg;
@@ -23,10 +24,11 @@ typedef struct message_node {
 } message_node;
 
 typedef struct server_stream {
-  etcd3_engine *engine;        /* first: see etcd3_check_record */
+  etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   etcd3_stream *stream;        /* NULL once ended or let go */
   int refs;
-  int ended, signaled;
+  int ended;
+  int news;                    /* posted, not yet seen by Lua */
   grpc_status_code status;
   char details[256];
   message_node *head, *tail;
@@ -47,7 +49,7 @@ static void unref(server_stream *s) {
   free(s);
 }
 
-static void notify(server_stream *s) { etcd3_signal(s->engine, &s->signaled); }
+ETCD3_LOCKED static void notify(server_stream *s) { etcd3_news_post(s->engine, &s->news); }
 
 static void on_message(void *owner, etcd3_stream *st, ProtobufCMessage *msg) {
   server_stream *s = (server_stream *)owner;
@@ -82,17 +84,17 @@ static const etcd3_stream_ops snapshot_ops = {
 };
 
 static server_stream *check_ss(lua_State *L) {
-  return (server_stream *)etcd3_check_record(L, SERVER_STREAM_MT, "stream");
+  return (server_stream *)etcd3_bound_check(L, ETCD3_SERVER_STREAM_MT, "stream");
 }
 
 /* core client:snapshot(endpoint_index) -> stream of SnapshotResponse */
 int etcd3_snapshot_start(lua_State *L, etcd3_engine *e, size_t channel) {
   Etcdserverpb__SnapshotRequest req = ETCDSERVERPB__SNAPSHOT_REQUEST__INIT;
-  server_stream *s = (server_stream *)etcd3_new_record(L, SERVER_STREAM_MT, sizeof *s, e);
+  server_stream *s = (server_stream *)etcd3_bound_new(L, ETCD3_SERVER_STREAM_MT, sizeof *s, e);
   s->refs = 1;
   pthread_mutex_lock(&e->mu);
-  e->refs++;
-  s->stream = etcd3_stream_open(e, channel, "/etcdserverpb.Maintenance/Snapshot", 0,
+  etcd3_engine_ref_locked(e);
+  s->stream = etcd3_stream_start(e, channel, "/etcdserverpb.Maintenance/Snapshot", 0,
                                 &snapshot_ops, s);
   if (s->stream) {
     s->refs++; /* the stream's, dropped in on_closed */
@@ -107,7 +109,7 @@ int etcd3_snapshot_start(lua_State *L, etcd3_engine *e, size_t channel) {
 }
 
 /* stream:ready() -> messages queued, or ended */
-static int l_ready(lua_State *L) {
+static int server_stream_ready(lua_State *L) {
   server_stream *s = check_ss(L);
   pthread_mutex_lock(&s->engine->mu);
   lua_pushboolean(L, s->head != NULL || s->ended);
@@ -122,9 +124,9 @@ static int has_news(void *arg, double now, double *until) {
 }
 
 /* stream:wait(seconds) */
-static int l_wait(lua_State *L) {
+static int server_stream_wait(lua_State *L) {
   server_stream *s = check_ss(L);
-  etcd3_wait_until(s->engine, luaL_checknumber(L, 2), has_news, s);
+  etcd3_engine_wait_until(s->engine, luaL_checknumber(L, 2), has_news, s);
   return 0;
 }
 
@@ -140,7 +142,7 @@ static int taken_gc(lua_State *L) {
 }
 
 /* stream:poll() -> { message, … }, ended, code, status, details */
-static int l_poll(lua_State *L) {
+static int server_stream_poll(lua_State *L) {
   server_stream *s = check_ss(L);
   taken *t = (taken *)lua_newuserdata(L, sizeof *t);
   int n = 0, ended;
@@ -155,7 +157,7 @@ static int l_poll(lua_State *L) {
   s->head = s->tail = NULL;
   ended = s->ended;
   status = s->status;
-  etcd3_unsignal(s->engine, &s->signaled);
+  etcd3_news_seen(s->engine, &s->news);
   pthread_mutex_unlock(&s->engine->mu);
   lua_newtable(L);
   for (message_node *m = t->head; m; m = m->next) {
@@ -171,8 +173,8 @@ static int l_poll(lua_State *L) {
   return 5;
 }
 
-static int l_gc(lua_State *L) {
-  server_stream *s = (server_stream *)etcd3_take_record(L, SERVER_STREAM_MT);
+static int server_stream_gc(lua_State *L) {
+  server_stream *s = (server_stream *)etcd3_bound_take(L, ETCD3_SERVER_STREAM_MT);
   etcd3_engine *e;
   if (!s) return 0;
   e = s->engine;
@@ -182,7 +184,7 @@ static int l_gc(lua_State *L) {
     s->stream = NULL;
     s->refs--;                     /* the stream's reference */
   }
-  etcd3_unsignal(e, &s->signaled);
+  etcd3_news_seen(e, &s->news);
   unref(s);
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_release(e);
@@ -191,8 +193,8 @@ static int l_gc(lua_State *L) {
 
 int etcd3_server_stream_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"ready", l_ready}, {"wait", l_wait}, {"poll", l_poll}, {NULL, NULL},
+    {"ready", server_stream_ready}, {"wait", server_stream_wait}, {"poll", server_stream_poll}, {NULL, NULL},
   };
-  etcd3_register_type(L, SERVER_STREAM_MT, methods, l_gc);
+  etcd3_register_type(L, ETCD3_SERVER_STREAM_MT, methods, server_stream_gc);
   return 0;
 }

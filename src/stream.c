@@ -1,16 +1,17 @@
 /*
  * stream.c - a bidirectional gRPC stream on the engine (Watch,
- * LeaseKeepAlive).
+ * LeaseKeepAlive, Snapshot), and the re-opening stream of the services.
  *
  * Measured facts this follows (DESIGN.md): start send-initial-metadata and
  * recv-status at once, never wait for response headers before sending (etcd
  * sends them with its first response), keep at most one send and one recv
  * outstanding, and end a Watch by cancelling (a half-close does not end it).
  *
- * Threads: every function here is called with the engine mutex held, from
- * the Lua thread (opening, sending) or the engine thread (completions). The
- * owner (lease.c, watch.c) gets its callbacks on the engine thread, mutex
- * held. A stream frees itself once its status has arrived and none of its
+ * Threads: the functions of stream.h are called locked, from a Lua thread
+ * (starting, sending) or the engine thread; the completions (on_status,
+ * on_recv, on_sent) run on the engine thread and take the engine mutex
+ * themselves. The owner gets its callbacks on the engine thread, locked.
+ * A stream frees itself once its status has arrived and none of its
  * batches is outstanding; the owner forgets it when on_closed runs or when
  * it calls etcd3_stream_close (no callback follows that).
  */
@@ -18,10 +19,10 @@
 #include <string.h>
 
 #include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
 #include <grpc/slice.h>
 
-#include "etcd3.h"
+#include "codec.h"
+#include "stream.h"
 
 typedef struct stream_tag {
   etcd3_tag tag;
@@ -52,7 +53,7 @@ struct etcd3_stream {
   grpc_slice details;
 };
 
-static void stream_maybe_free(etcd3_stream *s) {
+ETCD3_LOCKED static void stream_maybe_free(etcd3_stream *s) {
   if (!s->ended || s->batches > 0) return;
   while (s->queue) {
     pending_send *p = s->queue;
@@ -69,12 +70,12 @@ static void stream_maybe_free(etcd3_stream *s) {
     grpc_slice_unref(s->md[i].value);
   }
   grpc_call_unref(s->call);
-  s->engine->streams--;
+  s->engine->polled--;
   etcd3_engine_unref_locked(s->engine);
   free(s);
 }
 
-static void start_recv(etcd3_stream *s) {
+ETCD3_LOCKED static void start_recv(etcd3_stream *s) {
   grpc_op ops[2];
   size_t n = 0;
   memset(ops, 0, sizeof ops);
@@ -94,11 +95,11 @@ static void start_recv(etcd3_stream *s) {
 /* Whether the stream may start another batch: not once it ended, once its
  * owner let go (it is being cancelled), or once the engine is closing (its
  * queue is shut down: gRPC aborts on a batch started there). */
-static int may_start(const etcd3_stream *s) {
+ETCD3_LOCKED static int may_start(const etcd3_stream *s) {
   return !s->ended && s->owner && !s->engine->closed;
 }
 
-static void start_send(etcd3_stream *s) {
+ETCD3_LOCKED static void start_send(etcd3_stream *s) {
   grpc_op op;
   pending_send *p = s->queue;
   if (s->send_buf || !p || !may_start(s)) return;
@@ -138,17 +139,8 @@ static void on_recv(etcd3_tag *tag, int ok) {
   etcd3_stream *s = ((stream_tag *)tag)->stream;
   etcd3_engine *e = s->engine;
   ProtobufCMessage *msg = NULL;
-  if (ok && s->recv_buf) {
-    /* Decode outside the lock: it touches only this buffer. */
-    grpc_byte_buffer_reader reader;
-    if (grpc_byte_buffer_reader_init(&reader, s->recv_buf)) {
-      grpc_slice slice = grpc_byte_buffer_reader_readall(&reader);
-      grpc_byte_buffer_reader_destroy(&reader);
-      msg = protobuf_c_message_unpack(s->ops->response, NULL, GRPC_SLICE_LENGTH(slice),
-                                      GRPC_SLICE_START_PTR(slice));
-      grpc_slice_unref(slice);
-    }
-  }
+  /* Decode outside the lock: it touches only this buffer. */
+  if (ok && s->recv_buf) msg = etcd3_unpack(s->ops->response, s->recv_buf);
   pthread_mutex_lock(&e->mu);
   s->batches--;
   if (s->recv_buf) {
@@ -179,9 +171,9 @@ static void on_sent(etcd3_tag *tag, int ok) {
   pthread_mutex_unlock(&e->mu);
 }
 
-etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *path,
-                                int hasleader, const etcd3_stream_ops *ops,
-                                void *owner) {
+ETCD3_LOCKED etcd3_stream *etcd3_stream_start(etcd3_engine *e, size_t channel, const char *path,
+                                              int hasleader, const etcd3_stream_ops *ops,
+                                              void *owner) {
   grpc_op op[2];
   etcd3_stream *s;
   if (e->closed) return NULL;
@@ -203,8 +195,8 @@ etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *pat
       e->channels[channel].channel, NULL, GRPC_PROPAGATE_DEFAULTS, e->cq,
       grpc_slice_from_static_string(path), NULL,
       gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
-  e->refs++;
-  e->streams++;
+  etcd3_engine_ref_locked(e);
+  e->polled++;
   etcd3_engine_wake(e);
   memset(op, 0, sizeof op);
   op[0].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -215,7 +207,7 @@ etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *pat
     s->md[0].value = grpc_slice_from_static_string("true");
     s->n_md = 1;
   }
-  s->n_md += etcd3_auth_metadata(e, s->md + s->n_md, 1);
+  s->n_md += etcd3_engine_metadata(e, s->md + s->n_md, 1);
   op[0].data.send_initial_metadata.count = s->n_md;
   op[0].data.send_initial_metadata.metadata = s->md;
   op[1].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
@@ -233,20 +225,10 @@ etcd3_stream *etcd3_stream_open(etcd3_engine *e, size_t channel, const char *pat
   return s;
 }
 
-size_t etcd3_stream_channel(const etcd3_stream *s) { return s->channel; }
-
-/* Queues msg (packed now; the caller keeps msg). */
-int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg) {
-  size_t len = protobuf_c_message_get_packed_size(msg);
-  grpc_slice slice = grpc_slice_malloc(len);
+ETCD3_LOCKED int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg) {
   pending_send *p = (pending_send *)malloc(sizeof *p);
-  if (!p) {
-    grpc_slice_unref(slice);
-    return 0;
-  }
-  protobuf_c_message_pack(msg, GRPC_SLICE_START_PTR(slice));
-  p->buf = grpc_raw_byte_buffer_create(&slice, 1);
-  grpc_slice_unref(slice);
+  if (!p) return 0;
+  p->buf = etcd3_pack(msg);
   p->next = NULL;
   if (s->queue_tail) s->queue_tail->next = p;
   else s->queue = p;
@@ -255,9 +237,45 @@ int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg) {
   return 1;
 }
 
-/* The owner lets go: the stream is cancelled and frees itself; no callback
- * reaches the owner any more. */
-void etcd3_stream_close(etcd3_stream *s) {
+ETCD3_LOCKED void etcd3_stream_close(etcd3_stream *s) {
   s->owner = NULL;
   grpc_call_cancel_with_status(s->call, GRPC_STATUS_CANCELLED, "stream closed", NULL);
+}
+
+/* ---- the re-opening stream -------------------------------------------- */
+
+#define MIN_BACKOFF 0.1
+#define MAX_BACKOFF 1.0
+
+void etcd3_restream_init(etcd3_restream *r, const char *path, int hasleader,
+                         const etcd3_stream_ops *ops) {
+  r->stream = NULL;
+  r->channel = 0;
+  r->reopen_at = 0;
+  r->backoff = MIN_BACKOFF;
+  r->path = path;
+  r->hasleader = hasleader;
+  r->ops = ops;
+}
+
+ETCD3_LOCKED etcd3_stream *etcd3_restream_open(etcd3_engine *e, etcd3_restream *r, void *owner,
+                                               double now) {
+  if (r->stream || now < r->reopen_at) return r->stream;
+  r->stream = etcd3_stream_start(e, r->channel, r->path, r->hasleader, r->ops, owner);
+  if (!r->stream) r->reopen_at = now + r->backoff;
+  return r->stream;
+}
+
+ETCD3_LOCKED void etcd3_restream_healthy(etcd3_restream *r) { r->backoff = MIN_BACKOFF; }
+
+ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r) {
+  r->stream = NULL;
+  r->channel = etcd3_engine_next_channel(e, r->channel);
+  r->reopen_at = etcd3_now() + r->backoff;
+  r->backoff = r->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : r->backoff * 2;
+}
+
+ETCD3_LOCKED void etcd3_restream_close(etcd3_restream *r) {
+  if (r->stream) etcd3_stream_close(r->stream);
+  r->stream = NULL;
 }

@@ -15,20 +15,22 @@
  * the watcher with COMPACTED; a consumer that falls too far behind ends
  * its watcher alone, which is then cancelled on the server.
  *
- * Records are shared by the Lua userdata (etcd3.WatchState) and the hub's
- * list, counted in `refs` under the engine mutex. A record dropped by Lua
- * stays in the hub until etcd confirms the cancel.
+ * The stream and its watchers are the engine's "watch" service (registered
+ * on the first watch). Watcher objects are shared by the Lua userdata
+ * (etcd3.WatchState) and the service's list, counted in `refs` under the
+ * engine mutex. A watcher dropped by Lua stays listed until etcd confirms
+ * the cancel.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "etcd3.h"
+#include "auth.h"
+#include "auxiliar.h"
+#include "codec.h"
+#include "stream.h"
+#include "watch.h"
 #include "rpc.pb-c.h"
-
-#define WATCH_MT "etcd3.WatchState"
-#define MIN_BACKOFF 0.1
-#define MAX_BACKOFF 1.0
 
 typedef struct response_node {
   Etcdserverpb__WatchResponse *resp;
@@ -40,7 +42,7 @@ typedef struct response_list {
 } response_list;
 
 typedef struct etcd3_watcher {
-  etcd3_engine *engine;        /* first: see etcd3_check_record */
+  etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   int refs;
   int64_t id;
   uint8_t *key, *range_end;
@@ -49,7 +51,8 @@ typedef struct etcd3_watcher {
   int64_t start_revision;
   int64_t revision;            /* last revision seen, once known */
   int knows_revision;          /* start_revision given, or etcd confirmed */
-  int created, on_stream, cancel_wanted, ended, signaled;
+  int created, on_stream, cancel_wanted, ended;
+  int news;                    /* posted, not yet seen by Lua */
   int confirmed;               /* etcd answered the create on this stream */
   uint64_t create_seq;         /* order of the create on this stream */
   unsigned auth_generation;    /* token generation of the last auth retry */
@@ -62,24 +65,40 @@ typedef struct etcd3_watcher {
   struct etcd3_watcher *next;
 } etcd3_watcher;
 
-typedef struct watch_hub {
-  etcd3_stream *stream;
+/* The watchers of one engine, multiplexed on one Watch stream. */
+typedef struct watch_mux {
+  etcd3_engine *engine;
+  etcd3_restream watch;
   etcd3_watcher *watchers;
   int64_t next_id;
   uint64_t creates_sent;
-  double reopen_at, backoff;
-  size_t channel;
-} watch_hub;
+} watch_mux;
 
-static watch_hub *hub_of(etcd3_engine *e) {
-  if (!e->watch_hub) {
-    watch_hub *h = (watch_hub *)calloc(1, sizeof *h);
-    if (!h) return NULL;
-    h->backoff = MIN_BACKOFF;
-    h->next_id = 1;
-    e->watch_hub = h;
+ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now);
+ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
+ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state);
+
+static const etcd3_service_ops watch_service = {
+  "watch", watch_tick, NULL, watch_restart, watch_shutdown, free,
+};
+
+static const etcd3_stream_ops watch_ops;
+
+/* The engine's watch service, registered on first use; NULL when closed
+ * or out of memory. */
+ETCD3_LOCKED static watch_mux *mux_of(etcd3_engine *e) {
+  watch_mux *m = (watch_mux *)etcd3_engine_service(e, &watch_service);
+  if (m) return m;
+  m = (watch_mux *)calloc(1, sizeof *m);
+  if (!m) return NULL;
+  m->engine = e;
+  m->next_id = 1;
+  etcd3_restream_init(&m->watch, "/etcdserverpb.Watch/Watch", 1, &watch_ops);
+  if (!etcd3_engine_attach(e, &watch_service, m)) {
+    free(m);
+    return NULL;
   }
-  return (watch_hub *)e->watch_hub;
+  return m;
 }
 
 static void list_free(response_list *l) {
@@ -109,10 +128,10 @@ static void watcher_unref(etcd3_watcher *w) {
   free(w);
 }
 
-static void notify(etcd3_watcher *w) { etcd3_signal(w->engine, &w->signaled); }
+ETCD3_LOCKED static void notify(etcd3_watcher *w) { etcd3_news_post(w->engine, &w->news); }
 
-static void unlink_watcher(watch_hub *h, etcd3_watcher *w) {
-  etcd3_watcher **p = &h->watchers;
+ETCD3_LOCKED static void unlink_watcher(watch_mux *m, etcd3_watcher *w) {
+  etcd3_watcher **p = &m->watchers;
   while (*p && *p != w) p = &(*p)->next;
   if (*p) {
     *p = w->next;
@@ -121,8 +140,8 @@ static void unlink_watcher(watch_hub *h, etcd3_watcher *w) {
   }
 }
 
-/* Ends the watcher (code NULL: cancelled, no error). Mutex held. */
-static void end_watcher(etcd3_watcher *w, const char *code, const char *message,
+/* Ends the watcher (code NULL: cancelled, no error). */
+ETCD3_LOCKED static void end_watcher(etcd3_watcher *w, const char *code, const char *message,
                         int64_t compact_revision) {
   if (w->ended) return;
   w->ended = 1;
@@ -133,16 +152,16 @@ static void end_watcher(etcd3_watcher *w, const char *code, const char *message,
   notify(w);
 }
 
-static void send_cancel(watch_hub *h, etcd3_watcher *w) {
+ETCD3_LOCKED static void send_cancel(watch_mux *m, etcd3_watcher *w) {
   Etcdserverpb__WatchCancelRequest c = ETCDSERVERPB__WATCH_CANCEL_REQUEST__INIT;
   Etcdserverpb__WatchRequest r = ETCDSERVERPB__WATCH_REQUEST__INIT;
   c.watch_id = w->id;
   r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CANCEL_REQUEST;
   r.cancel_request = &c;
-  etcd3_stream_send(h->stream, &r.base);
+  etcd3_stream_send(m->watch.stream, &r.base);
 }
 
-static void send_create(watch_hub *h, etcd3_watcher *w) {
+ETCD3_LOCKED static void send_create(watch_mux *m, etcd3_watcher *w) {
   Etcdserverpb__WatchCreateRequest c = ETCDSERVERPB__WATCH_CREATE_REQUEST__INIT;
   Etcdserverpb__WatchRequest r = ETCDSERVERPB__WATCH_REQUEST__INIT;
   Etcdserverpb__WatchCreateRequest__FilterType filters[2];
@@ -165,10 +184,10 @@ static void send_create(watch_hub *h, etcd3_watcher *w) {
   c.filters = filters;
   r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CREATE_REQUEST;
   r.create_request = &c;
-  if (etcd3_stream_send(h->stream, &r.base)) {
+  if (etcd3_stream_send(m->watch.stream, &r.base)) {
     w->on_stream = 1;
     w->confirmed = 0;
-    w->create_seq = ++h->creates_sent;
+    w->create_seq = ++m->creates_sent;
   }
 }
 
@@ -196,7 +215,7 @@ static size_t drop_seen(response_list *l, int64_t threshold, int64_t *max_rev) {
   return kept_total;
 }
 
-static void deliver(watch_hub *h, etcd3_watcher *w, response_list *l) {
+ETCD3_LOCKED static void deliver(watch_mux *m, etcd3_watcher *w, response_list *l) {
   int64_t max_rev = w->revision;
   size_t kept = drop_seen(l, w->revision, &max_rev);
   if (kept == 0) {
@@ -214,9 +233,9 @@ static void deliver(watch_hub *h, etcd3_watcher *w, response_list *l) {
     list_free(&w->queue);
     w->queued = 0;
     end_watcher(w, "RESOURCE_EXHAUSTED", msg, 0);
-    if (h->stream && w->on_stream && !w->cancel_wanted) {
+    if (m->watch.stream && w->on_stream && !w->cancel_wanted) {
       w->cancel_wanted = 1;
-      send_cancel(h, w);
+      send_cancel(m, w);
     }
     return;
   }
@@ -228,21 +247,22 @@ static int is_auth_refusal(const char *reason) {
                     strstr(reason, "user name is empty"));
 }
 
-static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
-  etcd3_engine *e = (etcd3_engine *)owner;
-  watch_hub *h = (watch_hub *)e->watch_hub;
+ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
+  watch_mux *m = (watch_mux *)owner;
+  etcd3_engine *e = m->engine;
+  unsigned generation;
   Etcdserverpb__WatchResponse *r = (Etcdserverpb__WatchResponse *)msg;
   int64_t header_rev = r->header ? r->header->revision : 0;
   etcd3_watcher *w;
   response_list l = {NULL, NULL};
   (void)s;
-  h->backoff = MIN_BACKOFF;
+  etcd3_restream_healthy(&m->watch);
   if (r->watch_id == -1 && r->created) {
     /* etcd 3.4 answers a refused create (permission denied, expired
      * token) with watch_id -1: it is the oldest create not yet answered,
      * since etcd handles a stream's requests in order */
     etcd3_watcher *oldest = NULL;
-    for (w = h->watchers; w; w = w->next)
+    for (w = m->watchers; w; w = w->next)
       if (w->on_stream && !w->confirmed && (!oldest || w->create_seq < oldest->create_seq))
         oldest = w;
     if (!oldest) {
@@ -253,12 +273,12 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
   }
   if (r->watch_id == -1) {
     /* progress for every watcher of the stream (request_progress) */
-    for (w = h->watchers; w; w = w->next)
+    for (w = m->watchers; w; w = w->next)
       if (w->created && !w->ended && header_rev > w->revision) w->revision = header_rev;
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }
-  for (w = h->watchers; w && w->id != r->watch_id; w = w->next) {
+  for (w = m->watchers; w && w->id != r->watch_id; w = w->next) {
   }
   if (!w) {
     protobuf_c_message_free_unpacked(msg, NULL);
@@ -282,11 +302,11 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
       end_watcher(w, "COMPACTED", m, r->compact_revision);
     } else if (w->cancel_wanted) {
       end_watcher(w, NULL, NULL, 0);
-    } else if (is_auth_refusal(r->cancel_reason) && e->user &&
-               w->auth_generation != e->token_generation) {
+    } else if (is_auth_refusal(r->cancel_reason) && etcd3_auth_can_refresh(e, &generation) &&
+               w->auth_generation != generation) {
       /* the token expired: authenticate again, then create it once more
        * (from its last revision + 1) on a stream with the new token */
-      w->auth_generation = e->token_generation;
+      w->auth_generation = generation;
       w->awaiting_auth = 1;
       etcd3_auth_refresh(e);
       protobuf_c_message_free_unpacked(msg, NULL);
@@ -297,7 +317,7 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
       end_watcher(w, "CANCELLED", r->cancel_reason && *r->cancel_reason
                                       ? r->cancel_reason : "etcd cancelled the watch", 0);
     }
-    unlink_watcher(h, w);
+    unlink_watcher(m, w);
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }
@@ -330,49 +350,43 @@ static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *ms
     return;
   }
   list_append(&w->fragments, &l);
-  deliver(h, w, &w->fragments);
+  deliver(m, w, &w->fragments);
 }
 
 /* The stream is gone (broken, or closed by us): every watcher will be
  * created again on the next one; those being cancelled are done. */
-static void detach_stream(etcd3_engine *e, watch_hub *h) {
+ETCD3_LOCKED static void detach_stream(watch_mux *m) {
   etcd3_watcher *w, *following;
-  h->stream = NULL;
-  for (w = h->watchers; w; w = following) {
+  for (w = m->watchers; w; w = following) {
     following = w->next;
     w->on_stream = 0;
     list_free(&w->fragments);
     if (w->cancel_wanted || w->ended) {
       end_watcher(w, NULL, NULL, 0); /* no-op if it ended already */
-      unlink_watcher(h, w);
+      unlink_watcher(m, w);
     }
   }
-  (void)e;
 }
 
-static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code status,
-                            const char *details) {
-  etcd3_engine *e = (etcd3_engine *)owner;
-  watch_hub *h = (watch_hub *)e->watch_hub;
+ETCD3_LOCKED static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code status,
+                                         const char *details) {
+  watch_mux *m = (watch_mux *)owner;
   (void)s; (void)details;
-  detach_stream(e, h);
-  if (status == GRPC_STATUS_UNAUTHENTICATED) etcd3_auth_refresh(e);
   /* the next endpoint, after a short backoff */
-  h->channel = etcd3_engine_next_channel(e, h->channel);
-  h->reopen_at = etcd3_now() + h->backoff;
-  h->backoff = h->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : h->backoff * 2;
+  etcd3_restream_broken(m->engine, &m->watch);
+  detach_stream(m);
+  if (status == GRPC_STATUS_UNAUTHENTICATED) etcd3_auth_refresh(m->engine);
 }
 
 /* A new token: streams carry theirs from the start, so re-open. */
-void etcd3_watch_restart(etcd3_engine *e) {
-  watch_hub *h = (watch_hub *)e->watch_hub;
-  if (!h) return;
-  for (etcd3_watcher *w = h->watchers; w; w = w->next) w->awaiting_auth = 0;
-  if (!h->stream) return;
-  etcd3_stream_close(h->stream);
-  detach_stream(e, h);
-  h->reopen_at = 0;
-  etcd3_watch_tick(e, etcd3_now());
+ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state) {
+  watch_mux *m = (watch_mux *)state;
+  for (etcd3_watcher *w = m->watchers; w; w = w->next) w->awaiting_auth = 0;
+  if (!m->watch.stream) return;
+  etcd3_restream_close(&m->watch);
+  detach_stream(m);
+  m->watch.reopen_at = 0;
+  watch_tick(e, m, etcd3_now());
 }
 
 static const etcd3_stream_ops watch_ops = {
@@ -380,59 +394,42 @@ static const etcd3_stream_ops watch_ops = {
 };
 
 /* Opens the stream when watchers need one and sends their creates; closes
- * it when none is left. Returns when it wants to run again (0: never).
- * Mutex held; engine thread or Lua thread. */
-double etcd3_watch_tick(etcd3_engine *e, double now) {
-  watch_hub *h = (watch_hub *)e->watch_hub;
+ * it when none is left. Returns when it wants to run again (0: never). */
+ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now) {
+  watch_mux *m = (watch_mux *)state;
   etcd3_watcher *w;
-  if (!h || e->closed) return 0;
-  if (!h->watchers) {
-    if (h->stream) {
-      etcd3_stream_close(h->stream);
-      h->stream = NULL;
-    }
+  if (e->closed) return 0;
+  if (!m->watchers) {
+    etcd3_restream_close(&m->watch);
     return 0;
   }
-  if (!h->stream) {
-    if (now < h->reopen_at) return h->reopen_at;
-    h->stream = etcd3_stream_open(e, h->channel, "/etcdserverpb.Watch/Watch", 1, &watch_ops, e);
-    if (!h->stream) {
-      h->reopen_at = now + h->backoff;
-      return h->reopen_at;
-    }
-  }
-  for (w = h->watchers; w; w = w->next)
-    if (!w->on_stream && !w->ended && !w->cancel_wanted && !w->awaiting_auth) send_create(h, w);
+  if (!etcd3_restream_open(e, &m->watch, m, now)) return m->watch.reopen_at;
+  for (w = m->watchers; w; w = w->next)
+    if (!w->on_stream && !w->ended && !w->cancel_wanted && !w->awaiting_auth) send_create(m, w);
   return 0;
 }
 
-/* Engine close: every watcher ends with CLOSED. Mutex held. */
-void etcd3_watch_shutdown(etcd3_engine *e) {
-  watch_hub *h = (watch_hub *)e->watch_hub;
-  if (!h) return;
-  if (h->stream) etcd3_stream_close(h->stream);
-  h->stream = NULL;
-  while (h->watchers) {
-    etcd3_watcher *w = h->watchers;
+/* Engine close: every watcher ends with CLOSED. */
+ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state) {
+  watch_mux *m = (watch_mux *)state;
+  (void)e;
+  etcd3_restream_close(&m->watch);
+  while (m->watchers) {
+    etcd3_watcher *w = m->watchers;
     if (!w->cancel_wanted) end_watcher(w, "CLOSED", "the client was closed", 0);
-    unlink_watcher(h, w);
+    unlink_watcher(m, w);
   }
-}
-
-void etcd3_watch_free_hub(etcd3_engine *e) {
-  free(e->watch_hub);
-  e->watch_hub = NULL;
 }
 
 /* ---- Lua ------------------------------------------------------------- */
 
 static etcd3_watcher *check_watcher(lua_State *L) {
-  return (etcd3_watcher *)etcd3_check_record(L, WATCH_MT, "watcher");
+  return (etcd3_watcher *)etcd3_bound_check(L, ETCD3_WATCH_MT, "watcher");
 }
 
-/* Clears the pollfd signal when Lua has taken everything; mutex held. */
-static void seen(etcd3_watcher *w) {
-  if (!w->queue.head) etcd3_unsignal(w->engine, &w->signaled);
+/* Lua has seen the news once it took everything. */
+ETCD3_LOCKED static void seen(etcd3_watcher *w) {
+  if (!w->queue.head) etcd3_news_seen(w->engine, &w->news);
 }
 
 static int opt_bool(lua_State *L, int idx, const char *name) {
@@ -460,11 +457,11 @@ static uint8_t *opt_bytes(lua_State *L, int idx, const char *name, size_t *len, 
  * The Lua layer has checked every field. */
 int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec) {
   etcd3_watcher *w;
-  watch_hub *h;
+  watch_mux *m;
   int present;
   spec = lua_absindex(L, spec);
   /* from here __gc frees it; nothing below raises */
-  w = (etcd3_watcher *)etcd3_new_record(L, WATCH_MT, sizeof *w, e);
+  w = (etcd3_watcher *)etcd3_bound_new(L, ETCD3_WATCH_MT, sizeof *w, e);
   w->refs = 1;
   w->key = opt_bytes(L, spec, "key", &w->key_len, &present);
   w->range_end = opt_bytes(L, spec, "range_end", &w->range_end_len, &w->has_range_end);
@@ -483,23 +480,23 @@ int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec) {
     w->knows_revision = 1;
   }
   pthread_mutex_lock(&e->mu);
-  e->refs++;
-  h = hub_of(e);
-  if (!h || e->closed || !w->key || !w->range_end) {
+  etcd3_engine_ref_locked(e);
+  m = e->closed ? NULL : mux_of(e);
+  if (!m || !w->key || !w->range_end) {
     end_watcher(w, "CLOSED", e->closed ? "the client was closed" : "out of memory", 0);
   } else {
-    w->id = h->next_id++;
+    w->id = m->next_id++;
     w->refs++;
-    w->next = h->watchers;
-    h->watchers = w;
-    etcd3_watch_tick(e, etcd3_now()); /* the create leaves now */
+    w->next = m->watchers;
+    m->watchers = w;
+    watch_tick(e, m, etcd3_now()); /* the create leaves now */
   }
   pthread_mutex_unlock(&e->mu);
   return 1;
 }
 
 /* state:state() -> created, ended, revision */
-static int l_state(lua_State *L) {
+static int watcher_state(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   pthread_mutex_lock(&w->engine->mu);
   lua_pushboolean(L, w->created);
@@ -511,7 +508,7 @@ static int l_state(lua_State *L) {
 }
 
 /* state:ready() -> boolean: events are queued, or the watcher ended. */
-static int l_ready(lua_State *L) {
+static int watcher_ready(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   pthread_mutex_lock(&w->engine->mu);
   lua_pushboolean(L, w->queue.head != NULL || w->ended);
@@ -519,16 +516,16 @@ static int l_ready(lua_State *L) {
   return 1;
 }
 
-static int has_news(void *arg, double now, double *until) {
+ETCD3_LOCKED static int has_news(void *arg, double now, double *until) {
   etcd3_watcher *w = (etcd3_watcher *)arg;
   (void)now; (void)until;
-  return w->queue.head || w->ended || w->signaled;
+  return w->queue.head || w->ended || w->news;
 }
 
 /* state:wait(seconds): until something arrives, or the time passes. */
-static int l_wait(lua_State *L) {
+static int watcher_wait(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
-  etcd3_wait_until(w->engine, luaL_checknumber(L, 2), has_news, w);
+  etcd3_engine_wait_until(w->engine, luaL_checknumber(L, 2), has_news, w);
   return 0;
 }
 
@@ -544,7 +541,7 @@ static int taken_gc(lua_State *L) {
 
 /* state:poll() -> { event, … } (may be empty) | nil, code, message,
  * compact_revision once the watcher ended and nothing is left. */
-static int l_poll(lua_State *L) {
+static int watcher_poll(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   taken_box *box;
   int n = 0;
@@ -580,7 +577,7 @@ static int l_poll(lua_State *L) {
 }
 
 /* state:revision() -> last revision seen (events and progress) */
-static int l_revision(lua_State *L) {
+static int watcher_revision(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   pthread_mutex_lock(&w->engine->mu);
   lua_pushnumber(L, (lua_Number)w->revision);
@@ -588,28 +585,28 @@ static int l_revision(lua_State *L) {
   return 1;
 }
 
-/* Asks etcd to stop the watcher; mutex held. */
-static void cancel_locked(etcd3_watcher *w) {
-  watch_hub *h = (watch_hub *)w->engine->watch_hub;
-  if (w->cancel_wanted || !h) return;
+/* Asks etcd to stop the watcher. */
+ETCD3_LOCKED static void cancel_watcher(etcd3_watcher *w) {
+  watch_mux *m = (watch_mux *)etcd3_engine_service(w->engine, &watch_service);
+  if (w->cancel_wanted || !m) return;
   w->cancel_wanted = 1;
-  if (h->stream && w->on_stream) {
-    send_cancel(h, w); /* stays listed until etcd confirms */
+  if (m->watch.stream && w->on_stream) {
+    send_cancel(m, w); /* stays listed until etcd confirms */
   } else {
     end_watcher(w, NULL, NULL, 0);
-    unlink_watcher(h, w);
+    unlink_watcher(m, w);
   }
 }
 
 /* state:cancel(): ends the watcher (no error); events queued are dropped. */
-static int l_cancel(lua_State *L) {
+static int watcher_cancel(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   pthread_mutex_lock(&w->engine->mu);
   if (!w->ended) {
-    cancel_locked(w);
+    cancel_watcher(w);
     end_watcher(w, NULL, NULL, 0);
   } else if (w->on_stream && !w->cancel_wanted) {
-    cancel_locked(w);
+    cancel_watcher(w);
   }
   list_free(&w->queue);
   w->queued = 0;
@@ -619,35 +616,37 @@ static int l_cancel(lua_State *L) {
 
 /* state:progress(): asks etcd for a progress notification (all watchers of
  * the stream); false when the stream is not open. */
-static int l_progress(lua_State *L) {
+static int watcher_progress(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
-  watch_hub *h;
+  watch_mux *m;
   int ok = 0;
   pthread_mutex_lock(&w->engine->mu);
-  h = (watch_hub *)w->engine->watch_hub;
-  if (h && h->stream) {
+  m = (watch_mux *)etcd3_engine_service(w->engine, &watch_service);
+  if (m && m->watch.stream) {
     Etcdserverpb__WatchProgressRequest p = ETCDSERVERPB__WATCH_PROGRESS_REQUEST__INIT;
     Etcdserverpb__WatchRequest r = ETCDSERVERPB__WATCH_REQUEST__INIT;
     r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_PROGRESS_REQUEST;
     r.progress_request = &p;
-    ok = etcd3_stream_send(h->stream, &r.base);
+    ok = etcd3_stream_send(m->watch.stream, &r.base);
   }
   pthread_mutex_unlock(&w->engine->mu);
   lua_pushboolean(L, ok);
   return 1;
 }
 
-static int l_gc(lua_State *L) {
-  etcd3_watcher *w = (etcd3_watcher *)etcd3_take_record(L, WATCH_MT);
+static int watcher_gc(lua_State *L) {
+  etcd3_watcher *w = (etcd3_watcher *)etcd3_bound_take(L, ETCD3_WATCH_MT);
+  watch_mux *m;
   etcd3_engine *e;
   if (!w) return 0;
   e = w->engine;
   pthread_mutex_lock(&e->mu);
-  if (!w->ended || w->on_stream) cancel_locked(w);
-  etcd3_unsignal(e, &w->signaled);
+  if (!w->ended || w->on_stream) cancel_watcher(w);
+  etcd3_news_seen(e, &w->news);
   list_free(&w->queue);
   watcher_unref(w);
-  etcd3_watch_tick(e, etcd3_now()); /* closes the stream if none is left */
+  m = (watch_mux *)etcd3_engine_service(e, &watch_service);
+  if (m) watch_tick(e, m, etcd3_now()); /* closes the stream if none is left */
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_release(e);
   return 0;
@@ -655,10 +654,10 @@ static int l_gc(lua_State *L) {
 
 int etcd3_watch_open(lua_State *L) {
   static const luaL_Reg methods[] = {
-    {"state", l_state}, {"ready", l_ready}, {"wait", l_wait}, {"poll", l_poll},
-    {"revision", l_revision}, {"cancel", l_cancel}, {"progress", l_progress},
-    {NULL, NULL},
+    {"state", watcher_state}, {"ready", watcher_ready}, {"wait", watcher_wait},
+    {"poll", watcher_poll}, {"revision", watcher_revision}, {"cancel", watcher_cancel},
+    {"progress", watcher_progress}, {NULL, NULL},
   };
-  etcd3_register_type(L, WATCH_MT, methods, l_gc);
+  etcd3_register_type(L, ETCD3_WATCH_MT, methods, watcher_gc);
   return 0;
 }
