@@ -69,14 +69,7 @@ static const etcd3_service_ops auth_service = {
 /* The engine's auth state, registered on first use; NULL when closed or
  * out of memory. */
 ETCD3_LOCKED static auth_state *auth_of(etcd3_engine *e) {
-  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
-  if (a) return a;
-  a = (auth_state *)calloc(1, sizeof *a);
-  if (a && !etcd3_engine_attach(e, &auth_service, a)) {
-    free(a);
-    a = NULL;
-  }
-  return a;
+  return (auth_state *)etcd3_engine_service_get(e, &auth_service, sizeof(auth_state));
 }
 
 ETCD3_LOCKED static void set_token(auth_state *a, const char *token) {

@@ -163,14 +163,7 @@ ETCD3_LOCKED static int call_begin(etcd3_call *c, size_t channel, const char *pa
                                    double timeout, int refs) {
   etcd3_engine *e = c->engine;
   grpc_op ops[6];
-  call_list *list = (call_list *)etcd3_engine_service(e, &calls_service);
-  if (!list && !e->closed) {
-    list = (call_list *)calloc(1, sizeof *list);
-    if (list && !etcd3_engine_attach(e, &calls_service, list)) {
-      free(list);
-      list = NULL;
-    }
-  }
+  call_list *list = (call_list *)etcd3_engine_service_get(e, &calls_service, sizeof *list);
   if (!list || e->closed) return 0;
   c->tag.done = call_done;
   c->list = list;

@@ -146,12 +146,16 @@ ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops
   return NULL;
 }
 
-ETCD3_LOCKED int etcd3_engine_attach(etcd3_engine *e, const etcd3_service_ops *ops, void *state) {
-  if (e->closed || e->n_services == ETCD3_MAX_SERVICES) return 0;
+ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service_ops *ops,
+                                            size_t size) {
+  void *state = etcd3_engine_service(e, ops);
+  if (state || e->closed || e->n_services == ETCD3_MAX_SERVICES) return state;
+  state = calloc(1, size);
+  if (!state) return NULL;
   e->services[e->n_services].ops = ops;
   e->services[e->n_services].state = state;
   e->n_services++;
-  return 1;
+  return state;
 }
 
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room) {

@@ -111,8 +111,11 @@ int etcd3_engine_forked(const etcd3_engine *e);
 
 /* Services: the state registered with `ops`, or NULL. */
 ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops *ops);
-/* Registers a service; 0 when the engine is closed or full (state not kept). */
-ETCD3_LOCKED int etcd3_engine_attach(etcd3_engine *e, const etcd3_service_ops *ops, void *state);
+/* The state of the service, registered now as `size` zeroed bytes (the
+ * engine frees it with ops->free) when it was not yet; NULL when the
+ * engine is closed, full, or out of memory. */
+ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service_ops *ops,
+                                            size_t size);
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room);
 ETCD3_LOCKED void etcd3_engine_token_changed(etcd3_engine *e);
 

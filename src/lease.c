@@ -62,15 +62,10 @@ static const etcd3_stream_ops keepalive_ops;
 /* The engine's keepalive set, registered on first use; NULL when closed or
  * out of memory. */
 ETCD3_LOCKED static keepalive_set *keepalive_of(etcd3_engine *e) {
-  keepalive_set *k = (keepalive_set *)etcd3_engine_service(e, &keepalive_service);
-  if (k) return k;
-  k = (keepalive_set *)calloc(1, sizeof *k);
-  if (!k) return NULL;
-  k->engine = e;
-  etcd3_restream_init(&k->keepalive, "/etcdserverpb.Lease/LeaseKeepAlive", 0, &keepalive_ops);
-  if (!etcd3_engine_attach(e, &keepalive_service, k)) {
-    free(k);
-    return NULL;
+  keepalive_set *k = (keepalive_set *)etcd3_engine_service_get(e, &keepalive_service, sizeof *k);
+  if (k && !k->engine) {
+    k->engine = e;
+    etcd3_restream_init(&k->keepalive, "/etcdserverpb.Lease/LeaseKeepAlive", 0, &keepalive_ops);
   }
   return k;
 }

@@ -87,16 +87,11 @@ static const etcd3_stream_ops watch_ops;
 /* The engine's watch service, registered on first use; NULL when closed
  * or out of memory. */
 ETCD3_LOCKED static watch_mux *mux_of(etcd3_engine *e) {
-  watch_mux *m = (watch_mux *)etcd3_engine_service(e, &watch_service);
-  if (m) return m;
-  m = (watch_mux *)calloc(1, sizeof *m);
-  if (!m) return NULL;
-  m->engine = e;
-  m->next_id = 1;
-  etcd3_restream_init(&m->watch, "/etcdserverpb.Watch/Watch", 1, &watch_ops);
-  if (!etcd3_engine_attach(e, &watch_service, m)) {
-    free(m);
-    return NULL;
+  watch_mux *m = (watch_mux *)etcd3_engine_service_get(e, &watch_service, sizeof *m);
+  if (m && !m->engine) {
+    m->engine = e;
+    m->next_id = 1;
+    etcd3_restream_init(&m->watch, "/etcdserverpb.Watch/Watch", 1, &watch_ops);
   }
   return m;
 }
