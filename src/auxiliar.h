@@ -22,6 +22,7 @@
 #define ETCD3_LEASE_MT "etcd3.LeaseState"
 #define ETCD3_WATCH_MT "etcd3.WatchState"
 #define ETCD3_SERVER_STREAM_MT "etcd3.ServerStream"
+#define ETCD3_REGISTRATION_MT "etcd3.Registration"
 
 /* Pushes a userdata of metatable `mt` holding a new zeroed object of `size`
  * bytes bound to e (its first member); raises on out of memory, leaving an

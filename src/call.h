@@ -19,8 +19,9 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      const ProtobufCMethodDescriptor *method, const char *path,
                      int req_idx, double timeout, int pluck);
 
-/* A background call: runs `done` on the engine thread (mutex not held)
- * with the status and the response (NULL unless OK), then frees itself.
+/* A background call: runs `done` (if not NULL) on the engine thread, mutex
+ * not held, with the status and the response (NULL unless OK), then frees
+ * itself.
  * Takes ownership of `request`. Returns 0 (and frees request) when the
  * call could not start; the caller then retries later or gives up. */
 typedef void (*etcd3_call_done)(etcd3_engine *e, void *arg, grpc_status_code status,

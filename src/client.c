@@ -19,6 +19,7 @@
 #include "client.h"
 #include "codec.h"
 #include "lease.h"
+#include "registration.h"
 #include "server_stream.h"
 #include "watch.h"
 
@@ -126,6 +127,11 @@ static int client_watch(lua_State *L) {
   return etcd3_watch_new(L, e, 2);
 }
 
+/* client:register(key, value, ttl) -> registration (registration.c) */
+static int client_register(lua_State *L) {
+  return etcd3_registration_new(L, check_open(L));
+}
+
 /* client:add_endpoint("host:port") -> index | nil */
 static int client_add_endpoint(lua_State *L) {
   int index = etcd3_engine_add_channel(check_open(L), luaL_checkstring(L, 2));
@@ -223,7 +229,8 @@ int etcd3_client_open(lua_State *L) {
     {"forked", client_forked}, {"lease", client_lease}, {"watch", client_watch},
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
     {"authenticate", client_authenticate}, {"add_endpoint", client_add_endpoint},
-    {"snapshot", client_snapshot}, {"token", client_token}, {NULL, NULL},
+    {"snapshot", client_snapshot}, {"token", client_token},
+    {"register", client_register}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_CLIENT_MT, methods, client_close);
   lua_pushcfunction(L, client_new); /* stack: module, new */

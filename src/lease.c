@@ -38,6 +38,8 @@ typedef struct etcd3_lease {
   int keepalive;          /* in the engine's keepalive list */
   const char *lost;       /* why it is lost, or NULL while alive */
   int news;               /* the loss is posted, not yet seen by Lua */
+  int internal;           /* the engine's own (a registration's): no news */
+  double renew_every;     /* seconds between renewals; 0: a third of the TTL */
   struct etcd3_lease *next;
 } etcd3_lease;
 
@@ -76,11 +78,17 @@ static void lease_unref(etcd3_lease *l) {
   if (--l->refs == 0) free(l);
 }
 
+/* A third of the TTL (at least a second), unless the owner chose. */
+static double renew_interval(const etcd3_lease *l) {
+  if (l->renew_every > 0) return l->renew_every;
+  return l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0;
+}
+
 /* Marks the lease lost and wakes Lua. */
 ETCD3_LOCKED static void lose(etcd3_lease *l, const char *why) {
   if (l->lost) return;
   l->lost = why;
-  etcd3_news_post(l->engine, &l->news);
+  if (!l->internal) etcd3_news_post(l->engine, &l->news);
 }
 
 /* Takes the lease off the keepalive list; drops the list's reference
@@ -108,7 +116,7 @@ ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMes
     } else if (!l->lost) {
       l->ttl = r->ttl;
       l->expires_at = l->last_send + (double)r->ttl;
-      l->next_renew = l->last_send + (double)r->ttl / 3.0;
+      l->next_renew = l->last_send + (l->renew_every > 0 ? l->renew_every : (double)r->ttl / 3.0);
     }
   }
   protobuf_c_message_free_unpacked(msg, NULL);
@@ -152,7 +160,7 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
       if (etcd3_stream_send(stream, &req.base)) {
         l->last_send = now;
         /* ask again after a third of the TTL even if no answer comes */
-        l->next_renew = now + (l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0);
+        l->next_renew = now + renew_interval(l);
       }
     }
     if (next == 0 || l->next_renew < next) next = l->next_renew;
@@ -168,6 +176,42 @@ ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state) {
   (void)e;
   etcd3_restream_close(&k->keepalive);
   while (k->leases) unlink_lease(k, k->leases, 0);
+}
+
+/* ---- the engine's own leases ------------------------------------------ */
+
+ETCD3_LOCKED etcd3_lease *etcd3_lease_keep(etcd3_engine *e, int64_t id, int64_t ttl,
+                                           double renew_every) {
+  keepalive_set *k = keepalive_of(e);
+  etcd3_lease *l;
+  if (!k || e->closed) return NULL;
+  l = (etcd3_lease *)calloc(1, sizeof *l);
+  if (!l) return NULL;
+  l->engine = e;
+  l->refs = 2; /* the caller's and the keepalive list's */
+  l->id = id;
+  l->ttl = ttl;
+  l->internal = 1;
+  l->renew_every = renew_every;
+  l->last_send = etcd3_now();
+  l->expires_at = l->last_send + (double)ttl;
+  l->keepalive = 1;
+  l->next = k->leases;
+  k->leases = l;
+  keepalive_tick(e, k, l->last_send); /* the first renewal leaves now */
+  return l;
+}
+
+ETCD3_LOCKED int etcd3_lease_alive(etcd3_lease *l, double now) {
+  if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
+  return !l->lost;
+}
+
+ETCD3_LOCKED double etcd3_lease_expires_at(const etcd3_lease *l) { return l->expires_at; }
+
+ETCD3_LOCKED void etcd3_lease_let_go(etcd3_lease *l) {
+  if (l->keepalive) unlink_lease(etcd3_engine_service(l->engine, &keepalive_service), l, 1);
+  lease_unref(l);
 }
 
 /* ---- Lua ------------------------------------------------------------- */

@@ -10,12 +10,14 @@ local txn = require "etcd3.txn"
 local lease = require "etcd3.lease"
 local watch = require "etcd3.watch"
 local admin = require "etcd3.admin"
+local registration = require "etcd3.registration"
 
 kv.install(Client)
 txn.install(Client)
 lease.install(Client)
 watch.install(Client)
 admin.install(Client)
+registration.install(Client)
 
 local _M = {
   _VERSION = "lua-etcd3 0.1.0",

@@ -1,0 +1,381 @@
+/*
+ * registration.c - a key the engine keeps registered under a lease,
+ * whatever the Lua code is doing (client:register).
+ *
+ * Each registration owns its key and value in C memory. The engine thread
+ * grants a lease (LeaseGrant), puts the key under it (Put), and renews the
+ * lease (lease.c's keepalive, every RENEW_EVERY seconds so a revoke is
+ * noticed quickly). When the lease is lost (etcd says it is gone: revoked,
+ * or expired while no member answered; or its TTL ran out here, e.g. after
+ * the process was stopped), the engine grants a new lease and puts the key
+ * again as soon as a member answers: no Lua call is needed, so a process
+ * stuck in a long computation stays registered. A failed grant or put is
+ * tried again on the next endpoint after a backoff (0.1 s doubling to 1 s).
+ *
+ * reg:set(value) replaces the value and the engine puts it under the same
+ * lease; every value has a generation, and Lua can wait until the
+ * generation it set has been put. reg:stop() takes the registration out
+ * of the engine and hands the lease ID back to Lua, which deletes the key
+ * and revokes the lease.
+ *
+ * Registrations are shared by the Lua userdata and the service's list;
+ * a background call in flight holds a reference of its own (`refs`, under
+ * the engine mutex).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "auxiliar.h"
+#include "call.h"
+#include "codec.h"
+#include "lease.h"
+#include "registration.h"
+#include "rpc.pb-c.h"
+
+#define RENEW_EVERY 0.5
+#define MIN_BACKOFF 0.1
+#define MAX_BACKOFF 1.0
+#define CALL_TIMEOUT 5.0
+
+typedef struct registration {
+  etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
+  int refs;
+  uint8_t *key, *value;
+  size_t key_len, value_len;
+  int64_t ttl;
+  etcd3_lease *lease;          /* NULL while none is granted */
+  int64_t lease_id;
+  unsigned long value_generation; /* bumped by every set */
+  unsigned long put_generation;   /* the generation under the current lease */
+  unsigned long sending_generation;
+  int granting, putting;       /* a background call is in flight */
+  int stopped;                 /* out of the service: Lua let go */
+  int alive;                   /* the key is put under a live lease */
+  double retry_at, backoff;
+  size_t channel;
+  char last_error[160];
+  int news;
+  struct registration *next;
+} registration;
+
+typedef struct registration_list {
+  registration *head;
+} registration_list;
+
+ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, double now);
+ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state);
+
+/* token_changed is NULL: each grant and put is a call that carries the
+ * token current when it starts. */
+static const etcd3_service_ops registration_service = {
+  "registration", registrations_tick, NULL, NULL, registrations_shutdown, free,
+};
+
+static void registration_unref(registration *r) {
+  if (--r->refs > 0) return;
+  free(r->key);
+  free(r->value);
+  free(r);
+}
+
+ETCD3_LOCKED static void set_alive(registration *r, int alive) {
+  if (r->alive == alive) return;
+  r->alive = alive;
+  etcd3_news_post(r->engine, &r->news);
+}
+
+/* A grant or put failed: try again on the next endpoint after a backoff. */
+ETCD3_LOCKED static void failed(registration *r, const char *what, grpc_status_code status) {
+  snprintf(r->last_error, sizeof r->last_error, "%s failed: %s", what,
+           etcd3_status_name((int)status));
+  r->channel = etcd3_engine_next_channel(r->engine, r->channel);
+  r->retry_at = etcd3_now() + r->backoff;
+  r->backoff = r->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : r->backoff * 2;
+}
+
+ETCD3_LOCKED static void drop_lease(registration *r) {
+  if (!r->lease) return;
+  etcd3_lease_let_go(r->lease);
+  r->lease = NULL;
+  r->lease_id = 0;
+  set_alive(r, 0);
+}
+
+/* Engine thread, unlocked: a LeaseGrant answered. */
+static void granted(etcd3_engine *e, void *arg, grpc_status_code status,
+                    grpc_byte_buffer *response) {
+  registration *r = (registration *)arg;
+  Etcdserverpb__LeaseGrantResponse *g = NULL;
+  if (response)
+    g = (Etcdserverpb__LeaseGrantResponse *)etcd3_unpack(
+        &etcdserverpb__lease_grant_response__descriptor, response);
+  pthread_mutex_lock(&e->mu);
+  r->granting = 0;
+  if (!g || g->id == 0 || (g->error && *g->error)) {
+    failed(r, "LeaseGrant", status == GRPC_STATUS_OK ? GRPC_STATUS_INTERNAL : status);
+  } else if (r->stopped) {
+    /* let go while the grant was under way: nothing may stay behind */
+    Etcdserverpb__LeaseRevokeRequest revoke = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
+    revoke.id = g->id;
+    if (!e->closed)
+      etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseRevoke",
+                            etcd3_pack(&revoke.base), CALL_TIMEOUT, NULL, NULL);
+  } else if (!e->closed) {
+    r->lease = etcd3_lease_keep(e, g->id, g->ttl, RENEW_EVERY);
+    if (r->lease) {
+      r->lease_id = g->id;
+      r->put_generation = 0; /* a new lease: the key goes under it */
+      r->retry_at = 0;
+      registrations_tick(e, etcd3_engine_service(e, &registration_service), etcd3_now());
+    }
+  }
+  registration_unref(r);
+  pthread_mutex_unlock(&e->mu);
+  if (g) protobuf_c_message_free_unpacked(&g->base, NULL);
+}
+
+/* Engine thread, unlocked: a Put answered. */
+static void put_done(etcd3_engine *e, void *arg, grpc_status_code status,
+                     grpc_byte_buffer *response) {
+  registration *r = (registration *)arg;
+  (void)response;
+  pthread_mutex_lock(&e->mu);
+  r->putting = 0;
+  if (status == GRPC_STATUS_OK) {
+    r->put_generation = r->sending_generation;
+    r->backoff = MIN_BACKOFF;
+    r->last_error[0] = '\0';
+    if (r->lease && etcd3_lease_alive(r->lease, etcd3_now())) set_alive(r, 1);
+    etcd3_news_post(e, &r->news); /* a set() may wait for this generation */
+  } else if (status == GRPC_STATUS_NOT_FOUND) {
+    drop_lease(r); /* the lease went before the key got under it */
+  } else {
+    failed(r, "Put", status);
+  }
+  registration_unref(r);
+  pthread_mutex_unlock(&e->mu);
+}
+
+ETCD3_LOCKED static void start_grant(etcd3_engine *e, registration *r) {
+  Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
+  req.ttl = r->ttl;
+  r->refs++;
+  r->granting = etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseGrant",
+                                      etcd3_pack(&req.base), CALL_TIMEOUT, granted, r);
+  if (!r->granting) {
+    r->refs--;
+    failed(r, "LeaseGrant", GRPC_STATUS_UNAVAILABLE);
+  }
+}
+
+ETCD3_LOCKED static void start_put(etcd3_engine *e, registration *r) {
+  Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+  req.key.data = r->key;
+  req.key.len = r->key_len;
+  req.value.data = r->value;
+  req.value.len = r->value_len;
+  req.lease = r->lease_id;
+  r->sending_generation = r->value_generation;
+  r->refs++;
+  r->putting = etcd3_call_background(e, r->channel, "/etcdserverpb.KV/Put",
+                                     etcd3_pack(&req.base), CALL_TIMEOUT, put_done, r);
+  if (!r->putting) {
+    r->refs--;
+    failed(r, "Put", GRPC_STATUS_UNAVAILABLE);
+  }
+}
+
+/* Notices lost leases, grants and puts what is due. */
+ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, double now) {
+  registration_list *list = (registration_list *)state;
+  double next = 0;
+  if (e->closed) return 0;
+  for (registration *r = list->head; r; r = r->next) {
+    if (r->lease && !etcd3_lease_alive(r->lease, now)) drop_lease(r);
+    if (r->granting || r->putting) continue;
+    if (now < r->retry_at) {
+      if (next == 0 || r->retry_at < next) next = r->retry_at;
+      continue;
+    }
+    if (!r->lease) start_grant(e, r);
+    else if (r->put_generation < r->value_generation) start_put(e, r);
+    if (r->lease) {
+      double t = etcd3_lease_expires_at(r->lease);
+      if (next == 0 || t < next) next = t;
+    }
+  }
+  return next;
+}
+
+ETCD3_LOCKED static void unlink_registration(registration_list *list, registration *r) {
+  registration **p = &list->head;
+  while (*p && *p != r) p = &(*p)->next;
+  if (!*p) return;
+  *p = r->next;
+  r->next = NULL;
+  registration_unref(r);
+}
+
+/* Takes the registration out of the engine; returns its lease ID (0: none). */
+ETCD3_LOCKED static int64_t stop(registration *r) {
+  int64_t id = r->lease_id;
+  registration_list *list = (registration_list *)etcd3_engine_service(r->engine, &registration_service);
+  if (r->stopped) return 0;
+  r->stopped = 1;
+  if (r->lease) etcd3_lease_let_go(r->lease);
+  r->lease = NULL;
+  r->lease_id = 0;
+  r->alive = 0;
+  if (list) unlink_registration(list, r);
+  return id;
+}
+
+/* Engine close: every registration stops (the lease runs out by itself). */
+ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state) {
+  registration_list *list = (registration_list *)state;
+  (void)e;
+  while (list->head) stop(list->head);
+}
+
+/* ---- Lua ------------------------------------------------------------- */
+
+static registration *check_registration(lua_State *L) {
+  return (registration *)etcd3_bound_check(L, ETCD3_REGISTRATION_MT, "registration");
+}
+
+/* Copies the Lua string at idx into *bytes (malloc'd); 0 on out of memory. */
+static int copy_string(lua_State *L, int idx, uint8_t **bytes, size_t *len) {
+  const char *s = luaL_checklstring(L, idx, len);
+  uint8_t *copy = (uint8_t *)malloc(*len + 1);
+  if (!copy) return 0;
+  memcpy(copy, s, *len);
+  *bytes = copy;
+  return 1;
+}
+
+int etcd3_registration_new(lua_State *L, etcd3_engine *e) {
+  registration *r;
+  registration_list *list;
+  int64_t ttl = (int64_t)luaL_checkinteger(L, 4);
+  luaL_checkstring(L, 2);
+  luaL_checkstring(L, 3);
+  r = (registration *)etcd3_bound_new(L, ETCD3_REGISTRATION_MT, sizeof *r, e);
+  r->refs = 1;
+  r->ttl = ttl;
+  r->backoff = MIN_BACKOFF;
+  r->value_generation = 1;
+  r->stopped = 1; /* until it is listed */
+  etcd3_engine_ref(e);
+  if (!copy_string(L, 2, &r->key, &r->key_len) || !copy_string(L, 3, &r->value, &r->value_len))
+    return luaL_error(L, "etcd3: out of memory");
+  pthread_mutex_lock(&e->mu);
+  list = (registration_list *)etcd3_engine_service_get(e, &registration_service, sizeof *list);
+  if (list && !e->closed) {
+    r->stopped = 0;
+    r->refs++;
+    r->channel = etcd3_engine_next_channel(e, e->n_channels - 1);
+    r->next = list->head;
+    list->head = r;
+    registrations_tick(e, list, etcd3_now()); /* the grant leaves now */
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (r->stopped) return luaL_error(L, "etcd3: client is closed");
+  return 1;
+}
+
+/* reg:set(value) -> generation: the engine puts it under the same lease. */
+static int registration_set(lua_State *L) {
+  registration *r = check_registration(L);
+  uint8_t *value;
+  size_t len;
+  unsigned long generation;
+  if (!copy_string(L, 2, &value, &len)) return luaL_error(L, "etcd3: out of memory");
+  pthread_mutex_lock(&r->engine->mu);
+  free(r->value);
+  r->value = value;
+  r->value_len = len;
+  generation = ++r->value_generation;
+  if (!r->stopped) {
+    registration_list *list = (registration_list *)etcd3_engine_service(r->engine, &registration_service);
+    r->retry_at = 0;
+    registrations_tick(r->engine, list, etcd3_now()); /* the put leaves now */
+  }
+  pthread_mutex_unlock(&r->engine->mu);
+  lua_pushnumber(L, (lua_Number)generation);
+  return 1;
+}
+
+/* reg:status() -> alive, lease_id | nil, generation put, last error | nil */
+static int registration_status(lua_State *L) {
+  registration *r = check_registration(L);
+  pthread_mutex_lock(&r->engine->mu);
+  etcd3_news_seen(r->engine, &r->news);
+  lua_pushboolean(L, r->alive && r->lease && etcd3_lease_alive(r->lease, etcd3_now()));
+  if (r->lease_id) {
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)r->lease_id);
+    lua_pushstring(L, hex);
+  } else {
+    lua_pushnil(L);
+  }
+  lua_pushnumber(L, (lua_Number)(r->lease ? r->put_generation : 0));
+  if (r->last_error[0]) lua_pushstring(L, r->last_error);
+  else lua_pushnil(L);
+  pthread_mutex_unlock(&r->engine->mu);
+  return 4;
+}
+
+ETCD3_LOCKED static int has_news(void *arg, double now, double *until) {
+  registration *r = (registration *)arg;
+  (void)now; (void)until;
+  return r->news || r->stopped;
+}
+
+/* reg:wait(seconds): until something changed, or the time passes. */
+static int registration_wait(lua_State *L) {
+  registration *r = check_registration(L);
+  etcd3_engine_wait_until(r->engine, luaL_checknumber(L, 2), has_news, r);
+  return 0;
+}
+
+/* reg:stop() -> lease ID | nil: the engine lets go; Lua deletes and revokes. */
+static int registration_stop(lua_State *L) {
+  registration *r = check_registration(L);
+  int64_t id;
+  pthread_mutex_lock(&r->engine->mu);
+  id = stop(r);
+  etcd3_news_seen(r->engine, &r->news);
+  pthread_mutex_unlock(&r->engine->mu);
+  if (id) {
+    char hex[17];
+    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)id);
+    lua_pushstring(L, hex);
+  } else {
+    lua_pushnil(L);
+  }
+  return 1;
+}
+
+static int registration_gc(lua_State *L) {
+  registration *r = (registration *)etcd3_bound_take(L, ETCD3_REGISTRATION_MT);
+  etcd3_engine *e;
+  if (!r) return 0;
+  e = r->engine;
+  pthread_mutex_lock(&e->mu);
+  stop(r);
+  etcd3_news_seen(e, &r->news);
+  registration_unref(r);
+  pthread_mutex_unlock(&e->mu);
+  etcd3_engine_release(e);
+  return 0;
+}
+
+int etcd3_registration_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"set", registration_set}, {"status", registration_status},
+    {"wait", registration_wait}, {"stop", registration_stop}, {NULL, NULL},
+  };
+  etcd3_register_type(L, ETCD3_REGISTRATION_MT, methods, registration_gc);
+  return 0;
+}
