@@ -62,14 +62,22 @@ typedef struct etcd3_watcher {
   int64_t compact_revision;
   response_list queue, fragments;
   size_t queued, max_queued;
-  struct etcd3_watcher *next;
+  int listed;                  /* in the service's list and index */
+  struct etcd3_watcher *prev, *next; /* the list */
+  struct etcd3_watcher *same_slot;   /* the index's chain */
 } etcd3_watcher;
 
 /* The watchers of one engine, multiplexed on one Watch stream. */
+/* Every per-watcher step costs the same whatever the number of watchers:
+ * watchers are found by ID in a hash index, leave the list in O(1), and
+ * only a new stream makes the tick look at all of them. */
 typedef struct watch_mux {
   etcd3_engine *engine;
   etcd3_restream watch;
-  etcd3_watcher *watchers;
+  etcd3_watcher *watchers;     /* doubly linked, newest first */
+  etcd3_watcher **index;       /* by ID: index_size chains (a power of 2) */
+  size_t index_size, count;
+  int creates_due;             /* a new stream: every watcher is created on it */
   int64_t next_id;
   uint64_t creates_sent;
 } watch_mux;
@@ -78,8 +86,13 @@ ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now);
 ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
 ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state);
 
+static void watch_free(void *state) {
+  free(((watch_mux *)state)->index);
+  free(state);
+}
+
 static const etcd3_service_ops watch_service = {
-  "watch", watch_tick, NULL, watch_restart, watch_shutdown, free,
+  "watch", watch_tick, NULL, watch_restart, watch_shutdown, watch_free,
 };
 
 static const etcd3_stream_ops watch_ops;
@@ -125,14 +138,70 @@ static void watcher_unref(etcd3_watcher *w) {
 
 ETCD3_LOCKED static void notify(etcd3_watcher *w) { etcd3_news_post(w->engine, &w->news); }
 
-ETCD3_LOCKED static void unlink_watcher(watch_mux *m, etcd3_watcher *w) {
-  etcd3_watcher **p = &m->watchers;
-  while (*p && *p != w) p = &(*p)->next;
-  if (*p) {
-    *p = w->next;
-    w->next = NULL;
-    watcher_unref(w);
+static size_t index_slot(const watch_mux *m, int64_t id) {
+  return (size_t)(((uint64_t)id * 0x9E3779B97F4A7C15ULL) >> 32) & (m->index_size - 1);
+}
+
+ETCD3_LOCKED static etcd3_watcher *find_watcher(const watch_mux *m, int64_t id) {
+  etcd3_watcher *w;
+  if (!m->index_size) return NULL;
+  for (w = m->index[index_slot(m, id)]; w && w->id != id; w = w->same_slot) {
   }
+  return w;
+}
+
+/* Doubles the index when it holds as many watchers as chains; 0 on out of
+ * memory. */
+ETCD3_LOCKED static int grow_index(watch_mux *m) {
+  size_t size = m->index_size ? m->index_size * 2 : 64;
+  etcd3_watcher **index = (etcd3_watcher **)calloc(size, sizeof *index);
+  etcd3_watcher **old = m->index;
+  size_t old_size = m->index_size;
+  if (!index) return 0;
+  m->index = index;
+  m->index_size = size;
+  for (size_t i = 0; i < old_size; i++) {
+    etcd3_watcher *w = old[i], *following;
+    for (; w; w = following) {
+      following = w->same_slot;
+      w->same_slot = index[index_slot(m, w->id)];
+      index[index_slot(m, w->id)] = w;
+    }
+  }
+  free(old);
+  return 1;
+}
+
+/* Lists the watcher (taking a reference); 0 on out of memory. */
+ETCD3_LOCKED static int link_watcher(watch_mux *m, etcd3_watcher *w) {
+  size_t slot;
+  if (m->count >= m->index_size && !grow_index(m)) return 0;
+  slot = index_slot(m, w->id);
+  w->same_slot = m->index[slot];
+  m->index[slot] = w;
+  w->prev = NULL;
+  w->next = m->watchers;
+  if (m->watchers) m->watchers->prev = w;
+  m->watchers = w;
+  m->count++;
+  w->listed = 1;
+  w->refs++;
+  return 1;
+}
+
+ETCD3_LOCKED static void unlink_watcher(watch_mux *m, etcd3_watcher *w) {
+  etcd3_watcher **p;
+  if (!w->listed) return;
+  for (p = &m->index[index_slot(m, w->id)]; *p != w; p = &(*p)->same_slot) {
+  }
+  *p = w->same_slot;
+  if (w->prev) w->prev->next = w->next;
+  else m->watchers = w->next;
+  if (w->next) w->next->prev = w->prev;
+  w->prev = w->next = w->same_slot = NULL;
+  w->listed = 0;
+  m->count--;
+  watcher_unref(w);
 }
 
 /* Ends the watcher (code NULL: cancelled, no error). */
@@ -273,8 +342,7 @@ ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, Protobu
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }
-  for (w = m->watchers; w && w->id != r->watch_id; w = w->next) {
-  }
+  w = find_watcher(m, r->watch_id);
   if (!w) {
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
@@ -388,6 +456,11 @@ static const etcd3_stream_ops watch_ops = {
   &etcdserverpb__watch_response__descriptor, on_watch_response, on_watch_closed,
 };
 
+/* Whether the watcher is to be created on the open stream. */
+static int wants_create(const etcd3_watcher *w) {
+  return !w->on_stream && !w->ended && !w->cancel_wanted && !w->awaiting_auth;
+}
+
 /* Opens the stream when watchers need one and sends their creates; closes
  * it when none is left. Returns when it wants to run again (0: never). */
 ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now) {
@@ -398,9 +471,15 @@ ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now) 
     etcd3_restream_close(&m->watch);
     return 0;
   }
-  if (!etcd3_restream_open(e, &m->watch, m, now)) return m->watch.reopen_at;
-  for (w = m->watchers; w; w = w->next)
-    if (!w->on_stream && !w->ended && !w->cancel_wanted && !w->awaiting_auth) send_create(m, w);
+  if (!m->watch.stream) {
+    if (!etcd3_restream_open(e, &m->watch, m, now)) return m->watch.reopen_at;
+    m->creates_due = 1;
+  }
+  if (m->creates_due) {
+    m->creates_due = 0;
+    for (w = m->watchers; w; w = w->next)
+      if (wants_create(w)) send_create(m, w);
+  }
   return 0;
 }
 
@@ -481,10 +560,9 @@ int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec) {
     end_watcher(w, "CLOSED", e->closed ? "the client was closed" : "out of memory", 0);
   } else {
     w->id = m->next_id++;
-    w->refs++;
-    w->next = m->watchers;
-    m->watchers = w;
-    watch_tick(e, m, etcd3_now()); /* the create leaves now */
+    if (!link_watcher(m, w)) end_watcher(w, "CLOSED", "out of memory", 0);
+    else if (m->watch.stream && !m->creates_due) send_create(m, w); /* leaves now */
+    else watch_tick(e, m, etcd3_now());
   }
   pthread_mutex_unlock(&e->mu);
   return 1;
@@ -641,7 +719,7 @@ static int watcher_gc(lua_State *L) {
   list_free(&w->queue);
   watcher_unref(w);
   m = (watch_mux *)etcd3_engine_service(e, &watch_service);
-  if (m) watch_tick(e, m, etcd3_now()); /* closes the stream if none is left */
+  if (m && !m->watchers) etcd3_restream_close(&m->watch); /* none is left */
   pthread_mutex_unlock(&e->mu);
   etcd3_engine_release(e);
   return 0;
