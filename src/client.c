@@ -74,7 +74,7 @@ static int client_new(lua_State *L) {
     opts.cert = lua_tostring(L, -1);
     lua_getfield(L, 4, "key");
     opts.key = lua_tostring(L, -1);
-    lua_getfield(L, 4, "server_name");
+    lua_getfield(L, 4, "server_name"); /* stack: ..., ca, cert, key, server_name */
     opts.server_name = lua_tostring(L, -1);
     lua_pop(L, 4);
   }

@@ -291,7 +291,7 @@ static void encode_table(lua_State *L, int idx,
       n = lua_rawlen(L, -1);
       elems = n ? (char *)etcd3_arena_alloc(L, arena_idx, n * size) : NULL;
       for (size_t k = 0; k < n; k++) {
-        lua_rawgeti(L, -1, (int)k + 1);
+        lua_rawgeti(L, -1, (int)k + 1); /* stack: ..., array, element */
         encode_value(L, lua_gettop(L), f, name, is_id, elems + k * size, arena_idx);
         lua_pop(L, 1);
       }
@@ -434,7 +434,7 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
       size_t n = *(const size_t *)(base + f->quantifier_offset);
       size_t size = element_size(f->type);
       const char *elems = *(const char *const *)(base + f->offset);
-      lua_createtable(L, (int)n, 0);
+      lua_createtable(L, (int)n, 0); /* stack: ..., message, array */
       for (size_t k = 0; k < n; k++) {
         if (push_value(L, f, is_id, elems + k * size))
           lua_rawseti(L, -2, (int)k + 1);

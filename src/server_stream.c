@@ -159,7 +159,7 @@ static int server_stream_poll(lua_State *L) {
   status = s->status;
   etcd3_news_seen(s->engine, &s->news);
   pthread_mutex_unlock(&s->engine->mu);
-  lua_newtable(L);
+  lua_newtable(L); /* stack: taken, messages */
   for (message_node *m = t->head; m; m = m->next) {
     etcd3_push_message(L, m->msg);
     lua_rawseti(L, -2, ++n);

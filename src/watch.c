@@ -638,7 +638,7 @@ static int watcher_poll(lua_State *L) {
     return 4;
   }
   pthread_mutex_unlock(&w->engine->mu);
-  lua_newtable(L);
+  lua_newtable(L); /* stack: box, events */
   for (response_node *node = box->list.head; node; node = node->next) {
     for (size_t i = 0; i < node->resp->n_events; i++) {
       etcd3_push_message(L, &node->resp->events[i]->base);
