@@ -1,4 +1,4 @@
---- How blocking calls wait (API.md, "Waiting").
+--- How blocking calls wait (README.md, section "Waiting").
 --
 -- C never blocks for long and never yields: every wait loop lives here, so
 -- a scheduler may yield inside it. An "op" is anything with :ready() (true
@@ -11,12 +11,16 @@
 local core = require "etcd3.core"
 local errors = require "etcd3.error"
 
+-- luacheck: push ignore 113 (ngx: OpenResty's global, nil elsewhere)
+local ngx = ngx
+-- luacheck: pop
+local package, tostring = package, tostring
 local now, math_min = core.now, math.min
 
 local _M = {}
 
 -- Longest time Lua stays inside C at once, so Ctrl-C and hooks get through.
-_M.SLICE = 0.1
+local SLICE = 0.1
 
 --- Blocks in short slices in the C module: plain scripts, and nginx's
 -- init_worker phase (before the worker serves anything).
@@ -24,7 +28,7 @@ local function plain(_, op, deadline)
   while not op:ready() do
     local left = deadline - now()
     if left <= 0 then return false end
-    op:wait(math_min(left, _M.SLICE))
+    op:wait(math_min(left, SLICE))
   end
   return true
 end
@@ -42,14 +46,16 @@ local NGX_YIELDING = {
 local NGX_BLOCKING = { init_worker = true, init = true }
 
 --- Polls without blocking, ngx.sleep between polls with a short backoff
--- (1 ms doubling to 20 ms): the worker keeps serving other requests.
+-- (1, 2, 4, 8, 16, then 32 ms between polls): the worker keeps serving
+-- other requests.
 local function ngx_sleep_wait(_, op, deadline)
   local step = 0.001
-  local sleep = ngx.sleep -- luacheck: ignore (ngx is OpenResty's global)
+  local sleep = ngx.sleep
   while not op:ready() do
     local left = deadline - now()
     if left <= 0 then return false end
     sleep(math_min(step, left))
+    -- doubles while below 20 ms: 0.016 doubles once more, to 0.032
     if step < 0.02 then step = step * 2 end
   end
   return true
@@ -59,21 +65,21 @@ end
 -- request phases that cannot yield: set, header_filter, body_filter, log,
 -- balancer). Checked before anything is sent.
 local function ngx_phase_error()
-  local phase = ngx.get_phase() -- luacheck: ignore
+  local phase = ngx.get_phase()
   if NGX_YIELDING[phase] or NGX_BLOCKING[phase] then return nil end
-  return errors.new("FAILED_PRECONDITION", 9,
+  return errors.new("FAILED_PRECONDITION",
     ("cannot wait for etcd in nginx's '%s' phase, where Lua cannot yield: "
       .. "make the call in a phase that can yield (rewrite, access, content) "
       .. "or in a timer (ngx.timer.at)"):format(tostring(phase)), "wait")
 end
 
 function _M.precheck()
-  if ngx and ngx.get_phase then return ngx_phase_error() end -- luacheck: ignore
+  if ngx and ngx.get_phase then return ngx_phase_error() end
   return nil
 end
 
 local function ngx_wait(client, op, deadline)
-  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end -- luacheck: ignore
+  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end
   local err = ngx_phase_error()
   if err then return op:ready(), not op:ready() and err or nil end
   return plain(client, op, deadline)
@@ -105,7 +111,7 @@ end
 --- The automatic strategy, decided at each wait (a client created in
 -- init_worker is used later from content handlers and timers).
 local function auto(client, op, deadline)
-  if ngx and ngx.get_phase then return ngx_wait(client, op, deadline) end -- luacheck: ignore
+  if ngx and ngx.get_phase then return ngx_wait(client, op, deadline) end
   local cqueues = package.loaded.cqueues
   if cqueues and cqueues.running and cqueues.running() then
     return cqueues_wait(client, op, deadline)
@@ -117,7 +123,7 @@ end
 -- then a call waits on a completion queue of its own, which the calling
 -- thread drives itself (no hand-off to the engine thread).
 function _M.blocking()
-  if ngx and ngx.get_phase then return false end -- luacheck: ignore
+  if ngx and ngx.get_phase then return false end
   local cqueues = package.loaded.cqueues
   if cqueues and cqueues.running and cqueues.running() then return false end
   return true
@@ -134,6 +140,17 @@ function _M.strategy(user_wait)
     end
     return true
   end
+end
+
+--- Waits for `op` by the client's strategy until `deadline`: true once it
+-- is ready, or nil, err: the strategy's own error, or DEADLINE_EXCEEDED for
+-- `rpc` with `message` (default "deadline exceeded").
+---@return true|nil ready
+---@return etcd3.Error? err
+function _M.until_ready(client, op, deadline, rpc, message)
+  local ready, err = client._wait(client, op, deadline)
+  if ready then return true end
+  return nil, err or errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
 end
 
 --- An op that is ready when `probe()` returns true and waits by sleeping
