@@ -71,7 +71,7 @@ local _M = {}
 ---@alias etcd3.Permission "read"|"write"|"readwrite"
 ---@alias etcd3.Response table|etcd3.HeaderResult etcd's response, with etcd's field names
 
-local TIMEOUT_ONLY = { timeout = "number" }
+local TIMEOUT_ONLY = check.TIMEOUT_ONLY
 local PERMISSION_OPTIONS = { prefix = "boolean", range_end = "string", timeout = "number" }
 local PERMISSIONS = { read = "READ", write = "WRITE", readwrite = "READWRITE" }
 

@@ -6,7 +6,6 @@
 -- and stream. Auth administration (users, roles) is in admin.lua.
 local core = require "etcd3.core"
 local wait = require "etcd3.wait"
-local errors = require "etcd3.error"
 
 local math_max = math.max
 local now = core.now
@@ -26,18 +25,14 @@ function _M.authenticate(client, timeout)
   for _ = 1, #set.list do
     local i = set:pick(handle)
     local call = handle:authenticate(i, math_max(deadline - now(), 0))
-    local ready, wait_err = wait.until_ready(client, call, deadline, "Auth.Authenticate")
-    if not ready then
-      call:cancel()
-      return nil, wait_err
-    end
-    local res, code, _, message = call:result()
+    local res, call_err, completed = wait.for_response(client, call, deadline, "Auth.Authenticate")
     if res then
       handle:set_token(res.token)
       return true
     end
-    err = errors.new(code, message, "Auth.Authenticate")
-    if code ~= "UNAVAILABLE" then break end
+    if not completed then return nil, call_err end
+    err = call_err
+    if err.code ~= "UNAVAILABLE" then break end
     set:failed(i)
   end
   return nil, err

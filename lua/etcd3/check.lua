@@ -6,15 +6,22 @@
 -- "boolean", "number", "integer", "string", "id", "function", "table", or an
 -- enum table mapping the accepted strings to the proto's enum names.
 local type, pairs, error, tostring = type, pairs, error, tostring
-local math_floor = math.floor
+local math_floor, table_sort, table_concat = math.floor, table.sort, table.concat
 
 local _M = {}
+
+--- The options spec of a call whose only option is `timeout`.
+_M.TIMEOUT_ONLY = { timeout = "number" }
 
 -- The level that points at the user's call: check helper -> public
 -- function -> user. Public functions that check through one more helper
 -- pass their own level.
 local USER = 3
 
+--- Raises "etcd3.<fname>: <msg>" at `level` (default: the caller's caller).
+---@param fname string
+---@param msg string
+---@param level? integer
 function _M.fail(fname, msg, level)
   error(("etcd3.%s: %s"):format(fname, msg), level or USER)
 end
@@ -22,7 +29,6 @@ end
 local function is_integer(v)
   return type(v) == "number" and v == math_floor(v) and v > -2^63 and v < 2^63
 end
-_M.is_integer = is_integer
 
 --- Whether v is a lease/member ID: a hex string of 1-16 digits, or an
 -- integer (exact on 5.3+).
@@ -30,7 +36,6 @@ local function is_id(v)
   if type(v) == "string" then return #v >= 1 and #v <= 16 and not v:find("[^%x]") end
   return is_integer(v)
 end
-_M.is_id = is_id
 
 local kinds = {
   integer = is_integer,
@@ -51,11 +56,14 @@ local function kind_name(kind)
   end
   local names = {}
   for k in pairs(kind) do names[#names + 1] = ("%q"):format(k) end
-  table.sort(names)
-  return "one of " .. table.concat(names, ", ")
+  table_sort(names)
+  return "one of " .. table_concat(names, ", ")
 end
 
 --- Checks argument number `n` of `fname` against `kind`; returns it.
+---@generic T
+---@param v T
+---@return T
 function _M.arg(fname, n, v, kind, level)
   if not kind_ok(kind, v) then
     error(("bad argument #%d to 'etcd3.%s' (%s expected, got %s)"):format(
@@ -66,6 +74,9 @@ function _M.arg(fname, n, v, kind, level)
 end
 
 --- Checks an options table (may be nil) against spec; returns a table.
+---@param opts table?
+---@param spec table<string, string|table> option name -> kind
+---@return table
 function _M.options(fname, opts, spec, level)
   level = level or USER
   if opts == nil then return {} end
@@ -85,7 +96,8 @@ function _M.options(fname, opts, spec, level)
   return opts
 end
 
---- The client a method was called on (catches cli.get() for cli:get()).
+--- The object a method was called on, which must be of `class` (its
+-- __class field): catches cli.get() for cli:get().
 function _M.self(fname, self, class, level)
   if type(self) ~= "table" or self.__class ~= class then
     error(("etcd3.%s: called without an object (use obj:%s(...))"):format(

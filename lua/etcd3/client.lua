@@ -182,19 +182,14 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
     local left = deadline - now()
     if left <= 0 then break end
     local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
-    -- gRPC enforces the same deadline; a call not complete by then is
-    -- cancelled here rather than waited for.
-    local ready, wait_err = wait.until_ready(self, call, deadline, rpc)
-    if not ready then
-      call:cancel()
-      return nil, wait_err
-    end
-    local res, code, _, message = call:result()
+    local res, call_err, completed = wait.for_response(self, call, deadline, rpc)
     if res then
       if prefix then namespace.unwrap_response(prefix, rpc, res) end
       return res
     end
-    err = errors.new(code, message, rpc)
+    if not completed then return nil, call_err end
+    err = call_err
+    local code = err.code
     if not reauthenticated and auth.token_expired(self, code) then
       -- once per request: a second refusal is etcd's answer
       reauthenticated = true

@@ -10,7 +10,7 @@ local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local wait = require "etcd3.wait"
 
-local type, ipairs, setmetatable, pcall = type, ipairs, setmetatable, pcall
+local type, ipairs, setmetatable, pcall, tostring = type, ipairs, setmetatable, pcall, tostring
 local os_getenv, table_concat = os.getenv, table.concat
 local now = core.now
 
@@ -85,18 +85,18 @@ end
 ---@field sync_interval number? auto_sync: seconds between refreshes
 ---@field next_sync number? auto_sync: when the next refresh is due
 ---@field syncing boolean? auto_sync: a refresh is running (its own request must not start another)
-local Set = {}
-Set.__index = Set
+local EndpointSet = {}
+EndpointSet.__index = EndpointSet
 
 ---@param list string[]
 ---@return etcd3.EndpointSet
 function _M.new_set(list)
-  return setmetatable({ list = list, current = 1, retired = {} }, Set)
+  return setmetatable({ list = list, current = 1, retired = {} }, EndpointSet)
 end
 
 --- The endpoint a request goes to: the current one unless it is known to
 -- be failing (or was removed from the cluster) while another is not.
-function Set:pick(handle)
+function EndpointSet:pick(handle)
   local current, count, retired = self.current, #self.list, self.retired
   if count == 1 or (not retired[current] and handle:state(current) ~= "TRANSIENT_FAILURE") then
     return current
@@ -112,7 +112,7 @@ function Set:pick(handle)
 end
 
 --- Endpoint `i` failed: the next request starts on the next one.
-function Set:failed(i)
+function EndpointSet:failed(i)
   if self.current == i then self.current = i % #self.list + 1 end
 end
 
@@ -120,7 +120,7 @@ end
 -- is not one of this client's (or was removed from the cluster).
 ---@param url string
 ---@return integer?
-function Set:index(url)
+function EndpointSet:index(url)
   local target = address(url)
   for i, host_port in ipairs(self.list) do
     if host_port == target and not self.retired[i] then return i end
@@ -130,7 +130,7 @@ end
 
 --- The endpoints in use.
 ---@return string[]
-function Set:live()
+function EndpointSet:live()
   local list = {}
   for i, host_port in ipairs(self.list) do
     if not self.retired[i] then list[#list + 1] = host_port end
@@ -138,7 +138,7 @@ function Set:live()
   return list
 end
 
-function Set:__tostring()
+function EndpointSet:__tostring()
   return table_concat(self.list, ",")
 end
 
@@ -175,7 +175,7 @@ end
 -- `interval` seconds, when the client is used (Lua has no background; the
 -- refresh is one member_list call).
 
-function Set:start_auto_sync(interval)
+function EndpointSet:start_auto_sync(interval)
   self.sync_interval = interval
   self.next_sync = now() + interval
 end

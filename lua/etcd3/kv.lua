@@ -211,6 +211,11 @@ local USER = 4 -- check -> builder -> method -> user
 local Client = {}
 _M.client_methods = Client
 
+--- Sends a request a builder made, with the options it checked.
+local function send(client, fname, rpc, idempotent, req, opts)
+  return client:_request(fname, rpc, req, opts.timeout, idempotent)
+end
+
 --- Reads one key, or a range with `prefix`, `range_end` or `from_key`.
 ---@param key string
 ---@param opts? etcd3.GetOptions
@@ -218,9 +223,7 @@ _M.client_methods = Client
 ---@return etcd3.Error? err
 function Client:get(key, opts)
   check.self("get", self, "Client")
-  local req
-  req, opts = _M.range_request("get", key, opts, USER)
-  return self:_request("get", "KV.Range", req, opts.timeout, true)
+  return send(self, "get", "KV.Range", true, _M.range_request("get", key, opts, USER))
 end
 
 --- Writes one key.
@@ -231,9 +234,7 @@ end
 ---@return etcd3.Error? err
 function Client:put(key, value, opts)
   check.self("put", self, "Client")
-  local req
-  req, opts = _M.put_request("put", key, value, opts, USER)
-  return self:_request("put", "KV.Put", req, opts.timeout, false)
+  return send(self, "put", "KV.Put", false, _M.put_request("put", key, value, opts, USER))
 end
 
 --- Deletes one key, or a range with `prefix`, `range_end` or `from_key`.
@@ -243,9 +244,7 @@ end
 ---@return etcd3.Error? err
 function Client:delete(key, opts)
   check.self("delete", self, "Client")
-  local req
-  req, opts = _M.delete_request("delete", key, opts, USER)
-  return self:_request("delete", "KV.DeleteRange", req, opts.timeout, false)
+  return send(self, "delete", "KV.DeleteRange", false, _M.delete_request("delete", key, opts, USER))
 end
 
 --- Drops the history before `revision`.

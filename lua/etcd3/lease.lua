@@ -49,7 +49,7 @@ local _M = {}
 local Lease = { __class = "Lease" }
 Lease.__index = Lease
 
-local TIMEOUT_ONLY = { timeout = "number" }
+local TIMEOUT_ONLY = check.TIMEOUT_ONLY
 
 local function new_lease(client, id, ttl)
   local state = client:_handle("grant"):lease(id, ttl)

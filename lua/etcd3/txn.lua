@@ -31,13 +31,14 @@ local _M = {}
 local Compare = {}
 Compare.__index = Compare
 
--- target name -> proto enum, the oneof field holding the value, its kind
+-- target name -> the proto's enum name, the oneof field holding the value,
+-- the value's kind
 local TARGETS = {
-  value = { "VALUE", "value", "string" },
-  version = { "VERSION", "version", "integer" },
-  create_revision = { "CREATE", "create_revision", "integer" },
-  mod_revision = { "MOD", "mod_revision", "integer" },
-  lease = { "LEASE", "lease", "id" },
+  value = { enum = "VALUE", field = "value", kind = "string" },
+  version = { enum = "VERSION", field = "version", kind = "integer" },
+  create_revision = { enum = "CREATE", field = "create_revision", kind = "integer" },
+  mod_revision = { enum = "MOD", field = "mod_revision", kind = "integer" },
+  lease = { enum = "LEASE", field = "lease", kind = "id" },
 }
 -- clientv3's short names for the clientv3 form
 TARGETS.create = TARGETS.create_revision
@@ -61,28 +62,28 @@ local function new_target(name, key, opts, level)
   check.arg(fname, 1, key, "string", level)
   opts = check.options(fname, opts, COMPARE_OPTIONS, level)
   return setmetatable({
-    name = name, spec = TARGETS[name], key = key,
+    name = name, encoding = TARGETS[name], key = key,
     range_end = kv.range_end(fname, key, opts, COMPARE_OPTIONS, level + 1),
   }, Target)
 end
 
-local function compare_with(target, method, v, level)
-  local spec = target.spec
+local function compare_with(target, method, value, level)
+  local encoding = target.encoding
   local fname = ("compare.%s(...):%s"):format(target.name, method)
-  check.arg(fname, 1, v, spec[3], level)
-  local req = { result = RESULTS[method], target = spec[1], key = target.key, range_end = target.range_end }
-  req[spec[2]] = v
+  check.arg(fname, 1, value, encoding.kind, level)
+  local req = { result = RESULTS[method], target = encoding.enum, key = target.key, range_end = target.range_end }
+  req[encoding.field] = value
   return setmetatable({ req = req }, Compare)
 end
 
 -- target:eq(v), :ne(v), :lt(v), :gt(v) -> etcd3.Compare
 for method in pairs(RESULTS) do
-  Target[method] = function(self, v)
+  Target[method] = function(self, value)
     if getmetatable(self) ~= Target then
       check.fail("compare", ("use cmp.<target>(key):%s(value)"):format(method))
     end
     -- not a tail call: the error level counts this function's frame
-    return (compare_with(self, method, v, 4))
+    return (compare_with(self, method, value, 4))
   end
 end
 ---@class etcd3.CompareTarget
@@ -109,7 +110,7 @@ end
 -- etcd3.compare(target, key, "=", v).
 ---@type etcd3.CompareModule
 _M.compare = setmetatable({}, {
-  __call = function(_, target, key, operator, v)
+  __call = function(_, target, key, operator, value)
     if type(target) ~= "string" or not TARGETS[target] then
       check.fail("compare", ("unknown target %q (value, version, create_revision, mod_revision, lease)"):format(
         tostring(target)))
@@ -118,7 +119,7 @@ _M.compare = setmetatable({}, {
     if not method then
       check.fail("compare", ("unknown operator %q (=, !=, <, >)"):format(tostring(operator)))
     end
-    return (compare_with(new_target(target, key, nil, 4), method, v, 4))
+    return (compare_with(new_target(target, key, nil, 4), method, value, 4))
   end,
 })
 for name in pairs(TARGETS) do
@@ -266,15 +267,13 @@ local function shape(res)
   return res
 end
 
-local COMMIT_OPTS = { timeout = "number" }
-
 --- Sends the transaction. May be called again: it sends the same one.
 ---@param opts? etcd3.TimeoutOptions
 ---@return etcd3.TxnResult? result
 ---@return etcd3.Error? err
 function Txn:commit(opts)
   if getmetatable(self) ~= Txn then check.fail("txn:commit", "use txn:commit()") end
-  opts = check.options("txn:commit", opts, COMMIT_OPTS)
+  opts = check.options("txn:commit", opts, check.TIMEOUT_ONLY)
   local req, readonly = self:request()
   -- A transaction that only reads may be retried on another endpoint.
   local res, err = self.client:_request("txn", "KV.Txn", req, opts.timeout, readonly)

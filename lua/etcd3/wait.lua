@@ -153,14 +153,35 @@ function _M.until_ready(client, op, deadline, rpc, message)
   return nil, err or errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
 end
 
+--- Waits for a started unary call (etcd3.core's call object) and returns
+-- its response; or nil, err, completed: `completed` true when etcd (or
+-- gRPC) answered with an error, nil when the wait failed, in which case
+-- the call is cancelled: gRPC enforces the same deadline, and a call not
+-- complete by then is cancelled here rather than waited for.
+---@return table? response
+---@return etcd3.Error? err
+---@return true? completed
+function _M.for_response(client, call, deadline, rpc)
+  local ready, err = _M.until_ready(client, call, deadline, rpc)
+  if not ready then
+    call:cancel()
+    return nil, err
+  end
+  local res, code, _, message = call:result()
+  if res then return res end
+  return nil, errors.new(code, message, rpc), true
+end
+
+-- How long a polling op sleeps between two probes, at most.
+local POLL_STEP = 0.01
+
 --- An op that is ready when `probe()` returns true and waits by sleeping
--- in small steps (for conditions no completion signals, such as a channel
--- becoming connected).
-function _M.polling_op(probe, step)
-  step = step or 0.01
+-- in steps of 10 ms at most (for conditions no completion signals, such
+-- as a channel becoming connected).
+function _M.polling_op(probe)
   return {
     ready = function() return probe() end,
-    wait = function(_, seconds) core.sleep(math_min(seconds, step)) end,
+    wait = function(_, seconds) core.sleep(math_min(seconds, POLL_STEP)) end,
   }
 end
 
