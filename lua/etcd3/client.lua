@@ -17,7 +17,7 @@ local setmetatable, tostring, io_open = setmetatable, tostring, io.open
 local math_floor, math_max = math.floor, math.max
 local now = core.now
 
----@alias etcd3.WaitFunction fun(client: etcd3.Client, timeout: number, op: { ready: fun(op): boolean })
+---@alias etcd3.WaitFunction fun(client: etcd3.Client, timeout: number, op: { ready: fun(self: table): boolean })
 
 --- etcd3.new's configuration (README.md, "etcd3.new").
 ---@class etcd3.Config

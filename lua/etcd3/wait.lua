@@ -34,6 +34,17 @@ local function plain(_, op, deadline)
 end
 _M.plain = plain
 
+--- Whether this runs under OpenResty (whatever the phase).
+local function in_nginx()
+  return ngx ~= nil and ngx.get_phase ~= nil
+end
+
+--- Whether this runs inside a running cqueues controller.
+local function in_cqueues()
+  local cqueues = package.loaded.cqueues
+  return cqueues ~= nil and cqueues.running ~= nil and cqueues.running()
+end
+
 -- OpenResty ---------------------------------------------------------------
 
 -- Phases where ngx.sleep may yield (lua-nginx-module's documentation of
@@ -55,7 +66,7 @@ local function ngx_sleep_wait(_, op, deadline)
     local left = deadline - now()
     if left <= 0 then return false end
     sleep(math_min(step, left))
-    -- doubles while below 20 ms: 0.016 doubles once more, to 0.032
+    -- grows until it passes 20 ms: the last doubling is 16 -> 32 ms
     if step < 0.02 then step = step * 2 end
   end
   return true
@@ -73,8 +84,10 @@ local function ngx_phase_error()
       .. "or in a timer (ngx.timer.at)"):format(tostring(phase)), "wait")
 end
 
+--- The automatic strategy's check before a call is sent: nil, or the
+-- error for a context where the call could not be waited for.
 function _M.precheck()
-  if ngx and ngx.get_phase then return ngx_phase_error() end
+  if in_nginx() then return ngx_phase_error() end
   return nil
 end
 
@@ -111,11 +124,8 @@ end
 --- The automatic strategy, decided at each wait (a client created in
 -- init_worker is used later from content handlers and timers).
 local function auto(client, op, deadline)
-  if ngx and ngx.get_phase then return ngx_wait(client, op, deadline) end
-  local cqueues = package.loaded.cqueues
-  if cqueues and cqueues.running and cqueues.running() then
-    return cqueues_wait(client, op, deadline)
-  end
+  if in_nginx() then return ngx_wait(client, op, deadline) end
+  if in_cqueues() then return cqueues_wait(client, op, deadline) end
   return plain(client, op, deadline)
 end
 
@@ -123,10 +133,7 @@ end
 -- then a call waits on a completion queue of its own, which the calling
 -- thread drives itself (no hand-off to the engine thread).
 function _M.blocking()
-  if ngx and ngx.get_phase then return false end
-  local cqueues = package.loaded.cqueues
-  if cqueues and cqueues.running and cqueues.running() then return false end
-  return true
+  return not (in_nginx() or in_cqueues())
 end
 
 --- The strategy for a client config's `wait` field (nil: automatic).
