@@ -69,10 +69,10 @@ local DEFAULT_MAX_RECV = 2 ^ 31 - 1
 local NEW_USER = 4
 
 local function read_file(what, path)
-  local f, err = io_open(path, "rb")
-  if not f then check.fail("new", ("tls.%s: cannot read %s"):format(what, err), NEW_USER + 1) end
-  local text = f:read("*a")
-  f:close()
+  local file, err = io_open(path, "rb")
+  if not file then check.fail("new", ("tls.%s: cannot read %s"):format(what, err), NEW_USER + 1) end
+  local text = file:read("*a")
+  file:close()
   return text
 end
 

@@ -29,9 +29,9 @@ local _M = {}
 local Error = {}
 Error.__index = Error
 
-function Error.__tostring(e)
-  local where = e.rpc and (e.rpc .. ": ") or ""
-  return ("etcd3: %s%s: %s"):format(where, e.code, e.message or "")
+function Error.__tostring(err)
+  local where = err.rpc and (err.rpc .. ": ") or ""
+  return ("etcd3: %s%s: %s"):format(where, err.code, err.message or "")
 end
 
 function Error.__concat(a, b)
@@ -56,16 +56,16 @@ local STATUS = {
 ---@param fields table?
 ---@return etcd3.Error
 function _M.new(code, message, rpc, fields)
-  local e = fields or {}
-  e.code, e.status, e.message, e.rpc = code, STATUS[code] or STATUS.UNKNOWN, message, rpc
-  return setmetatable(e, Error)
+  local err = fields or {}
+  err.code, err.status, err.message, err.rpc = code, STATUS[code] or STATUS.UNKNOWN, message, rpc
+  return setmetatable(err, Error)
 end
 
---- Whether `v` is an error object.
----@param v any
+--- Whether `value` is an error object.
+---@param value any
 ---@return boolean
-function _M.is_error(v)
-  return getmetatable(v) == Error
+function _M.is_error(value)
+  return getmetatable(value) == Error
 end
 
 return _M

@@ -64,8 +64,8 @@ local REQUESTS = {
 
 --- The request as etcd must see it.
 function _M.wrap_request(prefix, rpc, req)
-  local f = REQUESTS[rpc]
-  return f and f(prefix, req) or req
+  local wrap = REQUESTS[rpc]
+  return wrap and wrap(prefix, req) or req
 end
 
 --- A key received from etcd, without the prefix.
@@ -110,8 +110,8 @@ local RESPONSES = {
 
 --- Strips the prefix from every key of a response (in place).
 function _M.unwrap_response(prefix, rpc, res)
-  local f = RESPONSES[rpc]
-  if f then f(prefix, res) end
+  local unwrap = RESPONSES[rpc]
+  if unwrap then unwrap(prefix, res) end
   return res
 end
 

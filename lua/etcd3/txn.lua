@@ -126,7 +126,7 @@ for name in pairs(TARGETS) do
   _M.compare[name] = function(key, opts) return (new_target(name, key, opts, 4)) end
 end
 
-local function is_compare(v) return getmetatable(v) == Compare end
+local function is_compare(value) return getmetatable(value) == Compare end
 
 -- Ops -------------------------------------------------------------------
 
@@ -180,7 +180,7 @@ function _M.op.delete(key, opts)
   return new_op("request_delete_range", (kv.delete_request("op.delete", key, opts, 4)), false)
 end
 
-local function is_op(v) return getmetatable(v) == Op end
+local function is_op(value) return getmetatable(value) == Op end
 
 -- The builder -----------------------------------------------------------
 
@@ -197,11 +197,11 @@ Txn.__index = Txn
 local function append(self, fname, list, is_kind, what, ...)
   if getmetatable(self) ~= Txn then check.fail(fname, "use txn:" .. fname:match("%w+$") .. "(...)", 4) end
   for i = 1, select("#", ...) do
-    local v = select(i, ...)
-    if not is_kind(v) then
-      check.fail(fname, ("argument #%d is not %s (got %s)"):format(i, what, type(v)), 4)
+    local item = select(i, ...)
+    if not is_kind(item) then
+      check.fail(fname, ("argument #%d is not %s (got %s)"):format(i, what, type(item)), 4)
     end
-    list[#list + 1] = v
+    list[#list + 1] = item
   end
   return self
 end

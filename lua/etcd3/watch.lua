@@ -91,9 +91,9 @@ function Watcher:next(timeout)
     if #events > 0 then
       local prefix = self.client._namespace
       if prefix then
-        for _, e in ipairs(events) do
-          namespace.strip_kv(prefix, e.kv)
-          namespace.strip_kv(prefix, e.prev_kv)
+        for _, arrived in ipairs(events) do
+          namespace.strip_kv(prefix, arrived.kv)
+          namespace.strip_kv(prefix, arrived.prev_kv)
         end
       end
       self._buffer, self._next_index = events, 1
