@@ -41,7 +41,7 @@ SRCS     := $(wildcard src/*.c)
 OBJS     := $(SRCS:src/%.c=$(BUILD)/%.o) $(PROTOS:%=$(BUILD)/%.pb-c.o)
 MODULE   := $(BUILD)/etcd3/core.so
 
-INST_LIBDIR ?= /usr/local/lib/lua/5.4
+INST_LIBDIR ?= /usr/local/lib/lua/$(if $(filter luajit,$(notdir $(LUA))),5.1,$(patsubst lua%,%,$(notdir $(LUA))))
 INST_LUADIR ?= /usr/local/share/lua/5.4
 
 SPEC_FORK := $(BUILD)/spec_fork.so

@@ -3,7 +3,7 @@
  * re-authentication in the background for the streams.
  *
  * The Lua layer authenticates on connect and again when a unary call is
- * refused for its token (lua/etcd3/client.lua), and hands the token to the
+ * refused for its token (lua/etcd3/auth.lua), and hands the token to the
  * engine. Streams have no Lua call to retry them, so when etcd refuses a
  * stream or a watch create for its token, the engine authenticates by
  * itself with the credentials it keeps (a background call), then tells its

@@ -86,10 +86,8 @@ else
   echo "== build FAILED"; failed=$((failed + 1))
 fi
 
-lint_dirs="lua spec examples tools"
-[ -d bench ] && lint_dirs="$lint_dirs bench"
-# shellcheck disable=SC2086
-step luacheck luacheck $lint_dirs
+# the folders to check are the Makefile's (`make lint`)
+step luacheck $MAKE -s lint
 step rock sh tools/check-rock.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)

@@ -6,31 +6,36 @@
 -- "boolean", "number", "integer", "string", "id", "function", "table", or an
 -- enum table mapping the accepted strings to the proto's enum names.
 local type, pairs, error, tostring = type, pairs, error, tostring
-local math_floor = math.floor
+local math_floor, table_sort, table_concat = math.floor, table.sort, table.concat
 
 local _M = {}
+
+--- The options spec of a call whose only option is `timeout`.
+_M.TIMEOUT_ONLY = { timeout = "number" }
 
 -- The level that points at the user's call: check helper -> public
 -- function -> user. Public functions that check through one more helper
 -- pass their own level.
 local USER = 3
 
-function _M.fail(fname, msg, level)
-  error(("etcd3.%s: %s"):format(fname, msg), level or USER)
+--- Raises "etcd3.<fname>: <message>" at `level` (default: the caller's caller).
+---@param fname string
+---@param message string
+---@param level? integer
+function _M.fail(fname, message, level)
+  error(("etcd3.%s: %s"):format(fname, message), level or USER)
 end
 
-local function is_integer(v)
-  return type(v) == "number" and v == math_floor(v) and v > -2^63 and v < 2^63
+local function is_integer(value)
+  return type(value) == "number" and value == math_floor(value) and value > -2^63 and value < 2^63
 end
-_M.is_integer = is_integer
 
---- Whether v is a lease/member ID: a hex string of 1-16 digits, or an
+--- Whether `value` is a lease/member ID: a hex string of 1-16 digits, or an
 -- integer (exact on 5.3+).
-local function is_id(v)
-  if type(v) == "string" then return #v >= 1 and #v <= 16 and not v:find("[^%x]") end
-  return is_integer(v)
+local function is_id(value)
+  if type(value) == "string" then return #value >= 1 and #value <= 16 and not value:find("[^%x]") end
+  return is_integer(value)
 end
-_M.is_id = is_id
 
 local kinds = {
   integer = is_integer,
@@ -38,11 +43,11 @@ local kinds = {
   any = function() return true end,
 }
 
-local function kind_ok(kind, v)
-  if type(kind) == "table" then return kind[v] ~= nil end
-  local f = kinds[kind]
-  if f then return f(v) end
-  return type(v) == kind
+local function kind_ok(kind, value)
+  if type(kind) == "table" then return kind[value] ~= nil end
+  local test = kinds[kind]
+  if test then return test(value) end
+  return type(value) == kind
 end
 
 local function kind_name(kind)
@@ -50,42 +55,49 @@ local function kind_name(kind)
     return kind == "id" and "ID (hex string or integer)" or kind
   end
   local names = {}
-  for k in pairs(kind) do names[#names + 1] = ("%q"):format(k) end
-  table.sort(names)
-  return "one of " .. table.concat(names, ", ")
+  for name in pairs(kind) do names[#names + 1] = ("%q"):format(name) end
+  table_sort(names)
+  return "one of " .. table_concat(names, ", ")
 end
 
---- Checks argument number `n` of `fname` against `kind`; returns it.
-function _M.arg(fname, n, v, kind, level)
-  if not kind_ok(kind, v) then
+--- Checks argument number `position` of `fname` against `kind`; returns it.
+---@generic T
+---@param value T
+---@return T
+function _M.arg(fname, position, value, kind, level)
+  if not kind_ok(kind, value) then
     error(("bad argument #%d to 'etcd3.%s' (%s expected, got %s)"):format(
-      n, fname, kind_name(kind), v == nil and "nil" or type(v) == "number" and tostring(v) or type(v)),
+      position, fname, kind_name(kind), value == nil and "nil" or type(value) == "number" and tostring(value) or type(value)),
       level or USER)
   end
-  return v
+  return value
 end
 
 --- Checks an options table (may be nil) against spec; returns a table.
+---@param opts table?
+---@param spec table<string, string|table> option name -> kind
+---@return table
 function _M.options(fname, opts, spec, level)
   level = level or USER
   if opts == nil then return {} end
   if type(opts) ~= "table" then
     error(("bad argument to 'etcd3.%s' (options table expected, got %s)"):format(fname, type(opts)), level)
   end
-  for k, v in pairs(opts) do
-    local kind = spec[k]
+  for name, value in pairs(opts) do
+    local kind = spec[name]
     if kind == nil then
-      error(("etcd3.%s: unknown option '%s'"):format(fname, tostring(k)), level)
+      error(("etcd3.%s: unknown option '%s'"):format(fname, tostring(name)), level)
     end
-    if not kind_ok(kind, v) then
+    if not kind_ok(kind, value) then
       error(("etcd3.%s: option '%s': %s expected, got %s"):format(
-        fname, k, kind_name(kind), type(v) == "string" and ("%q"):format(v) or type(v)), level)
+        fname, name, kind_name(kind), type(value) == "string" and ("%q"):format(value) or type(value)), level)
     end
   end
   return opts
 end
 
---- The client a method was called on (catches cli.get() for cli:get()).
+--- The object a method was called on, which must be of `class` (its
+-- __class field): catches cli.get() for cli:get().
 function _M.self(fname, self, class, level)
   if type(self) ~= "table" or self.__class ~= class then
     error(("etcd3.%s: called without an object (use obj:%s(...))"):format(

@@ -1,17 +1,55 @@
---- The client: configuration, endpoints, and how one request is run.
+--- The client: its configuration, and how one request is run.
 --
 -- The C module (etcd3.core) starts calls and reports connectivity; this
--- file holds the policy: which endpoint a request goes to, what is retried,
--- how the caller waits, and how failures become error objects.
+-- file holds the policy of a request: what is retried, how the caller
+-- waits, and how failures become error objects. Which endpoint a request
+-- goes to is endpoints.lua's; signing in is auth.lua's; the methods users
+-- call live in the file of their service (kv, txn, lease, watch, admin).
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local wait = require "etcd3.wait"
 local namespace = require "etcd3.namespace"
+local endpoints = require "etcd3.endpoints"
+local auth = require "etcd3.auth"
 
-local type, ipairs, setmetatable, tostring = type, ipairs, setmetatable, tostring
-local now, os_getenv = core.now, os.getenv
+local setmetatable, tostring, io_open = setmetatable, tostring, io.open
+local math_floor, math_max = math.floor, math.max
+local now = core.now
 
+---@alias etcd3.WaitFunction fun(client: etcd3.Client, timeout: number, op: { ready: fun(self: table): boolean })
+
+--- etcd3.new's configuration (README.md, "etcd3.new").
+---@class etcd3.Config
+--- "host:port", "http://…", "https://…": a list or comma-separated
+--- (default: $ETCDCTL_ENDPOINTS, or "127.0.0.1:2379")
+---@field endpoints? string|string[]
+---@field timeout? number default deadline of each request, seconds (5)
+---@field dial_timeout? number how long new() waits for a first connection; 0 connects lazily (5)
+---@field keepalive_time? number gRPC ping interval, seconds, >= 5 (10)
+---@field max_recv_bytes? integer largest response accepted (2^31-1)
+---@field wait? etcd3.WaitFunction how blocking calls wait (default: automatic)
+---@field user? string authenticate as this user (with `password`)
+---@field password? string
+---@field tls? etcd3.TlsConfig
+---@field namespace? string prefix added to every key sent, stripped from every key received
+---@field auto_sync? number follow the cluster's members, refreshed at most every that many seconds
+
+---@class etcd3.TlsConfig
+---@field ca? string path of the CA certificates (PEM)
+---@field cert? string path of the client certificate (PEM), with `key`
+---@field key? string path of the client key (PEM), with `cert`
+---@field server_name? string name to verify the server's certificate against
+
+--- A connection to an etcd cluster. Its methods are in the files of their
+-- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua.
+---@class etcd3.Client
+---@field timeout number default deadline of each request, seconds
+---@field _core userdata the etcd3.core handle
+---@field _endpoints etcd3.EndpointSet
+---@field _namespace string?
+---@field _user string?
+---@field _wait fun(client: etcd3.Client, op: table, deadline: number): boolean, etcd3.Error?
 local Client = { __class = "Client" }
 Client.__index = Client
 -- `local cli <close> = etcd3.new {...}` on Lua 5.4
@@ -27,62 +65,23 @@ local TLS = { ca = "string", cert = "string", key = "string", server_name = "str
 
 local DEFAULT_MAX_RECV = 2 ^ 31 - 1
 
---- "host:port", "http://host:port[/]" and "https://…" -> "host:port" for
--- gRPC, and whether the scheme asked for TLS.
-local function parse_endpoint(s)
-  if type(s) ~= "string" then
-    check.fail("new", ("endpoints: strings expected, got %s"):format(type(s)), 4)
-  end
-  local scheme, rest = s:match("^(%a+)://(.*)$")
-  local tls = false
-  if scheme then
-    scheme = scheme:lower()
-    if scheme == "https" then
-      tls = true
-    elseif scheme ~= "http" then
-      check.fail("new", ("endpoint '%s': unknown scheme '%s'"):format(s, scheme), 4)
-    end
-    s = rest
-  end
-  s = s:gsub("/+$", "")
-  if not s:match("^[%w%.%-_%[%]:]+:%d+$") then
-    check.fail("new", ("endpoint '%s': host:port expected"):format(s), 4)
-  end
-  return s, tls
-end
-
-local function parse_endpoints(v)
-  if v == nil then v = os_getenv("ETCDCTL_ENDPOINTS") or "127.0.0.1:2379" end
-  local list, tls = {}, false
-  local function add(item)
-    local e, is_tls = parse_endpoint(item)
-    list[#list + 1], tls = e, tls or is_tls
-  end
-  if type(v) == "string" then
-    for item in v:gmatch("[^,%s]+") do add(item) end
-  elseif type(v) == "table" then
-    for _, item in ipairs(v) do add(item) end
-  else
-    check.fail("new", ("option 'endpoints': list or string expected, got %s"):format(type(v)), 4)
-  end
-  if #list == 0 then check.fail("new", "option 'endpoints': no endpoint given", 4) end
-  return list, tls
-end
+-- Raises at the user's call of etcd3.new: check.fail -> helper -> new -> user
+local NEW_USER = 4
 
 local function read_file(what, path)
-  local f, err = io.open(path, "rb")
-  if not f then check.fail("new", ("tls.%s: cannot read %s"):format(what, err), 5) end
-  local text = f:read("*a")
-  f:close()
+  local file, err = io_open(path, "rb")
+  if not file then check.fail("new", ("tls.%s: cannot read %s"):format(what, err), NEW_USER + 1) end
+  local text = file:read("*a")
+  file:close()
   return text
 end
 
 --- The PEM texts for core.new, or nil for plaintext.
 local function tls_config(tls, https)
   if tls == nil and not https then return nil end
-  tls = check.options("new", tls or {}, TLS, 5)
+  tls = check.options("new", tls or {}, TLS, NEW_USER)
   if (tls.cert == nil) ~= (tls.key == nil) then
-    check.fail("new", "tls: 'cert' and 'key' go together", 5)
+    check.fail("new", "tls: 'cert' and 'key' go together", NEW_USER)
   end
   return {
     ca = tls.ca and read_file("ca", tls.ca),
@@ -92,116 +91,58 @@ local function tls_config(tls, https)
   }
 end
 
-local function positive(name, v, default, min)
-  if v == nil then return default end
-  if v < (min or 0) then
-    check.fail("new", ("option '%s' must be >= %s, got %s"):format(name, min or 0, tostring(v)), 4)
+--- `value`, which must be >= `min` (default 0), or `default` when nil.
+local function at_least(name, value, default, min)
+  if value == nil then return default end
+  if value < (min or 0) then
+    check.fail("new", ("option '%s' must be >= %s, got %s"):format(name, min or 0, tostring(value)), NEW_USER)
   end
-  return v
+  return value
 end
 
 --- etcd3.new(config) -> client | nil, err
+---@param config? etcd3.Config
+---@return etcd3.Client? client
+---@return etcd3.Error? err
 function Client.new(config)
   config = check.options("new", config, CONFIG)
-  local endpoints, https = parse_endpoints(config.endpoints)
+  local list, https = endpoints.parse(config.endpoints)
   if (config.user == nil) ~= (config.password == nil) then
     check.fail("new", "options 'user' and 'password' go together")
   end
-  local timeout = positive("timeout", config.timeout, 5)
-  local dial_timeout = positive("dial_timeout", config.dial_timeout, 5)
-  local keepalive = positive("keepalive_time", config.keepalive_time, 10, 5)
-  local max_recv = positive("max_recv_bytes", config.max_recv_bytes, DEFAULT_MAX_RECV, 1)
+  local timeout = at_least("timeout", config.timeout, 5)
+  local dial_timeout = at_least("dial_timeout", config.dial_timeout, 5)
+  local keepalive = at_least("keepalive_time", config.keepalive_time, 10, 5)
+  local max_recv = at_least("max_recv_bytes", config.max_recv_bytes, DEFAULT_MAX_RECV, 1)
   if max_recv > DEFAULT_MAX_RECV then max_recv = DEFAULT_MAX_RECV end
 
-  local handle, msg = core.new(endpoints, math.floor(keepalive * 1000), max_recv,
+  local handle, message = core.new(list, math_floor(keepalive * 1000), max_recv,
     tls_config(config.tls, https))
-  if not handle then return nil, errors.new("UNAVAILABLE", 14, msg, "new") end
+  if not handle then return nil, errors.new("UNAVAILABLE", message, "new") end
   local self = setmetatable({
-    _ns = config.namespace ~= "" and config.namespace or nil,
+    _namespace = config.namespace ~= "" and config.namespace or nil,
     _user = config.user,
     _tls = config.tls,
     _keepalive = keepalive,
     _max_recv = max_recv,
     _core = handle,
-    _endpoints = endpoints,
-    _current = 1,
-    _retired = {},
+    _endpoints = endpoints.new_set(list),
     _wait = wait.strategy(config.wait),
     _precheck = not config.wait and wait.precheck or nil,
     _blocking = not config.wait and wait.blocking or nil,
     timeout = timeout,
   }, Client)
-  if dial_timeout > 0 then
-    local ok, err = self:_dial(dial_timeout)
-    if not ok then
-      handle:close()
-      return nil, err
-    end
+  local ok, err = true, nil
+  if dial_timeout > 0 then ok, err = endpoints.dial(self, dial_timeout) end
+  if ok and config.user then
+    ok, err = auth.sign_in(self, config.user, config.password, dial_timeout > 0 and dial_timeout or timeout)
   end
-  if config.user then
-    -- kept in C only: the client object never holds the password
-    handle:set_credentials(config.user, config.password)
-    local ok, err = self:_authenticate(dial_timeout > 0 and dial_timeout or timeout)
-    if not ok then
-      handle:close()
-      return nil, err
-    end
+  if not ok then
+    handle:close()
+    return nil, err
   end
-  if config.auto_sync then self:_start_auto_sync(config.auto_sync) end
+  if config.auto_sync then self._endpoints:start_auto_sync(config.auto_sync) end
   return self
-end
-
---- Authenticates with the credentials kept in C; the token then rides on
--- every call and stream.
-function Client:_authenticate(timeout)
-  local handle = self._core
-  local deadline = now() + timeout
-  local err
-  for _ = 1, #self._endpoints do
-    local call = handle:authenticate(self:_pick(handle), math.max(deadline - now(), 0))
-    local ready, werr = self._wait(self, call, deadline)
-    if not ready then
-      call:cancel()
-      return nil, werr or errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", "Auth.Authenticate")
-    end
-    local res, code, status, message = call:result()
-    if res then
-      handle:set_token(res.token)
-      return true
-    end
-    err = errors.new(code, status, message, "Auth.Authenticate")
-    if code ~= "UNAVAILABLE" then break end
-    self._current = self._current % #self._endpoints + 1
-  end
-  return nil, err
-end
-
---- Waits until some endpoint is connected; makes it the current one.
-function Client:_dial(dial_timeout)
-  local handle, n = self._core, #self._endpoints
-  local op = wait.polling_op(function()
-    for i = 1, n do
-      if handle:state(i, true) == "READY" then
-        self._current = i
-        return true
-      end
-    end
-    return false
-  end)
-  local ready, err = self._wait(self, op, now() + dial_timeout)
-  if ready then return true end
-  if err then return nil, err end
-  -- Why: a fail-fast call carries gRPC's last connection error (refused,
-  -- TLS handshake failed and on what, …).
-  local probe = handle:call(self._current, "Maintenance.Status", {}, 0.5)
-  local why = ""
-  if wait.plain(self, probe, now() + 1) then
-    local _, code, _, message = probe:result()
-    if code and message and message ~= "" then why = " (" .. message .. ")" end
-  end
-  return nil, errors.new("UNAVAILABLE", 14,
-    ("no endpoint answered within dial_timeout (%gs): %s%s"):format(
-      dial_timeout, table.concat(self._endpoints, ","), why), "new")
 end
 
 --- The live core handle, or a clear error for a closed or inherited client.
@@ -215,63 +156,6 @@ function Client:_handle(fname)
   return handle
 end
 
---- The endpoint a request goes to: the current one unless it is known to
--- be failing (or was removed from the cluster) while another is not.
-function Client:_pick(handle)
-  local cur, n, retired = self._current, #self._endpoints, self._retired
-  if n == 1 or (not retired[cur] and handle:state(cur) ~= "TRANSIENT_FAILURE") then return cur end
-  for k = 1, n - 1 do
-    local i = (cur + k - 1) % n + 1
-    if not retired[i] and handle:state(i, true) ~= "TRANSIENT_FAILURE" then
-      self._current = i
-      return i
-    end
-  end
-  return cur
-end
-
---- The index of an endpoint given as "host:port" or "http://host:port",
--- or nil when it is not one of this client's.
-function Client:_endpoint_index(endpoint)
-  local target = endpoint:gsub("^%a+://", ""):gsub("/+$", "")
-  for i, e in ipairs(self._endpoints) do
-    if e == target and not self._retired[i] then return i end
-  end
-  return nil
-end
-
--- auto_sync: the endpoint list follows the cluster's members, refreshed
--- at most every `interval` seconds, when the client is used (Lua has no
--- background; the refresh is one member_list call).
-function Client:_start_auto_sync(interval)
-  self._sync_interval = interval
-  self._next_sync = now() + interval
-end
-
-function Client:_sync()
-  self._next_sync = now() + self._sync_interval
-  local res = self:member_list()
-  if not res then return end
-  local live = {}
-  for _, m in ipairs(res.members or {}) do
-    for _, url in ipairs(m.client_urls or {}) do
-      local target = url:gsub("^%a+://", ""):gsub("/+$", "")
-      live[target] = true
-      local known = false
-      for i, e in ipairs(self._endpoints) do
-        if e == target then known = true; self._retired[i] = nil end
-      end
-      if not known then
-        local index = self._core:add_endpoint(target)
-        if index then self._endpoints[index] = target end
-      end
-    end
-  end
-  for i, e in ipairs(self._endpoints) do
-    if not live[e] then self._retired[i] = true end
-  end
-end
-
 --- Runs one unary RPC: `req` is the request table, `timeout` the seconds
 -- allowed (nil: the client's), `idempotent` whether a failure with
 -- UNAVAILABLE may be retried on the next endpoint (reads: yes; writes:
@@ -280,57 +164,45 @@ end
 -- Returns the response table or nil, err.
 function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   local handle = self:_handle(fname)
-  if self._sync_interval and not self._syncing and now() >= self._next_sync then
-    self._syncing = true
-    pcall(self._sync, self)
-    self._syncing = false
-  end
+  endpoints.auto_sync(self)
   if self._precheck then
     local err = self._precheck()
     if err then return nil, err end
   end
   local deadline = now() + (timeout or self.timeout)
-  local ns = self._ns
-  if ns then req = namespace.wrap_request(ns, rpc, req) end
-  local n = #self._endpoints
+  local prefix = self._namespace
+  if prefix then req = namespace.wrap_request(prefix, rpc, req) end
+  local set = self._endpoints
   local err
   local reauthenticated = false
-  local attempt, attempts = 0, idempotent and n or 1
+  local attempt, attempts = 0, idempotent and #set.list or 1
   while attempt < attempts do
     attempt = attempt + 1
-    local i = endpoint or self:_pick(handle)
+    local i = endpoint or set:pick(handle)
     local left = deadline - now()
     if left <= 0 then break end
     local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
-    -- gRPC enforces the same deadline; a call not complete by then is
-    -- cancelled here rather than waited for.
-    local ready, werr = self._wait(self, call, deadline)
-    if not ready then
-      call:cancel()
-      return nil, werr or errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", rpc)
-    end
-    local res, code, status, message = call:result()
+    local res, call_err, completed = wait.for_response(self, call, deadline, rpc)
     if res then
-      if ns then namespace.unwrap_response(ns, rpc, res) end
+      if prefix then namespace.unwrap_response(prefix, rpc, res) end
       return res
     end
-    err = errors.new(code, status, message, rpc)
-    if code == "UNAUTHENTICATED" and self._user and not reauthenticated then
-      -- The token expired (etcd's simple tokens live --auth-token-ttl
-      -- seconds): authenticate again, once, and repeat. Safe for writes
-      -- too: etcd refused the request before applying it.
+    if not completed then return nil, call_err end
+    err = call_err
+    local code = err.code
+    if not reauthenticated and auth.token_expired(self, code) then
+      -- once per request: a second refusal is etcd's answer
       reauthenticated = true
-      local ok, aerr = self:_authenticate(math.max(deadline - now(), 0.1))
-      if not ok then return nil, aerr end
+      local ok, auth_err = auth.authenticate(self, math_max(deadline - now(), 0.1))
+      if not ok then return nil, auth_err end
       attempts = attempts + 1
     elseif code ~= "UNAVAILABLE" or endpoint then
       return nil, err
     else
-      -- This endpoint failed: the next request starts on the next one.
-      if self._current == i then self._current = i % n + 1 end
+      set:failed(i)
     end
   end
-  return nil, err or errors.new("DEADLINE_EXCEEDED", 4, "deadline exceeded", rpc)
+  return nil, err or errors.new("DEADLINE_EXCEEDED", "deadline exceeded", rpc)
 end
 
 --- A client for one endpoint that is not in this client's list, with the
@@ -339,40 +211,37 @@ function Client:_sibling(endpoint)
   local other, err = Client.new {
     endpoints = { endpoint }, timeout = self.timeout, dial_timeout = 0,
     keepalive_time = self._keepalive, max_recv_bytes = self._max_recv, tls = self._tls,
-    namespace = self._ns,
+    namespace = self._namespace,
   }
   if not other then return nil, err end
-  local token = self._core:token()
-  if token then other._core:set_token(token) end
+  auth.share_token(self, other)
   return other
 end
 
---- client:close(): ends every call and frees the connections. Idempotent;
--- also run by __gc (of the core handle) and __close.
+--- Ends every call and frees the connections. Idempotent; also run by
+-- __gc (of the core handle) and __close.
 function Client:close()
   check.self("close", self, "Client")
   self._core:close()
 end
 
---- client:endpoints() -> { "host:port", … } (those in use: auto_sync
--- adds members that joined and drops those removed)
+--- The endpoints in use, as "host:port" (auto_sync adds members that
+-- joined and drops those removed).
+---@return string[]
 function Client:endpoints()
   check.self("endpoints", self, "Client")
-  local list = {}
-  for i, e in ipairs(self._endpoints) do
-    if not self._retired[i] then list[#list + 1] = e end
-  end
-  return list
+  return self._endpoints:live()
 end
 
---- client:pollfd() -> fd, readable while a completion waits to be collected.
+--- A file descriptor readable while a completion waits to be collected
+-- (level-triggered; the same for the client's whole life).
+---@return integer fd
 function Client:pollfd()
   return self:_handle("pollfd"):pollfd()
 end
 
 function Client:__tostring()
-  return ("etcd3.Client (%s)%s"):format(table.concat(self._endpoints, ","),
-    self._core:closed() and " closed" or "")
+  return ("etcd3.Client (%s)%s"):format(tostring(self._endpoints), self._core:closed() and " closed" or "")
 end
 
 return Client

@@ -12,19 +12,27 @@ local watch = require "etcd3.watch"
 local admin = require "etcd3.admin"
 local registration = require "etcd3.registration"
 
-kv.install(Client)
-txn.install(Client)
-lease.install(Client)
-watch.install(Client)
-admin.install(Client)
-registration.install(Client)
+local ipairs, pairs = ipairs, pairs
 
+-- Each service's file holds its client methods; the client class gets
+-- them all here (client.lua names none of them).
+for _, service in ipairs { kv, txn, lease, watch, admin, registration } do
+  for name, method in pairs(service.client_methods) do Client[name] = method end
+end
+
+---@class etcd3
 local _M = {
   _VERSION = "lua-etcd3 0.1.0",
+  --- Creates a client; nil, err (UNAVAILABLE) when no endpoint answers
+  --- within dial_timeout.
   new = Client.new,
+  --- The range end that covers every key starting with a prefix.
   prefix_end = kv.prefix_end,
+  --- Whether a value is an error object.
   is_error = errors.is_error,
+  --- Compare targets for transactions: compare.value(key):eq(v), …
   compare = txn.compare,
+  --- Ops for transactions: op.get, op.put, op.delete, op.txn.
   op = txn.op,
 }
 

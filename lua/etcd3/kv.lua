@@ -1,53 +1,118 @@
---- KV: get, put, delete, compact, pages, and the request builders that
--- txn ops reuse (lua/etcd3/txn.lua builds the same requests).
+--- KV: get, put, delete, compact, pages; the request builders that txn
+-- ops reuse (lua/etcd3/txn.lua builds the same requests); and the one
+-- reader of the range options (prefix / range_end / from_key) that every
+-- call over a range of keys shares (kv, watch, txn compares, permissions).
 local check = require "etcd3.check"
-local errors = require "etcd3.error"
+
+local pairs, ipairs, string_char = pairs, ipairs, string.char
 
 local _M = {}
+
+---@class etcd3.Header
+---@field cluster_id string 16 hex digits
+---@field member_id string 16 hex digits: the member that answered
+---@field revision integer the store's revision when the request was served
+---@field raft_term integer
+
+---@class etcd3.KeyValue
+---@field key string
+---@field value string
+---@field create_revision integer
+---@field mod_revision integer
+---@field version integer
+---@field lease string? the lease ID (16 hex digits), absent without one
+
+---@class etcd3.RangeResult
+---@field header etcd3.Header
+---@field kvs etcd3.KeyValue[]
+---@field more boolean more keys in the range than returned (limit)
+---@field count integer keys in the range
+
+---@class etcd3.PutResult
+---@field header etcd3.Header
+---@field prev_kv etcd3.KeyValue? with `prev_kv = true`, the key as it was
+
+---@class etcd3.DeleteResult
+---@field header etcd3.Header
+---@field deleted integer keys deleted
+---@field prev_kvs etcd3.KeyValue[]? with `prev_kv = true`, the keys as they were
+
+---@class etcd3.HeaderResult
+---@field header etcd3.Header
+
+---@class etcd3.TimeoutOptions
+---@field timeout? number seconds, overriding the client's
+
+---@class etcd3.RangeOptions
+---@field prefix? boolean every key starting with `key`
+---@field range_end? string the keys in [key, range_end)
+---@field from_key? boolean every key >= `key`
+
+---@class etcd3.GetOptions: etcd3.RangeOptions, etcd3.TimeoutOptions
+---@field limit? integer
+---@field revision? integer read the store as it was at that revision
+---@field sort_order? "none"|"ascend"|"descend"
+---@field sort_target? "key"|"version"|"create"|"mod"|"value"
+---@field serializable? boolean served by the member asked, without consensus
+---@field keys_only? boolean
+---@field count_only? boolean
+---@field min_mod_revision? integer
+---@field max_mod_revision? integer
+---@field min_create_revision? integer
+---@field max_create_revision? integer
+
+---@class etcd3.PutOptions: etcd3.TimeoutOptions
+---@field lease? string|integer attach the key to this lease ID
+---@field prev_kv? boolean return the key as it was
+---@field ignore_value? boolean keep the current value (value may be nil)
+---@field ignore_lease? boolean keep the current lease
+
+---@class etcd3.DeleteOptions: etcd3.RangeOptions, etcd3.TimeoutOptions
+---@field prev_kv? boolean return the keys as they were
+
+---@class etcd3.CompactOptions: etcd3.TimeoutOptions
+---@field physical? boolean return once the compaction is physically applied
+
+---@class etcd3.PagesOptions: etcd3.GetOptions
+---@field page_size? integer keys per page (1000)
 
 --- The range end that covers every key starting with `prefix`: the prefix
 -- with its last byte below 0xff incremented and what follows dropped; "\0"
 -- (every key from `prefix` on) when there is no such byte.
+---@param prefix string
+---@return string range_end
 function _M.prefix_end(prefix)
   check.arg("prefix_end", 1, prefix, "string")
   for i = #prefix, 1, -1 do
-    local b = prefix:byte(i)
-    if b < 0xff then return prefix:sub(1, i - 1) .. string.char(b + 1) end
+    local byte = prefix:byte(i)
+    if byte < 0xff then return prefix:sub(1, i - 1) .. string_char(byte + 1) end
   end
   return "\0"
 end
 
-local SORT_ORDER = { none = "NONE", ascend = "ASCEND", descend = "DESCEND" }
-local SORT_TARGET = { key = "KEY", version = "VERSION", create = "CREATE", mod = "MOD", value = "VALUE" }
+-- The range options ---------------------------------------------------------
+-- Every function here that raises takes `level`: the error level of the
+-- user's call as seen from that function (what it passes to check.*).
 
-local RANGE_KEYS = { prefix = "boolean", range_end = "string", from_key = "boolean" }
+local RANGE_OPTIONS = { "prefix", "range_end", "from_key" }
 
-_M.GET_OPTS = {
-  prefix = "boolean", range_end = "string", from_key = "boolean",
-  limit = "integer", revision = "integer", sort_order = SORT_ORDER,
-  sort_target = SORT_TARGET, serializable = "boolean", keys_only = "boolean",
-  count_only = "boolean", min_mod_revision = "integer",
-  max_mod_revision = "integer", min_create_revision = "integer",
-  max_create_revision = "integer", timeout = "number",
-}
-_M.PUT_OPTS = {
-  lease = "id", prev_kv = "boolean", ignore_value = "boolean",
-  ignore_lease = "boolean", timeout = "number",
-}
-_M.DELETE_OPTS = {
-  prefix = "boolean", range_end = "string", from_key = "boolean",
-  prev_kv = "boolean", timeout = "number",
-}
-local COMPACT_OPTS = { physical = "boolean", timeout = "number" }
-local PAGES_OPTS = { page_size = "integer" }
-for k, v in pairs(_M.GET_OPTS) do PAGES_OPTS[k] = v end
-
---- range_end from the prefix / range_end / from_key options (at most one).
-local function range_end(fname, key, opts, level)
+--- The range end asked for by the options prefix, range_end and (where the
+-- call's `spec` accepts it) from_key: at most one of them; nil for a
+-- single key.
+---@param fname string the public function, for error messages
+---@param key string
+---@param opts etcd3.RangeOptions checked against `spec`
+---@param spec table the call's options spec
+---@param level integer
+---@return string? range_end
+function _M.range_end(fname, key, opts, spec, level)
   local given = 0
-  for k in pairs(RANGE_KEYS) do if opts[k] then given = given + 1 end end
+  for _, name in ipairs(RANGE_OPTIONS) do
+    if opts[name] then given = given + 1 end
+  end
   if given > 1 then
-    check.fail(fname, "options 'prefix', 'range_end' and 'from_key' exclude each other", level)
+    check.fail(fname, spec.from_key and "options 'prefix', 'range_end' and 'from_key' exclude each other"
+      or "options 'prefix' and 'range_end' exclude each other", level)
   end
   if opts.prefix then return _M.prefix_end(key) end
   if opts.from_key then return "\0" end
@@ -56,27 +121,54 @@ end
 
 --- etcd refuses an empty key: a prefix or from_key range over "" means
 -- every key, which starts at "\0" (as clientv3's WithPrefix/WithFromKey).
-function _M.range_key(key, opts)
+local function range_key(key, opts)
   if key == "" and (opts.prefix or opts.from_key) then return "\0" end
   return key
 end
 
--- Every builder checks at `level`, the error level that points at the
--- user's call through the public function that called it.
-
--- Checks key and options of a call over a range; returns the options
--- and the request's key and range end.
-local function ranged(fname, key, opts, spec, level)
-  check.arg(fname, 1, key, "string", level + 1)
-  opts = check.options(fname, opts, spec, level + 1)
-  return opts, _M.range_key(key, opts), range_end(fname, key, opts, level + 1)
+--- Checks the key and the options of a call over a range (argument 1 is
+-- the key); returns the options and the request's key and range end.
+---@return table opts
+---@return string key
+---@return string? range_end
+function _M.checked_range(fname, key, opts, spec, level)
+  check.arg(fname, 1, key, "string", level)
+  opts = check.options(fname, opts, spec, level)
+  return opts, range_key(key, opts), _M.range_end(fname, key, opts, spec, level + 1)
 end
+local checked_range = _M.checked_range
 
+-- Requests ------------------------------------------------------------------
+
+local SORT_ORDER = { none = "NONE", ascend = "ASCEND", descend = "DESCEND" }
+local SORT_TARGET = { key = "KEY", version = "VERSION", create = "CREATE", mod = "MOD", value = "VALUE" }
+
+local GET_OPTIONS = {
+  prefix = "boolean", range_end = "string", from_key = "boolean",
+  limit = "integer", revision = "integer", sort_order = SORT_ORDER,
+  sort_target = SORT_TARGET, serializable = "boolean", keys_only = "boolean",
+  count_only = "boolean", min_mod_revision = "integer",
+  max_mod_revision = "integer", min_create_revision = "integer",
+  max_create_revision = "integer", timeout = "number",
+}
+local PUT_OPTIONS = {
+  lease = "id", prev_kv = "boolean", ignore_value = "boolean",
+  ignore_lease = "boolean", timeout = "number",
+}
+local DELETE_OPTIONS = {
+  prefix = "boolean", range_end = "string", from_key = "boolean",
+  prev_kv = "boolean", timeout = "number",
+}
+local COMPACT_OPTIONS = { physical = "boolean", timeout = "number" }
+local PAGES_OPTIONS = { page_size = "integer" }
+for k, v in pairs(GET_OPTIONS) do PAGES_OPTIONS[k] = v end
+
+--- A RangeRequest and the checked options.
 function _M.range_request(fname, key, opts, level)
-  local range_key, end_key
-  opts, range_key, end_key = ranged(fname, key, opts, _M.GET_OPTS, level)
+  local request_key, request_end
+  opts, request_key, request_end = checked_range(fname, key, opts, GET_OPTIONS, level + 1)
   return {
-    key = range_key, range_end = end_key,
+    key = request_key, range_end = request_end,
     limit = opts.limit, revision = opts.revision,
     sort_order = opts.sort_order and SORT_ORDER[opts.sort_order],
     sort_target = opts.sort_target and SORT_TARGET[opts.sort_target],
@@ -88,9 +180,10 @@ function _M.range_request(fname, key, opts, level)
   }, opts
 end
 
+--- A PutRequest and the checked options.
 function _M.put_request(fname, key, value, opts, level)
   check.arg(fname, 1, key, "string", level)
-  opts = check.options(fname, opts, _M.PUT_OPTS, level)
+  opts = check.options(fname, opts, PUT_OPTIONS, level)
   if opts.ignore_value then
     if value ~= nil then check.arg(fname, 2, value, "string", level) end
   else
@@ -102,91 +195,112 @@ function _M.put_request(fname, key, value, opts, level)
   }, opts
 end
 
+--- A DeleteRangeRequest and the checked options.
 function _M.delete_request(fname, key, opts, level)
-  local range_key, end_key
-  opts, range_key, end_key = ranged(fname, key, opts, _M.DELETE_OPTS, level)
-  return { key = range_key, range_end = end_key, prev_kv = opts.prev_kv }, opts
+  local request_key, request_end
+  opts, request_key, request_end = checked_range(fname, key, opts, DELETE_OPTIONS, level + 1)
+  return { key = request_key, range_end = request_end, prev_kv = opts.prev_kv }, opts
 end
 
--- Methods added to the client class -----------------------------------
+-- The client's KV methods ---------------------------------------------------
+-- (init.lua adds every service's methods to the client class)
 
-local USER = 4 -- builder -> check -> method -> user
+local USER = 4 -- check -> builder -> method -> user
 
-function _M.install(Client)
-  --- client:get(key [, opts]) -> { header, kvs, more, count } | nil, err
-  function Client:get(key, opts)
-    check.self("get", self, "Client")
-    local req
-    req, opts = _M.range_request("get", key, opts, USER)
-    return self:_request("get", "KV.Range", req, opts.timeout, true)
-  end
+---@class etcd3.Client
+local Client = {}
+_M.client_methods = Client
 
-  --- client:put(key, value [, opts]) -> { header, prev_kv } | nil, err
-  function Client:put(key, value, opts)
-    check.self("put", self, "Client")
-    local req
-    req, opts = _M.put_request("put", key, value, opts, USER)
-    return self:_request("put", "KV.Put", req, opts.timeout, false)
-  end
-
-  --- client:delete(key [, opts]) -> { header, deleted, prev_kvs } | nil, err
-  function Client:delete(key, opts)
-    check.self("delete", self, "Client")
-    local req
-    req, opts = _M.delete_request("delete", key, opts, USER)
-    return self:_request("delete", "KV.DeleteRange", req, opts.timeout, false)
-  end
-
-  --- client:compact(revision [, opts]) -> { header } | nil, err
-  function Client:compact(revision, opts)
-    check.self("compact", self, "Client")
-    check.arg("compact", 1, revision, "integer")
-    opts = check.options("compact", opts, COMPACT_OPTS)
-    return self:_request("compact", "KV.Compact",
-      { revision = revision, physical = opts.physical }, opts.timeout, false)
-  end
-
-  --- client:pages(key [, opts]) -> iterator over pages (arrays of kv), all
-  -- read at the revision of the first page. On failure the iterator
-  -- returns false, err once, then stops.
-  function Client:pages(key, opts)
-    check.self("pages", self, "Client")
-    opts = check.options("pages", opts, PAGES_OPTS)
-    for _, k in ipairs { "limit", "sort_order", "sort_target", "count_only" } do
-      if opts[k] ~= nil then
-        check.fail("pages", ("option '%s' does not apply to pages (they go by key, ascending)"):format(k))
-      end
-    end
-    local page_size = opts.page_size or 1000
-    if page_size < 1 then check.fail("pages", "option 'page_size' must be >= 1") end
-    local get_opts = {}
-    for k, v in pairs(opts) do if k ~= "page_size" then get_opts[k] = v end end
-    local req = _M.range_request("pages", key, get_opts, 3)
-    req.limit, req.sort_order, req.sort_target = page_size, "ASCEND", "KEY"
-    local done = false
-    return function()
-      if done then return nil end
-      local res, err = self:_request("pages", "KV.Range", req, get_opts.timeout, true)
-      if not res then
-        done = true
-        return false, err
-      end
-      -- Pin every later page to the revision of the first (a response's
-      -- header always carries the newest revision, so only the first counts).
-      req.revision = req.revision or res.header.revision
-      local kvs = res.kvs
-      if not res.more or #kvs == 0 then
-        done = true
-        if #kvs == 0 then return nil end
-      else
-        req.key = kvs[#kvs].key .. "\0"
-        if not req.range_end then done = true end
-      end
-      return kvs
-    end
-  end
+--- Sends a request a builder made, with the options it checked.
+local function send(client, fname, rpc, idempotent, req, opts)
+  return client:_request(fname, rpc, req, opts.timeout, idempotent)
 end
 
-_M.is_error = errors.is_error
+--- Reads one key, or a range with `prefix`, `range_end` or `from_key`.
+---@param key string
+---@param opts? etcd3.GetOptions
+---@return etcd3.RangeResult? result
+---@return etcd3.Error? err
+function Client:get(key, opts)
+  check.self("get", self, "Client")
+  return send(self, "get", "KV.Range", true, _M.range_request("get", key, opts, USER))
+end
+
+--- Writes one key.
+---@param key string
+---@param value string? nil only with `ignore_value`
+---@param opts? etcd3.PutOptions
+---@return etcd3.PutResult? result
+---@return etcd3.Error? err
+function Client:put(key, value, opts)
+  check.self("put", self, "Client")
+  return send(self, "put", "KV.Put", false, _M.put_request("put", key, value, opts, USER))
+end
+
+--- Deletes one key, or a range with `prefix`, `range_end` or `from_key`.
+---@param key string
+---@param opts? etcd3.DeleteOptions
+---@return etcd3.DeleteResult? result
+---@return etcd3.Error? err
+function Client:delete(key, opts)
+  check.self("delete", self, "Client")
+  return send(self, "delete", "KV.DeleteRange", false, _M.delete_request("delete", key, opts, USER))
+end
+
+--- Drops the history before `revision`.
+---@param revision integer
+---@param opts? etcd3.CompactOptions
+---@return etcd3.HeaderResult? result
+---@return etcd3.Error? err
+function Client:compact(revision, opts)
+  check.self("compact", self, "Client")
+  check.arg("compact", 1, revision, "integer")
+  opts = check.options("compact", opts, COMPACT_OPTIONS)
+  return self:_request("compact", "KV.Compact",
+    { revision = revision, physical = opts.physical }, opts.timeout, false)
+end
+
+--- An iterator over a large range, one page (an array of kv) per step, all
+-- read at the revision of the first page. On failure the iterator
+-- returns false, err once, then stops.
+---@param key string
+---@param opts? etcd3.PagesOptions
+---@return fun(): (etcd3.KeyValue[]|false|nil), etcd3.Error?
+function Client:pages(key, opts)
+  check.self("pages", self, "Client")
+  opts = check.options("pages", opts, PAGES_OPTIONS)
+  for _, name in ipairs { "limit", "sort_order", "sort_target", "count_only" } do
+    if opts[name] ~= nil then
+      check.fail("pages", ("option '%s' does not apply to pages (they go by key, ascending)"):format(name))
+    end
+  end
+  local page_size = opts.page_size or 1000
+  if page_size < 1 then check.fail("pages", "option 'page_size' must be >= 1") end
+  local get_opts = {}
+  for k, v in pairs(opts) do if k ~= "page_size" then get_opts[k] = v end end
+  local req = _M.range_request("pages", key, get_opts, USER)
+  req.limit, req.sort_order, req.sort_target = page_size, "ASCEND", "KEY"
+  local done = false
+  return function()
+    if done then return nil end
+    local res, err = self:_request("pages", "KV.Range", req, get_opts.timeout, true)
+    if not res then
+      done = true
+      return false, err
+    end
+    -- Pin every later page to the revision of the first (a response's
+    -- header always carries the newest revision, so only the first counts).
+    req.revision = req.revision or res.header.revision
+    local kvs = res.kvs
+    if not res.more or #kvs == 0 then
+      done = true
+      if #kvs == 0 then return nil end
+    else
+      req.key = kvs[#kvs].key .. "\0"
+      if not req.range_end then done = true end
+    end
+    return kvs
+  end
+end
 
 return _M

@@ -9,16 +9,47 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 
-local setmetatable, math_huge = setmetatable, math.huge
+local setmetatable, ipairs, tostring = setmetatable, ipairs, tostring
+local math_huge = math.huge
 local now = core.now
 local tointeger = math.tointeger or function(v) return v end
 
+local _M = {}
+
+---@class etcd3.LeaseKeepAliveResult
+---@field header etcd3.Header
+---@field id string
+---@field ttl integer seconds granted from now
+
+---@class etcd3.LeaseTimeToLiveResult
+---@field header etcd3.Header
+---@field id string
+---@field ttl integer seconds left (-1 once expired)
+---@field granted_ttl integer
+---@field keys string[]? with `keys = true`, the keys attached
+
+---@class etcd3.LeasesResult
+---@field header etcd3.Header
+---@field ids string[] every lease ID
+
+---@class etcd3.GrantOptions: etcd3.TimeoutOptions
+---@field id? string|integer the ID wanted (default: etcd picks one)
+
+---@class etcd3.TimeToLiveOptions: etcd3.TimeoutOptions
+---@field keys? boolean also list the keys attached
+
+---@alias etcd3.LeaseId string|integer 16 hex digits, or an integer on Lua 5.3+
+
+--- A granted lease (client:grant) or one taken over by ID (client:keepalive).
+---@class etcd3.Lease
+---@field client etcd3.Client
+---@field id string 16 hex digits
+---@field ttl integer seconds granted
+---@field header etcd3.Header? the grant's header (client:grant only)
 local Lease = { __class = "Lease" }
 Lease.__index = Lease
 
-local _M = { Lease = Lease }
-
-local TIMEOUT_ONLY = { timeout = "number" }
+local TIMEOUT_ONLY = check.TIMEOUT_ONLY
 
 local function new_lease(client, id, ttl)
   local state = client:_handle("grant"):lease(id, ttl)
@@ -26,7 +57,7 @@ local function new_lease(client, id, ttl)
 end
 
 local function not_found(rpc)
-  return errors.new("NOT_FOUND", 5, "etcdserver: requested lease not found", rpc)
+  return errors.new("NOT_FOUND", "etcdserver: requested lease not found", rpc)
 end
 
 -- Requests by ID, shared by the lease methods and the client's by-ID forms.
@@ -57,29 +88,38 @@ local function revoke(client, fname, id, opts)
   return true
 end
 
---- lease:keepalive() -> true: renew every ttl/3 in the background until
+--- Renews the lease every ttl/3 in the background (in C) until
 -- lease:close(), revoke, client close, or loss.
+---@return true
 function Lease:keepalive()
   check.self("lease:keepalive", self, "Lease")
   self.client:_handle("keepalive")
   return self._state:keepalive()
 end
 
---- lease:alive() -> boolean, why_lost
+--- Whether the lease is alive as far as this client knows: false once etcd
+-- said it is gone or its TTL ran out here without a renewal.
+---@return boolean alive
+---@return string? why_lost
 function Lease:alive()
   check.self("lease:alive", self, "Lease")
   local alive, _, why = self._state:status()
   return alive, why
 end
 
---- lease:remaining() -> seconds left as last known (0 once lost)
+--- The seconds left as last known (0 once lost).
+---@return number
 function Lease:remaining()
   check.self("lease:remaining", self, "Lease")
   local _, remaining = self._state:status()
   return remaining
 end
 
---- lease:wait_lost([timeout]) -> true, why | nil, err (TIMEOUT)
+--- Returns once the lease is lost, or nil, err (TIMEOUT) when it is still
+-- alive after `timeout` seconds (nil: no limit).
+---@param timeout? number
+---@return true|nil lost
+---@return string|etcd3.Error why_or_err
 function Lease:wait_lost(timeout)
   check.self("lease:wait_lost", self, "Lease")
   if timeout ~= nil then check.arg("lease:wait_lost", 1, timeout, "number") end
@@ -90,12 +130,15 @@ function Lease:wait_lost(timeout)
   }
   local ok, err = self.client._wait(self.client, op, now() + (timeout or math_huge))
   if err then return nil, err end
-  if not ok then return nil, errors.new("TIMEOUT", 4, "the lease is still alive", "lease:wait_lost") end
+  if not ok then return nil, errors.new("TIMEOUT", "the lease is still alive", "lease:wait_lost") end
   local _, _, why = state:status()
   return true, why
 end
 
---- lease:keepalive_once([opts]) -> { header, id, ttl } | nil, err
+--- Renews the lease once.
+---@param opts? etcd3.TimeoutOptions
+---@return etcd3.LeaseKeepAliveResult? result
+---@return etcd3.Error? err
 function Lease:keepalive_once(opts)
   check.self("lease:keepalive_once", self, "Lease")
   local res, err, sent_at = keepalive_once(self.client, "lease:keepalive_once", self.id, opts)
@@ -104,13 +147,19 @@ function Lease:keepalive_once(opts)
   return res, err
 end
 
---- lease:time_to_live([{ keys = true }]) -> { header, id, ttl, granted_ttl, keys }
+--- What etcd knows of the lease.
+---@param opts? etcd3.TimeToLiveOptions
+---@return etcd3.LeaseTimeToLiveResult? result
+---@return etcd3.Error? err
 function Lease:time_to_live(opts)
   check.self("lease:time_to_live", self, "Lease")
   return time_to_live(self.client, "lease:time_to_live", self.id, opts)
 end
 
---- lease:revoke() -> true: the lease and every key attached to it are gone.
+--- Revokes the lease: it and every key attached to it are gone.
+---@param opts? etcd3.TimeoutOptions
+---@return true|nil ok
+---@return etcd3.Error? err
 function Lease:revoke(opts)
   check.self("lease:revoke", self, "Lease")
   local ok, err = revoke(self.client, "lease:revoke", self.id, opts)
@@ -118,7 +167,7 @@ function Lease:revoke(opts)
   return ok, err
 end
 
---- lease:close(): stops the background keepalive (the lease then expires
+--- Stops the background keepalive (the lease then expires
 -- after its TTL unless renewed elsewhere). Idempotent.
 function Lease:close()
   check.self("lease:close", self, "Lease")
@@ -130,67 +179,93 @@ function Lease:__tostring()
   return ("etcd3.Lease %s (ttl %s)"):format(self.id, tostring(self.ttl))
 end
 
-function _M.install(Client)
-  --- client:grant(ttl [, { id, timeout }]) -> lease | nil, err
-  function Client:grant(ttl, opts)
-    check.self("grant", self, "Client")
-    check.arg("grant", 1, ttl, "integer")
-    opts = check.options("grant", opts, { id = "id", timeout = "number" })
-    local res, err = self:_request("grant", "Lease.LeaseGrant", { ttl = ttl, id = opts.id }, opts.timeout, false)
-    if not res then return nil, err end
-    if res.error and res.error ~= "" then
-      return nil, errors.new("UNKNOWN", 2, res.error, "Lease.LeaseGrant")
-    end
-    local lease = new_lease(self, res.id, res.ttl)
-    lease.header = res.header
-    return lease
-  end
+-- The client's lease methods (init.lua adds them to the client class) ------
 
-  --- client:revoke(id [, opts]) -> true | nil, err
-  function Client:revoke(id, opts)
-    check.self("revoke", self, "Client")
-    check.arg("revoke", 1, id, "id")
-    return revoke(self, "revoke", id, opts)
-  end
+---@class etcd3.Client
+local Client = {}
+_M.client_methods = Client
 
-  --- client:time_to_live(id [, { keys }]) -> { header, id, ttl, granted_ttl, keys }
-  function Client:time_to_live(id, opts)
-    check.self("time_to_live", self, "Client")
-    check.arg("time_to_live", 1, id, "id")
-    return time_to_live(self, "time_to_live", id, opts)
+--- Grants a lease of `ttl` seconds.
+---@param ttl integer
+---@param opts? etcd3.GrantOptions
+---@return etcd3.Lease? lease
+---@return etcd3.Error? err
+function Client:grant(ttl, opts)
+  check.self("grant", self, "Client")
+  check.arg("grant", 1, ttl, "integer")
+  opts = check.options("grant", opts, { id = "id", timeout = "number" })
+  local res, err = self:_request("grant", "Lease.LeaseGrant", { ttl = ttl, id = opts.id }, opts.timeout, false)
+  if not res then return nil, err end
+  if res.error and res.error ~= "" then
+    return nil, errors.new("UNKNOWN", res.error, "Lease.LeaseGrant")
   end
+  local lease = new_lease(self, res.id, res.ttl)
+  lease.header = res.header
+  return lease
+end
 
-  --- client:keepalive_once(id [, opts]) -> { header, id, ttl }
-  function Client:keepalive_once(id, opts)
-    check.self("keepalive_once", self, "Client")
-    check.arg("keepalive_once", 1, id, "id")
-    local res, err = keepalive_once(self, "keepalive_once", id, opts)
-    return res, err
-  end
+--- Revokes a lease by ID.
+---@param id etcd3.LeaseId
+---@param opts? etcd3.TimeoutOptions
+---@return true|nil ok
+---@return etcd3.Error? err
+function Client:revoke(id, opts)
+  check.self("revoke", self, "Client")
+  check.arg("revoke", 1, id, "id")
+  return revoke(self, "revoke", id, opts)
+end
 
-  --- client:keepalive(id [, opts]) -> lease (kept alive) | nil, err:
-  -- takes over an existing lease by ID.
-  function Client:keepalive(id, opts)
-    check.self("keepalive", self, "Client")
-    check.arg("keepalive", 1, id, "id")
-    local res, err, sent_at = keepalive_once(self, "keepalive", id, opts)
-    if not res then return nil, err end
-    local lease = new_lease(self, res.id, res.ttl)
-    lease._state:renewed(res.ttl, sent_at)
-    lease._state:keepalive()
-    return lease
-  end
+--- What etcd knows of a lease, by ID.
+---@param id etcd3.LeaseId
+---@param opts? etcd3.TimeToLiveOptions
+---@return etcd3.LeaseTimeToLiveResult? result
+---@return etcd3.Error? err
+function Client:time_to_live(id, opts)
+  check.self("time_to_live", self, "Client")
+  check.arg("time_to_live", 1, id, "id")
+  return time_to_live(self, "time_to_live", id, opts)
+end
 
-  --- client:leases([opts]) -> { header, ids = { id, … } }
-  function Client:leases(opts)
-    check.self("leases", self, "Client")
-    opts = check.options("leases", opts, TIMEOUT_ONLY)
-    local res, err = self:_request("leases", "Lease.LeaseLeases", {}, opts.timeout, true)
-    if not res then return nil, err end
-    local ids = {}
-    for i, l in ipairs(res.leases or {}) do ids[i] = l.id end
-    return { header = res.header, ids = ids }
-  end
+--- Renews a lease once, by ID.
+---@param id etcd3.LeaseId
+---@param opts? etcd3.TimeoutOptions
+---@return etcd3.LeaseKeepAliveResult? result
+---@return etcd3.Error? err
+function Client:keepalive_once(id, opts)
+  check.self("keepalive_once", self, "Client")
+  check.arg("keepalive_once", 1, id, "id")
+  local res, err = keepalive_once(self, "keepalive_once", id, opts)
+  return res, err
+end
+
+--- Takes over an existing lease by ID and keeps it alive in the background.
+---@param id etcd3.LeaseId
+---@param opts? etcd3.TimeoutOptions
+---@return etcd3.Lease? lease
+---@return etcd3.Error? err
+function Client:keepalive(id, opts)
+  check.self("keepalive", self, "Client")
+  check.arg("keepalive", 1, id, "id")
+  local res, err, sent_at = keepalive_once(self, "keepalive", id, opts)
+  if not res then return nil, err end
+  local lease = new_lease(self, res.id, res.ttl)
+  lease._state:renewed(res.ttl, sent_at)
+  lease._state:keepalive()
+  return lease
+end
+
+--- The IDs of every lease.
+---@param opts? etcd3.TimeoutOptions
+---@return etcd3.LeasesResult? result
+---@return etcd3.Error? err
+function Client:leases(opts)
+  check.self("leases", self, "Client")
+  opts = check.options("leases", opts, TIMEOUT_ONLY)
+  local res, err = self:_request("leases", "Lease.LeaseLeases", {}, opts.timeout, true)
+  if not res then return nil, err end
+  local ids = {}
+  for i, lease in ipairs(res.leases or {}) do ids[i] = lease.id end
+  return { header = res.header, ids = ids }
 end
 
 return _M

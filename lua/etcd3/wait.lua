@@ -1,4 +1,4 @@
---- How blocking calls wait (API.md, "Waiting").
+--- How blocking calls wait (README.md, section "Waiting").
 --
 -- C never blocks for long and never yields: every wait loop lives here, so
 -- a scheduler may yield inside it. An "op" is anything with :ready() (true
@@ -11,12 +11,16 @@
 local core = require "etcd3.core"
 local errors = require "etcd3.error"
 
+-- luacheck: push ignore 113 (ngx: OpenResty's global, nil elsewhere)
+local ngx = ngx
+-- luacheck: pop
+local package, tostring = package, tostring
 local now, math_min = core.now, math.min
 
 local _M = {}
 
 -- Longest time Lua stays inside C at once, so Ctrl-C and hooks get through.
-_M.SLICE = 0.1
+local SLICE = 0.1
 
 --- Blocks in short slices in the C module: plain scripts, and nginx's
 -- init_worker phase (before the worker serves anything).
@@ -24,11 +28,22 @@ local function plain(_, op, deadline)
   while not op:ready() do
     local left = deadline - now()
     if left <= 0 then return false end
-    op:wait(math_min(left, _M.SLICE))
+    op:wait(math_min(left, SLICE))
   end
   return true
 end
 _M.plain = plain
+
+--- Whether this runs under OpenResty (whatever the phase).
+local function in_nginx()
+  return ngx ~= nil and ngx.get_phase ~= nil
+end
+
+--- Whether this runs inside a running cqueues controller.
+local function in_cqueues()
+  local cqueues = package.loaded.cqueues
+  return cqueues ~= nil and cqueues.running ~= nil and cqueues.running()
+end
 
 -- OpenResty ---------------------------------------------------------------
 
@@ -42,14 +57,16 @@ local NGX_YIELDING = {
 local NGX_BLOCKING = { init_worker = true, init = true }
 
 --- Polls without blocking, ngx.sleep between polls with a short backoff
--- (1 ms doubling to 20 ms): the worker keeps serving other requests.
+-- (1, 2, 4, 8, 16, then 32 ms between polls): the worker keeps serving
+-- other requests.
 local function ngx_sleep_wait(_, op, deadline)
   local step = 0.001
-  local sleep = ngx.sleep -- luacheck: ignore (ngx is OpenResty's global)
+  local sleep = ngx.sleep
   while not op:ready() do
     local left = deadline - now()
     if left <= 0 then return false end
     sleep(math_min(step, left))
+    -- grows until it passes 20 ms: the last doubling is 16 -> 32 ms
     if step < 0.02 then step = step * 2 end
   end
   return true
@@ -59,21 +76,23 @@ end
 -- request phases that cannot yield: set, header_filter, body_filter, log,
 -- balancer). Checked before anything is sent.
 local function ngx_phase_error()
-  local phase = ngx.get_phase() -- luacheck: ignore
+  local phase = ngx.get_phase()
   if NGX_YIELDING[phase] or NGX_BLOCKING[phase] then return nil end
-  return errors.new("FAILED_PRECONDITION", 9,
+  return errors.new("FAILED_PRECONDITION",
     ("cannot wait for etcd in nginx's '%s' phase, where Lua cannot yield: "
       .. "make the call in a phase that can yield (rewrite, access, content) "
       .. "or in a timer (ngx.timer.at)"):format(tostring(phase)), "wait")
 end
 
+--- The automatic strategy's check before a call is sent: nil, or the
+-- error for a context where the call could not be waited for.
 function _M.precheck()
-  if ngx and ngx.get_phase then return ngx_phase_error() end -- luacheck: ignore
+  if in_nginx() then return ngx_phase_error() end
   return nil
 end
 
 local function ngx_wait(client, op, deadline)
-  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end -- luacheck: ignore
+  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end
   local err = ngx_phase_error()
   if err then return op:ready(), not op:ready() and err or nil end
   return plain(client, op, deadline)
@@ -105,11 +124,8 @@ end
 --- The automatic strategy, decided at each wait (a client created in
 -- init_worker is used later from content handlers and timers).
 local function auto(client, op, deadline)
-  if ngx and ngx.get_phase then return ngx_wait(client, op, deadline) end -- luacheck: ignore
-  local cqueues = package.loaded.cqueues
-  if cqueues and cqueues.running and cqueues.running() then
-    return cqueues_wait(client, op, deadline)
-  end
+  if in_nginx() then return ngx_wait(client, op, deadline) end
+  if in_cqueues() then return cqueues_wait(client, op, deadline) end
   return plain(client, op, deadline)
 end
 
@@ -117,10 +133,7 @@ end
 -- then a call waits on a completion queue of its own, which the calling
 -- thread drives itself (no hand-off to the engine thread).
 function _M.blocking()
-  if ngx and ngx.get_phase then return false end -- luacheck: ignore
-  local cqueues = package.loaded.cqueues
-  if cqueues and cqueues.running and cqueues.running() then return false end
-  return true
+  return not (in_nginx() or in_cqueues())
 end
 
 --- The strategy for a client config's `wait` field (nil: automatic).
@@ -136,14 +149,46 @@ function _M.strategy(user_wait)
   end
 end
 
+--- Waits for `op` by the client's strategy until `deadline`: true once it
+-- is ready, or nil, err: the strategy's own error, or DEADLINE_EXCEEDED for
+-- `rpc` with `message` (default "deadline exceeded").
+---@return true|nil ready
+---@return etcd3.Error? err
+function _M.until_ready(client, op, deadline, rpc, message)
+  local ready, err = client._wait(client, op, deadline)
+  if ready then return true end
+  return nil, err or errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
+end
+
+--- Waits for a started unary call (etcd3.core's call object) and returns
+-- its response; or nil, err, completed: `completed` true when etcd (or
+-- gRPC) answered with an error, nil when the wait failed, in which case
+-- the call is cancelled: gRPC enforces the same deadline, and a call not
+-- complete by then is cancelled here rather than waited for.
+---@return table? response
+---@return etcd3.Error? err
+---@return true? completed
+function _M.for_response(client, call, deadline, rpc)
+  local ready, err = _M.until_ready(client, call, deadline, rpc)
+  if not ready then
+    call:cancel()
+    return nil, err
+  end
+  local res, code, _, message = call:result()
+  if res then return res end
+  return nil, errors.new(code, message, rpc), true
+end
+
+-- How long a polling op sleeps between two probes, at most.
+local POLL_STEP = 0.01
+
 --- An op that is ready when `probe()` returns true and waits by sleeping
--- in small steps (for conditions no completion signals, such as a channel
--- becoming connected).
-function _M.polling_op(probe, step)
-  step = step or 0.01
+-- in steps of 10 ms at most (for conditions no completion signals, such
+-- as a channel becoming connected).
+function _M.polling_op(probe)
   return {
     ready = function() return probe() end,
-    wait = function(_, seconds) core.sleep(math_min(seconds, step)) end,
+    wait = function(_, seconds) core.sleep(math_min(seconds, POLL_STEP)) end,
   }
 end
 

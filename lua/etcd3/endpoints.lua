@@ -1,0 +1,224 @@
+--- Endpoints: the one reader of endpoint URLs, and the policy of which
+-- member a request goes to.
+--
+-- A client's endpoint set holds its "host:port" list in the order of the
+-- core handle's channels (index i is channel i), the current one, and the
+-- ones auto_sync found removed from the cluster (kept in the list, because
+-- channel indexes never move, but never picked).
+local core = require "etcd3.core"
+local check = require "etcd3.check"
+local errors = require "etcd3.error"
+local wait = require "etcd3.wait"
+
+local type, ipairs, setmetatable, pcall, tostring = type, ipairs, setmetatable, pcall, tostring
+local os_getenv, table_concat = os.getenv, table.concat
+local now = core.now
+
+local _M = {}
+
+local DEFAULT = "127.0.0.1:2379"
+
+--- "host:port", "http://host:port[/]" or "https://…" -> "host:port", and
+-- the scheme in lower case (nil when there is none). The only place that
+-- takes a URL apart: config endpoints, endpoints given to a method and the
+-- client URLs members advertise all go through it.
+---@param url string
+---@return string address "host:port"
+---@return string? scheme "http", "https", … (lower case)
+function _M.address(url)
+  local scheme, rest = url:match("^(%a+)://(.*)$")
+  return ((rest or url):gsub("/+$", "")), scheme and scheme:lower()
+end
+local address = _M.address
+
+-- Raises at the user's call of etcd3.new: check.fail -> parse_one ->
+-- parse -> Client.new -> user.
+local NEW_USER = 5
+
+--- One configured endpoint -> "host:port", and whether it asked for TLS.
+local function parse_one(url)
+  if type(url) ~= "string" then
+    check.fail("new", ("endpoints: strings expected, got %s"):format(type(url)), NEW_USER)
+  end
+  local host_port, scheme = address(url)
+  if scheme and scheme ~= "http" and scheme ~= "https" then
+    check.fail("new", ("endpoint '%s': unknown scheme '%s'"):format(url, scheme), NEW_USER)
+  end
+  if not host_port:match("^[%w%.%-_%[%]:]+:%d+$") then
+    check.fail("new", ("endpoint '%s': host:port expected"):format(host_port), NEW_USER)
+  end
+  return host_port, scheme == "https"
+end
+
+--- The config's `endpoints` (a list or a comma-separated string; nil:
+-- $ETCDCTL_ENDPOINTS or 127.0.0.1:2379) -> { "host:port", … }, and whether
+-- any of them asked for TLS (https://). Raises for etcd3.new.
+---@param value string|string[]|nil
+---@return string[] list
+---@return boolean https
+function _M.parse(value)
+  if value == nil then value = os_getenv("ETCDCTL_ENDPOINTS") or DEFAULT end
+  local urls
+  if type(value) == "string" then
+    urls = {}
+    for url in value:gmatch("[^,%s]+") do urls[#urls + 1] = url end
+  elseif type(value) == "table" then
+    urls = value
+  else
+    check.fail("new", ("option 'endpoints': list or string expected, got %s"):format(type(value)), NEW_USER - 1)
+  end
+  local list, https = {}, false
+  for i, url in ipairs(urls) do
+    local host_port, tls = parse_one(url)
+    list[i], https = host_port, https or tls
+  end
+  if #list == 0 then check.fail("new", "option 'endpoints': no endpoint given", NEW_USER - 1) end
+  return list, https
+end
+
+-- The endpoint set of one client -------------------------------------------
+
+---@class etcd3.EndpointSet
+---@field list string[] every "host:port", index = the core handle's channel
+---@field current integer the index the next request starts on
+---@field retired table<integer, true> indexes auto_sync found removed
+---@field sync_interval number? auto_sync: seconds between refreshes
+---@field next_sync number? auto_sync: when the next refresh is due
+---@field syncing boolean? auto_sync: a refresh is running (its own request must not start another)
+local EndpointSet = {}
+EndpointSet.__index = EndpointSet
+
+---@param list string[]
+---@return etcd3.EndpointSet
+function _M.new_set(list)
+  return setmetatable({ list = list, current = 1, retired = {} }, EndpointSet)
+end
+
+--- The endpoint a request goes to: the current one unless it is known to
+-- be failing (or was removed from the cluster) while another is not.
+function EndpointSet:pick(handle)
+  local current, count, retired = self.current, #self.list, self.retired
+  if count == 1 or (not retired[current] and handle:state(current) ~= "TRANSIENT_FAILURE") then
+    return current
+  end
+  for step = 1, count - 1 do
+    local i = (current + step - 1) % count + 1
+    if not retired[i] and handle:state(i, true) ~= "TRANSIENT_FAILURE" then
+      self.current = i
+      return i
+    end
+  end
+  return current
+end
+
+--- Endpoint `i` failed: the next request starts on the next one.
+function EndpointSet:failed(i)
+  if self.current == i then self.current = i % #self.list + 1 end
+end
+
+--- The index of an endpoint given as "host:port" or a URL, or nil when it
+-- is not one of this client's (or was removed from the cluster).
+---@param url string
+---@return integer?
+function EndpointSet:index(url)
+  local target = address(url)
+  for i, host_port in ipairs(self.list) do
+    if host_port == target and not self.retired[i] then return i end
+  end
+  return nil
+end
+
+--- The endpoints in use.
+---@return string[]
+function EndpointSet:live()
+  local list = {}
+  for i, host_port in ipairs(self.list) do
+    if not self.retired[i] then list[#list + 1] = host_port end
+  end
+  return list
+end
+
+function EndpointSet:__tostring()
+  return table_concat(self.list, ",")
+end
+
+--- Waits until some endpoint of `client` is connected; makes it the
+-- current one. true | nil, err (UNAVAILABLE with gRPC's reason).
+function _M.dial(client, dial_timeout)
+  local handle, set = client._core, client._endpoints
+  local op = wait.polling_op(function()
+    for i = 1, #set.list do
+      if handle:state(i, true) == "READY" then
+        set.current = i
+        return true
+      end
+    end
+    return false
+  end)
+  local ready, err = client._wait(client, op, now() + dial_timeout)
+  if ready then return true end
+  if err then return nil, err end
+  -- Why: a fail-fast call carries gRPC's last connection error (refused,
+  -- TLS handshake failed and on what, …).
+  local probe = handle:call(set.current, "Maintenance.Status", {}, 0.5)
+  local why = ""
+  if wait.plain(client, probe, now() + 1) then
+    local _, code, _, message = probe:result()
+    if code and message and message ~= "" then why = " (" .. message .. ")" end
+  end
+  return nil, errors.new("UNAVAILABLE",
+    ("no endpoint answered within dial_timeout (%gs): %s%s"):format(dial_timeout, tostring(set), why), "new")
+end
+
+-- auto_sync ---------------------------------------------------------------
+-- The endpoint list follows the cluster's members, refreshed at most every
+-- `interval` seconds, when the client is used (Lua has no background; the
+-- refresh is one member_list call).
+
+function EndpointSet:start_auto_sync(interval)
+  self.sync_interval = interval
+  self.next_sync = now() + interval
+end
+
+--- Adds the members' client URLs not known yet (a new channel each),
+-- revives known ones, retires the endpoints no member advertises.
+local function merge_members(set, handle, members)
+  local live = {}
+  for _, member in ipairs(members or {}) do
+    for _, url in ipairs(member.client_urls or {}) do
+      local target = address(url)
+      live[target] = true
+      local known = false
+      for i, host_port in ipairs(set.list) do
+        if host_port == target then known = true; set.retired[i] = nil end
+      end
+      if not known then
+        local index = handle:add_endpoint(target)
+        if index then set.list[index] = target end
+      end
+    end
+  end
+  for i, host_port in ipairs(set.list) do
+    if not live[host_port] then set.retired[i] = true end
+  end
+end
+
+local function sync(client)
+  local set = client._endpoints
+  set.next_sync = now() + set.sync_interval
+  local res = client:member_list()
+  if res then merge_members(set, client._core, res.members) end
+end
+
+--- Refreshes the endpoint list when auto_sync is on and a refresh is due.
+-- A failed refresh changes nothing (the request goes on as it would have).
+function _M.auto_sync(client)
+  local set = client._endpoints
+  if set.sync_interval and not set.syncing and now() >= set.next_sync then
+    set.syncing = true
+    pcall(sync, client)
+    set.syncing = false
+  end
+end
+
+return _M
