@@ -41,8 +41,10 @@ SRCS     := $(wildcard src/*.c)
 OBJS     := $(SRCS:src/%.c=$(BUILD)/%.o) $(PROTOS:%=$(BUILD)/%.pb-c.o)
 MODULE   := $(BUILD)/etcd3/core.so
 
-INST_LIBDIR ?= /usr/local/lib/lua/$(if $(filter luajit,$(notdir $(LUA))),5.1,$(patsubst lua%,%,$(notdir $(LUA))))
-INST_LUADIR ?= /usr/local/share/lua/5.4
+# Lua's version directory: 5.1 for LuaJIT, else the interpreter's own.
+LUA_VERSION_DIR := $(if $(filter luajit,$(notdir $(LUA))),5.1,$(patsubst lua%,%,$(notdir $(LUA))))
+INST_LIBDIR ?= /usr/local/lib/lua/$(LUA_VERSION_DIR)
+INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
