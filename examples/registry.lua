@@ -2,8 +2,10 @@
 -- register under a lease that stays alive while the process lives, and
 -- watch the prefix to learn when other nodes join or leave.
 --
---   ETCDCTL_ENDPOINTS=127.0.0.1:2379 lua5.4 examples/registry.lua node-a 127.0.0.1:7001 10
---   (run several with different names; each prints the others joining and leaving)
+--   make run SCRIPT=examples/registry.lua ARGS="node-a 127.0.0.1:7001 10" [LUA=luajit]
+--   (run several with different names; each prints the others joining and
+--   leaving; etcd from $ETCDCTL_ENDPOINTS, default 127.0.0.1:2379), or:
+--   . tools/env.sh; ETCDCTL_ENDPOINTS=127.0.0.1:2379 lua5.4 examples/registry.lua node-a 127.0.0.1:7001 10
 local etcd3 = require "etcd3"
 
 local name, address = arg[1] or "node-" .. os.time(), arg[2] or "127.0.0.1:7000"
