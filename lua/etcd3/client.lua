@@ -92,6 +92,19 @@ local function tls_config(tls, https)
   }
 end
 
+--- gRPC's message, with the likely cause when a TLS member closed the
+-- connection right after the handshake: what one that demands a client
+-- certificate does (with TLS 1.3 the client has finished its side by then,
+-- so gRPC reports only "Endpoint read failed").
+local function explain(self, message)
+  if self._tls_cert ~= nil and message and message:find("Endpoint read failed", 1, true) then
+    return message .. (self._tls_cert
+      and " (the server refused the TLS handshake: does it trust this client certificate?)"
+      or " (the server refused the TLS handshake: no client certificate? it may require tls.cert and tls.key)")
+  end
+  return message
+end
+
 local function positive(name, v, default, min)
   if v == nil then return default end
   if v < (min or 0) then
@@ -113,10 +126,11 @@ function Client.new(config)
   local max_recv = positive("max_recv_bytes", config.max_recv_bytes, DEFAULT_MAX_RECV, 1)
   if max_recv > DEFAULT_MAX_RECV then max_recv = DEFAULT_MAX_RECV end
 
-  local handle, msg = core.new(endpoints, math.floor(keepalive * 1000), max_recv,
-    tls_config(config.tls, https))
+  local tls = tls_config(config.tls, https)
+  local handle, msg = core.new(endpoints, math.floor(keepalive * 1000), max_recv, tls)
   if not handle then return nil, errors.new("UNAVAILABLE", 14, msg, "new") end
   local self = setmetatable({
+    _tls_cert = tls and tls.cert ~= nil, -- nil: plaintext
     _ns = config.namespace ~= "" and config.namespace or nil,
     _user = config.user,
     _tls = config.tls,
@@ -197,7 +211,7 @@ function Client:_dial(dial_timeout)
   local why = ""
   if wait.plain(self, probe, now() + 1) then
     local _, code, _, message = probe:result()
-    if code and message and message ~= "" then why = " (" .. message .. ")" end
+    if code and message and message ~= "" then why = " (" .. explain(self, message) .. ")" end
   end
   return nil, errors.new("UNAVAILABLE", 14,
     ("no endpoint answered within dial_timeout (%gs): %s%s"):format(
@@ -314,7 +328,7 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
       if ns then namespace.unwrap_response(ns, rpc, res) end
       return res
     end
-    err = errors.new(code, status, message, rpc)
+    err = errors.new(code, status, explain(self, message), rpc)
     if code == "UNAUTHENTICATED" and self._user and not reauthenticated then
       -- The token expired (etcd's simple tokens live --auth-token-ttl
       -- seconds): authenticate again, once, and repeat. Safe for writes
