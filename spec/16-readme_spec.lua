@@ -81,11 +81,12 @@ local function examples()
     local l = lines[i]
     local h = l:match("^#+%s+(.*)$")
     if h then heading = h end
-    local lang = l:match("^```(%w*)%s*$")
+    local indent, lang = l:match("^(%s*)```(%w*)%s*$")
     if lang then
+      -- a fence may be indented (in a list item): its lines lose that indent
       local body, j = {}, i + 1
-      while j <= #lines and not lines[j]:match("^```%s*$") do
-        body[#body + 1] = lines[j]
+      while j <= #lines and not lines[j]:match("^%s*```%s*$") do
+        body[#body + 1] = lines[j]:sub(1, #indent) == indent and lines[j]:sub(#indent + 1) or lines[j]
         j = j + 1
       end
       if lang == "lua" or lang == "nginx" then
@@ -250,6 +251,14 @@ describe("README.md examples", function()
   teardown(function()
     for _, m in ipairs(killed) do m:stop() end
     if certs then certs.remove() end
+  end)
+
+  it("finds every ```lua and ```nginx fence", function()
+    local n = 0
+    for _ in read("README.md"):gmatch("```lua%s*\n") do n = n + 1 end
+    for _ in read("README.md"):gmatch("```nginx%s*\n") do n = n + 1 end
+    assert.are.equal(n, #examples())
+    assert.is_true(n > 0)
   end)
 
   for _, ex in ipairs(examples()) do
