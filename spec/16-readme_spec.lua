@@ -114,9 +114,16 @@ end
 --- The annotation's table; a bad one fails the example.
 local function parse_note(ex)
   if not ex.note then return {} end
-  local chunk, err = (loadstring or load)("return " .. ex.note, "=README.md:" .. ex.note_line)
+  -- a table constructor, evaluated with no globals
+  local name, env = "=README.md:" .. ex.note_line, {}
+  local chunk, err
+  if setfenv then
+    chunk, err = loadstring("return " .. ex.note, name)
+    if chunk then setfenv(chunk, env) end
+  else
+    chunk, err = load("return " .. ex.note, name, "t", env)
+  end
   assert(chunk, err)
-  if setfenv then setfenv(chunk, {}) end
   local ok, t = pcall(chunk)
   assert(ok and type(t) == "table", "README.md:" .. ex.note_line .. ": doctest annotation: a Lua table expected")
   for k, v in pairs(t) do
