@@ -2,7 +2,7 @@
 #
 #   make                 etcd3.core for Lua 5.4    (build/lua5.4/etcd3/core.so)
 #   make LUA=luajit      etcd3.core for LuaJIT 2.1 (build/luajit/etcd3/core.so)
-#   make demo            examples/demo.lua against a throwaway local etcd
+#   make demo [LUA=…]    examples/demo.lua against a throwaway local etcd
 #   make run SCRIPT=f.lua [ARGS="…"] [LUA=luajit]
 #                        any script against the build tree, not installed
 #                        (etcd at $ETCDCTL_ENDPOINTS, default 127.0.0.1:2379)
