@@ -260,9 +260,6 @@ static void encode_table(lua_State *L, int idx,
       continue;
     }
     is_id = is_id_field(f, name);
-    if (is_id && (strcmp(name, "lease") == 0 ||
-                  strncmp(d->short_name, "Lease", 5) == 0))
-      is_id = 2; /* a lease ID */
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n, size = element_size(f->type);
       char *elems;
