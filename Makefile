@@ -2,7 +2,10 @@
 #
 #   make                 etcd3.core for Lua 5.4    (build/lua5.4/etcd3/core.so)
 #   make LUA=luajit      etcd3.core for LuaJIT 2.1 (build/luajit/etcd3/core.so)
-#   make demo            examples/demo.lua against a throwaway local etcd
+#   make demo [LUA=…]    examples/demo.lua against a throwaway local etcd
+#   make run SCRIPT=f.lua [ARGS="…"] [LUA=luajit]
+#                        any script against the build tree, not installed
+#                        (etcd at $ETCDCTL_ENDPOINTS, default 127.0.0.1:2379)
 #   make test            installs what is missing, then every spec on both
 #                        runtimes, a sanitizer run, and luacheck
 #   make install         honours LuaRocks' variables (INST_LIBDIR, INST_LUADIR)
@@ -48,7 +51,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo test check lint install clean bench bench-smoke spec-helpers
+.PHONY: all deps demo run test check lint install clean bench bench-smoke spec-helpers
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -98,10 +101,16 @@ bench-smoke: deps
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --rounds 1
 
+# the module and the Lua files as tools/env.sh points this runtime at them
+RUN_ENV = ETCD3_LUA=$(notdir $(LUA)) ETCD3_BUILD=$(BUILD) . tools/env.sh &&
+
 demo: deps
-	$(MAKE) -s LUA=lua5.4
-	LUA_PATH="lua/?.lua;lua/?/init.lua;./?.lua;;" LUA_CPATH="build/lua5.4/?.so;;" \
-	  lua5.4 tools/with-etcd.lua lua5.4 examples/demo.lua
+	$(MAKE) -s LUA=$(LUA)
+	$(RUN_ENV) $(LUA) tools/with-etcd.lua $(LUA) examples/demo.lua
+
+run: $(MODULE)
+	@[ -n "$(SCRIPT)" ] || { echo 'usage: make run SCRIPT=file.lua [ARGS="..."] [LUA=luajit]' >&2; exit 2; }
+	@$(RUN_ENV) $(LUA) $(SCRIPT) $(ARGS)
 
 test: deps
 	sh tools/test.sh

@@ -1,6 +1,9 @@
 -- A tour of lua-etcd3, printed the way etcdctl prints the same commands.
--- Run with `make demo` (it starts a throwaway etcd), or against your own:
---   ETCDCTL_ENDPOINTS=127.0.0.1:2379 lua5.4 examples/demo.lua
+-- Run from the checkout, without installing:
+--   make demo [LUA=luajit]                              (starts a throwaway etcd)
+--   make run SCRIPT=examples/demo.lua [LUA=luajit]      (your etcd: $ETCDCTL_ENDPOINTS,
+--                                                        default 127.0.0.1:2379)
+--   . tools/env.sh; ETCDCTL_ENDPOINTS=127.0.0.1:2379 lua5.4 examples/demo.lua
 local etcd3 = require "etcd3"
 
 local cli = assert(etcd3.new {}) -- endpoints from $ETCDCTL_ENDPOINTS
@@ -33,8 +36,10 @@ show("del /demo/ --prefix")
 res = assert(cli:delete("/demo/", { prefix = true }))
 print(res.deleted)
 
--- etcdctl get /demo/ --prefix --count-only -w fields would say 0
-show("get /demo/ --prefix --count-only")
+-- etcdctl get /demo/ --prefix -w fields  ->  ... "Count" : 0
+-- (etcdctl 3.4 has no --count-only flag, 3.5 added it; count_only = true
+-- asks etcd for the count alone)
+show("get /demo/ --prefix -w fields   # the \"Count\" line")
 print(assert(cli:get("/demo/", { prefix = true, count_only = true })).count)
 
 cli:close()

@@ -99,6 +99,24 @@ describe("lease", function()
     assert.matches("etcd says", why)
   end)
 
+  it("a revoke by ID from the same client ends its lease objects' liveness at once", function()
+    local lease = assert(cli:grant(600))
+    lease:keepalive()
+    local taken = assert(cli:keepalive(lease.id)) -- a second object, same lease
+    local other = assert(cli:grant(600))
+    -- the ID as a user may write it: no leading zeros, upper case
+    assert.is_true(assert(cli:revoke(lease.id:gsub("^0+", ""):upper())))
+    -- no renewal is due for minutes: only the revoke can have ended them
+    for _, l in ipairs { lease, taken } do
+      local alive, why = l:alive()
+      assert.is_false(alive)
+      assert.matches("revoked", why)
+      assert.is_true((l:wait_lost(0)))
+    end
+    assert.is_true(other:alive())
+    assert(other:revoke())
+  end)
+
   it("keepalive_once renews, by lease and by ID", function()
     local lease = assert(cli:grant(10))
     local res = assert(lease:keepalive_once())

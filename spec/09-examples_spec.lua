@@ -21,6 +21,19 @@ describe("examples", function()
     assert.matches("%$ etcdctl del /demo/ %-%-prefix\n4\n", out)
   end)
 
+  it("runs as its header comment says: make run, or tools/env.sh sourced", function()
+    local interp = jit and "luajit" or "lua5.4"
+    for _, cmd in ipairs {
+      ("make -s run SCRIPT=examples/demo.lua LUA=%s"):format(interp),
+      ("ETCD3_LUA=%s . tools/env.sh && %s examples/demo.lua"):format(interp, interp),
+    } do
+      -- a clean environment: no package paths but what the command sets
+      local out = helper.capture(("env -u LUA_PATH -u LUA_CPATH -u LUA_PATH_5_4 -u LUA_CPATH_5_4 "
+        .. "ETCDCTL_ENDPOINTS=%s sh -c '%s' 2>&1"):format(member.endpoint, cmd))
+      assert.matches("%$ etcdctl del /demo/ %-%-prefix\n4\n", out, 1, false)
+    end
+  end)
+
   -- Starts a game node in the background; returns its PID and output file.
   local nodes = {}
   local function start_node(name, seconds)

@@ -350,7 +350,8 @@ static void push_i64(lua_State *L, int64_t v) {
 }
 
 
-/* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0. */
+/* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0.
+ * is_id: 1 for a member/cluster ID, 2 for a lease ID. */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
                       int is_id, const void *slot) {
   switch (f->type) {
@@ -368,7 +369,9 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
       if (is_id) {
         char hex[17];
         if (v == 0) return 0;
-        snprintf(hex, sizeof hex, "%016llx", (unsigned long long)v);
+        /* as etcdctl 3.4 prints them: leases %016x, members/clusters %x */
+        snprintf(hex, sizeof hex, is_id == 2 ? "%016llx" : "%llx",
+                 (unsigned long long)v);
         lua_pushstring(L, hex);
       } else {
         push_i64(L, (int64_t)v);
@@ -430,6 +433,9 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
       continue;
     snake_name(f->name, name);
     is_id = is_id_field(f, name);
+    if (is_id && (strcmp(name, "lease") == 0 ||
+                  strncmp(d->short_name, "Lease", 5) == 0))
+      is_id = 2; /* a lease ID */
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n = *(const size_t *)(base + f->quantifier_offset);
       size_t size = element_size(f->type);

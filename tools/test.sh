@@ -1,6 +1,7 @@
 #!/bin/sh
 # The whole test run (`make test`): builds etcd3.core for Lua 5.4 and
-# LuaJIT, runs every spec under both, runs it again with the module built
+# LuaJIT, runs every spec under both, builds for Lua 5.1 and 5.3 and runs
+# the demo there, runs it again with the module built
 # with AddressSanitizer + UBSan, checks that the rock installs with
 # luarocks, runs luacheck, and ends with one line "N passed, M failed".
 #
@@ -62,6 +63,11 @@ for target in "LUA=lua5.4" "LUA=luajit" "LUA=lua5.4 SANITIZE=1"; do
 done
 # both compilers, warnings as errors
 step build-clang $MAKE -s CC=clang BUILD=build/clang-check
+# PUC Lua 5.1 and 5.3: the module builds and the demo (puts, gets, deletes
+# against a throwaway etcd) runs; the specs run on 5.4 and LuaJIT only
+for v in 5.1 5.3; do
+  step "lua$v-demo" $MAKE -s demo LUA="lua$v"
+done
 
 if [ "$build_ok" = 1 ]; then
   passed=$((passed + 1))

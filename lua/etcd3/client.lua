@@ -116,10 +116,11 @@ function Client.new(config)
   local max_recv = at_least("max_recv_bytes", config.max_recv_bytes, DEFAULT_MAX_RECV, 1)
   if max_recv > DEFAULT_MAX_RECV then max_recv = DEFAULT_MAX_RECV end
 
-  local handle, message = core.new(list, math_floor(keepalive * 1000), max_recv,
-    tls_config(config.tls, https))
+  local tls = tls_config(config.tls, https)
+  local handle, message = core.new(list, math_floor(keepalive * 1000), max_recv, tls)
   if not handle then return nil, errors.new("UNAVAILABLE", message, "new") end
   local self = setmetatable({
+    _tls_cert = tls and tls.cert ~= nil, -- nil: plaintext
     _namespace = config.namespace ~= "" and config.namespace or nil,
     _user = config.user,
     _tls = config.tls,
@@ -189,6 +190,7 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
     end
     if not completed then return nil, call_err end
     err = call_err
+    err.message = endpoints.explain(self, err.message)
     local code = err.code
     if not reauthenticated and auth.token_expired(self, code) then
       -- once per request: a second refusal is etcd's answer

@@ -144,6 +144,22 @@ end
 
 --- Waits until some endpoint of `client` is connected; makes it the
 -- current one. true | nil, err (UNAVAILABLE with gRPC's reason).
+--- gRPC's message, with the likely cause when a TLS member closed the
+-- connection right after the handshake: what one that demands a client
+-- certificate does (with TLS 1.3 the client has finished its side by then,
+-- so gRPC reports only "Endpoint read failed").
+---@param client etcd3.Client
+---@param message string?
+---@return string?
+function _M.explain(client, message)
+  if client._tls_cert ~= nil and message and message:find("Endpoint read failed", 1, true) then
+    return message .. (client._tls_cert
+      and " (the server refused the TLS handshake: does it trust this client certificate?)"
+      or " (the server refused the TLS handshake: no client certificate? it may require tls.cert and tls.key)")
+  end
+  return message
+end
+
 function _M.dial(client, dial_timeout)
   local handle, set = client._core, client._endpoints
   local op = wait.polling_op(function()
@@ -164,7 +180,7 @@ function _M.dial(client, dial_timeout)
   local why = ""
   if wait.plain(client, probe, now() + 1) then
     local _, code, _, message = probe:result()
-    if code and message and message ~= "" then why = " (" .. message .. ")" end
+    if code and message and message ~= "" then why = " (" .. _M.explain(client, message) .. ")" end
   end
   return nil, errors.new("UNAVAILABLE",
     ("no endpoint answered within dial_timeout (%gs): %s%s"):format(dial_timeout, tostring(set), why), "new")

@@ -9,7 +9,7 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 
-local setmetatable, ipairs, tostring = setmetatable, ipairs, tostring
+local setmetatable, ipairs, pairs, type, tostring = setmetatable, ipairs, pairs, type, tostring
 local math_huge = math.huge
 local now = core.now
 local tointeger = math.tointeger or function(v) return v end
@@ -51,9 +51,27 @@ Lease.__index = Lease
 
 local TIMEOUT_ONLY = check.TIMEOUT_ONLY
 
+local WEAK_KEYS = { __mode = "k" }
+
 local function new_lease(client, id, ttl)
   local state = client:_handle("grant"):lease(id, ttl)
-  return setmetatable({ client = client, id = id, ttl = ttl, _state = state }, Lease)
+  local lease = setmetatable({ client = client, id = id, ttl = ttl, _state = state }, Lease)
+  -- the client's live lease objects (weak: a dropped lease is not kept),
+  -- so that a revoke by ID ends their liveness at once, as lease:revoke() does
+  local live = client._lease_objects
+  if not live then
+    live = setmetatable({}, WEAK_KEYS)
+    client._lease_objects = live
+  end
+  live[lease] = true
+  return lease
+end
+
+--- An ID as the client gives them ("%016x"): "abc12", "ABC12" and 0xabc12
+-- are the same lease.
+local function lease_id(id)
+  if type(id) == "string" then return ("0"):rep(16 - #id) .. id:lower() end
+  return ("%016x"):format(id)
 end
 
 local function not_found(rpc)
@@ -84,6 +102,14 @@ end
 local function revoke(client, fname, id, opts)
   opts = check.options(fname, opts, TIMEOUT_ONLY, 4)
   local res, err = client:_request(fname, "Lease.LeaseRevoke", { id = id }, opts.timeout, false)
+  if res or err.code == "NOT_FOUND" then
+    -- every lease object of this client with that ID is lost now, not at
+    -- its next renewal
+    id = lease_id(id)
+    for lease in pairs(client._lease_objects or {}) do
+      if lease.id == id then lease._state:lose("revoked") end
+    end
+  end
   if not res then return nil, err end
   return true
 end
@@ -162,9 +188,7 @@ end
 ---@return etcd3.Error? err
 function Lease:revoke(opts)
   check.self("lease:revoke", self, "Lease")
-  local ok, err = revoke(self.client, "lease:revoke", self.id, opts)
-  if ok or (err and err.code == "NOT_FOUND") then self._state:lose("revoked") end
-  return ok, err
+  return revoke(self.client, "lease:revoke", self.id, opts)
 end
 
 --- Stops the background keepalive (the lease then expires

@@ -29,7 +29,7 @@ function _M.make()
   local dir = helper.capture("mktemp -d /tmp/etcd3-certs.XXXXXX"):gsub("%s+$", "")
   ca(dir, "ca")
   ca(dir, "other-ca")
-  leaf(dir, "server", "ca", "IP:127.0.0.1", 3650)
+  leaf(dir, "server", "ca", "IP:127.0.0.1,DNS:etcd.internal", 3650) -- README: server_name
   leaf(dir, "client", "ca", "DNS:client", 3650)
   leaf(dir, "wrong-name", "ca", "DNS:wrong.example", 3650)
   leaf(dir, "expired", "ca", "IP:127.0.0.1", 0)
