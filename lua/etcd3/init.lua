@@ -16,6 +16,8 @@ txn.install(Client)
 lease.install(Client)
 watch.install(Client)
 admin.install(Client)
+require("etcd3.concurrency").install(Client)
+require("etcd3.mirror").install(Client)
 
 local _M = {
   _VERSION = "lua-etcd3 0.1.0",
