@@ -74,6 +74,11 @@ describe("session", function()
     raises("etcd3%.session: option 'lease': ID", cli.session, cli, { lease = "xyz" })
     raises("etcd3%.session: called without an object", cli.session)
     local s = assert(cli:session { ttl = 5 })
+    -- the errors point at the caller's line
+    raises("^spec/14%-recipes_spec%.lua:%d+: bad argument #1 to 'etcd3%.session:mutex'", function() s:mutex({}) end)
+    raises("^spec/14%-recipes_spec%.lua:%d+: etcd3%.session: unknown option", function() cli:session { x = 1 } end)
+    raises("^spec/14%-recipes_spec%.lua:%d+: bad argument #1 to 'etcd3%.mutex:lock'",
+      function() s:mutex("/pos"):lock("x") end)
     raises("bad argument #1 to 'etcd3%.session:mutex' %(string expected, got 5%)", s.mutex, s, 5)
     raises("bad argument #1 to 'etcd3%.session:election' %(string expected, got nil%)", s.election, s)
     raises("bad argument #1 to 'etcd3%.session:wait_lost' %(number expected", s.wait_lost, s, "1")
@@ -85,6 +90,10 @@ describe("session", function()
     raises("bad argument #1 to 'etcd3%.election:proclaim' %(string expected, got nil%)", e.proclaim, e)
     raises("bad argument #1 to 'etcd3%.observer:next' %(number expected", e:observe().next, e:observe(), "x")
     assert.is_true(s:close())
+    raises("^spec/14%-recipes_spec%.lua:%d+: etcd3%.election:campaign: the session was closed",
+      function() e:campaign("v") end)
+    raises("^spec/14%-recipes_spec%.lua:%d+: etcd3%.session:mutex: the session was closed",
+      function() s:mutex("/pos") end)
     for name, fn in pairs { lock = m.lock, try_lock = m.try_lock, unlock = m.unlock } do
       raises("etcd3%.mutex:" .. name .. ": the session was closed", fn, m)
     end
@@ -198,29 +207,27 @@ describe("mutex", function()
 
   it("counts to exactly 150: three processes, 50 locked read-modify-writes each", function()
     assert(cli:put("/counter", "0"))
-    local script = [[
-      local etcd3 = require "etcd3"
-      local cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" })
-      local s = assert(cli:session { ttl = 10 })
-      local m = s:mutex("/count-lock")
+    -- the same locked read-modify-write loop, here and in both children
+    local count = [[
+      local cli, m = ...
       for _ = 1, 50 do
         assert(m:lock(120))
         local n = tonumber(assert(cli:get("/counter")).kvs[1].value)
         assert(cli:put("/counter", tostring(n + 1)))
         assert(m:unlock())
       end
+    ]]
+    local script = [[
+      local etcd3 = require "etcd3"
+      local cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" })
+      local s = assert(cli:session { ttl = 10 })
+      assert(load(]] .. ("%q"):format(count) .. [[))(cli, s:mutex("/count-lock"))
       s:close()
       print("done")
     ]]
     local children = { process.lua(script), process.lua(script) }
     local s = assert(cli:session { ttl = 10 })
-    local m = s:mutex("/count-lock")
-    for _ = 1, 50 do
-      assert(m:lock(120))
-      local n = tonumber(assert(cli:get("/counter")).kvs[1].value)
-      assert(cli:put("/counter", tostring(n + 1)))
-      assert(m:unlock())
-    end
+    assert(load(count))(cli, s:mutex("/count-lock"))
     for _, child in ipairs(children) do
       local out = child:read("*a")
       child:close()

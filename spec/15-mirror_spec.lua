@@ -88,6 +88,32 @@ local function read_number(path)
   return n
 end
 
+--- Runs 1000 random puts and deletes in another process (talking to
+-- `endpoints`) while `m` follows them, checking every change against a
+-- shadow copy; `each(applied)` runs after each update with the number of
+-- changes applied so far. Returns the writer's last revision and the shadow.
+local function follow_writer(m, endpoints, prefix, each)
+  local shadow, last, applied = copy_of(m), m:revision(), 0
+  local rev_file = helper.capture("mktemp /tmp/etcd3-spec-rev.XXXXXX"):gsub("%s+$", "")
+  os.remove(rev_file)
+  local child = process.lua(writer_script(endpoints, prefix, 1000, rev_file))
+  local final
+  helper.wait_for(function()
+    local changes = assert(m:update(0.2))
+    last = replay(shadow, changes, last)
+    applied = applied + #changes
+    if each then each(applied) end
+    final = final or read_number(rev_file)
+    return final and m:revision() >= final
+  end, 180, "the mirror to catch up with the writer")
+  local out = child:read("*a")
+  child:close()
+  os.remove(rev_file)
+  assert.matches("exit=0", out)
+  assert.are.equal(final, m:revision())
+  return final, shadow
+end
+
 describe("mirror", function()
   local member, cli
   local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
@@ -157,21 +183,7 @@ describe("mirror", function()
 
   it("equals etcdctl's view after 1000 random puts and deletes by another process", function()
     local m = assert(cli:mirror("/rand/"))
-    local shadow, last = copy_of(m), m:revision()
-    local rev_file = helper.capture("mktemp /tmp/etcd3-spec-rev.XXXXXX"):gsub("%s+$", "")
-    os.remove(rev_file)
-    local child = process.lua(writer_script({ member.endpoint }, "/rand/", 1000, rev_file))
-    local final
-    helper.wait_for(function()
-      last = replay(shadow, assert(m:update(0.2)), last)
-      final = final or read_number(rev_file)
-      return final and m:revision() >= final
-    end, 120, "the mirror to catch up with the writer")
-    local out = child:read("*a")
-    child:close()
-    os.remove(rev_file)
-    assert.matches("exit=0", out)
-    assert.are.equal(final, m:revision())
+    local _, shadow = follow_writer(m, { member.endpoint }, "/rand/")
     local want, count, want_order = etcdctl_view(member, "/rand/", m:revision())
     local map, order = copy_of(m)
     assert.are.same(want, map)
@@ -277,29 +289,15 @@ describe("mirror on a 3-member cluster", function()
   it("loses and repeats no change when the member carrying its watch is killed", function()
     local cli = assert(etcd3.new { endpoints = cluster.endpoints })
     local m = assert(cli:mirror("/kill/"))
-    local shadow, last = copy_of(m), m:revision()
-    local rev_file = helper.capture("mktemp /tmp/etcd3-spec-rev.XXXXXX"):gsub("%s+$", "")
-    os.remove(rev_file)
+    local killed = false
     -- the writer talks to the members that stay up
-    local child = process.lua(writer_script({ cluster.endpoints[2], cluster.endpoints[3] }, "/kill/", 1000, rev_file))
-    local applied, killed, final = 0, false, nil
-    helper.wait_for(function()
-      local changes = assert(m:update(0.2))
-      last = replay(shadow, changes, last)
-      applied = applied + #changes
+    local final, shadow = follow_writer(m, { cluster.endpoints[2], cluster.endpoints[3] }, "/kill/", function(applied)
       if applied >= 250 and not killed then
-        cluster.members[1]:kill()
+        cluster.members[1]:kill() -- the member carrying the watch
         killed = true
       end
-      final = final or read_number(rev_file)
-      return final and m:revision() >= final
-    end, 180, "the mirror to catch up with the writer")
-    local out = child:read("*a")
-    child:close()
-    os.remove(rev_file)
-    assert.matches("exit=0", out)
+    end)
     assert.is_true(killed)
-    assert.are.equal(final, m:revision())
     local want, count = etcdctl_view(cluster.members[2], "/kill/", final)
     assert.are.same(want, (copy_of(m)))
     assert.are.same(shadow, (copy_of(m)))

@@ -194,21 +194,29 @@ end
 
 -- Mutex ------------------------------------------------------------------
 
---- session:mutex(prefix) -> mutex
-function Session:mutex(prefix)
-  check.self("session:mutex", self, "Session")
-  check.arg("session:mutex", 1, prefix, "string")
-  open_session("session:mutex", self)
+--- A mutex or an election of `session` under `prefix` (the same layout).
+local function new_recipe(session, fname, prefix, class)
+  check.self(fname, session, "Session", 4)
+  check.arg(fname, 1, prefix, "string", 4)
+  open_session(fname, session, 4)
   return setmetatable({
-    session = self, client = self.client, prefix = prefix,
-    _pfx = prefix .. "/", _key = session_key(self, prefix),
-  }, Mutex)
+    session = session, client = session.client, prefix = prefix,
+    _pfx = prefix .. "/", _key = session_key(session, prefix),
+  }, class)
 end
 
-local function mutex_method(self, fname)
-  check.self(fname, self, "Mutex", 4)
-  return open_session(fname, self.session, 4)
+--- The session of a mutex or election method that uses it.
+local function recipe_method(self, fname, class)
+  check.self(fname, self, class.__class, 4)
+  return (open_session(fname, self.session, 4)) -- (not a tail call: levels count this frame)
 end
+
+--- session:mutex(prefix) -> mutex
+-- (parenthesised: not a tail call, so errors point at the user's call)
+function Session:mutex(prefix)
+  return (new_recipe(self, "session:mutex", prefix, Mutex))
+end
+
 
 --- clientv3's Mutex.tryAcquire: one txn that creates our key unless this
 -- session already has one, and reads the prefix's first-created key.
@@ -238,7 +246,7 @@ end
 --- mutex:lock([timeout]) -> true | nil, err (TIMEOUT: our key is removed;
 -- SESSION_EXPIRED: the lease was lost while waiting)
 function Mutex:lock(timeout)
-  local session = mutex_method(self, "mutex:lock")
+  local session = recipe_method(self, "mutex:lock", Mutex)
   if timeout ~= nil then check.arg("mutex:lock", 1, timeout, "number") end
   local rpc = "mutex:lock"
   if not session.lease:alive() then return nil, expired(rpc) end
@@ -262,7 +270,7 @@ end
 --- mutex:try_lock() -> true | false (held elsewhere; nothing is left
 -- behind) | nil, err
 function Mutex:try_lock()
-  local session = mutex_method(self, "mutex:try_lock")
+  local session = recipe_method(self, "mutex:try_lock", Mutex)
   if not session.lease:alive() then return nil, expired("mutex:try_lock") end
   local res, held = self:_acquire()
   if not res then
@@ -277,7 +285,7 @@ end
 
 --- mutex:unlock() -> true | nil, err
 function Mutex:unlock()
-  mutex_method(self, "mutex:unlock")
+  recipe_method(self, "mutex:unlock", Mutex)
   local ok, err = self:_release()
   if not ok then return nil, err end
   return true
@@ -311,19 +319,9 @@ end
 
 --- session:election(prefix) -> election
 function Session:election(prefix)
-  check.self("session:election", self, "Session")
-  check.arg("session:election", 1, prefix, "string")
-  open_session("session:election", self)
-  return setmetatable({
-    session = self, client = self.client, prefix = prefix,
-    _pfx = prefix .. "/", _key = session_key(self, prefix),
-  }, Election)
+  return (new_recipe(self, "session:election", prefix, Election))
 end
 
-local function election_method(self, fname)
-  check.self(fname, self, "Election", 4)
-  return open_session(fname, self.session, 4)
-end
 
 --- Puts `value` on our key as long as it has our create revision.
 function Election:_put_guarded(value, timeout)
@@ -347,7 +345,7 @@ end
 --- election:campaign(value [, timeout]) -> true | nil, err: waits until
 -- elected (TIMEOUT: our key is removed; SESSION_EXPIRED as mutex:lock).
 function Election:campaign(value, timeout)
-  local session = election_method(self, "election:campaign")
+  local session = recipe_method(self, "election:campaign", Election)
   check.arg("election:campaign", 1, value, "string")
   if timeout ~= nil then check.arg("election:campaign", 2, timeout, "number") end
   local rpc = "election:campaign"
@@ -390,7 +388,7 @@ end
 
 --- election:proclaim(value) -> true | nil, err (NOT_LEADER)
 function Election:proclaim(value)
-  election_method(self, "election:proclaim")
+  recipe_method(self, "election:proclaim", Election)
   check.arg("election:proclaim", 1, value, "string")
   if not self._elected then return nil, not_leader("election:proclaim") end
   local res, err = self:_put_guarded(value)
@@ -404,7 +402,7 @@ end
 
 --- election:resign() -> true | nil, err (NOT_LEADER when not leading)
 function Election:resign()
-  election_method(self, "election:resign")
+  recipe_method(self, "election:resign", Election)
   if not self._elected then return nil, not_leader("election:resign") end
   local res, err = self:_resign()
   if not res then return nil, err end
