@@ -132,13 +132,26 @@ local function first_create(timeout)
   return { prefix = true, sort_target = "create", sort_order = "ascend", limit = 1, timeout = timeout }
 end
 
---- Waits until `key` is deleted (watching from `revision`), the deadline
--- passes or the session's lease is lost. Returns true, or nil, err.
-local function wait_delete(session, rpc, key, revision, deadline)
+--- Waits until the key of `kv` (read by the caller) is deleted, the
+-- deadline passes or the session's lease is lost. Returns true, or nil, err.
+local function wait_delete(session, rpc, kv, deadline)
   local client = session.client
-  local w, err = client:watch(key, { start_revision = revision, filters = { "noput" },
-    timeout = request_timeout(client, deadline) })
+  -- clientv3 watches from the revision of its read. Here the watch starts
+  -- from etcd's current revision and the key is read again after: etcd
+  -- serves such a watch at once, while one that starts in the past waits
+  -- for its sync loop (every 100 ms), which would delay hand-overs.
+  local w, err = client:watch(kv.key, { filters = { "noput" }, timeout = request_timeout(client, deadline) })
   if not w then return nil, err end
+  local res, gerr = client:get(kv.key, { keys_only = true, timeout = request_timeout(client, deadline) })
+  if not res then
+    w:cancel()
+    return nil, gerr
+  end
+  local still = res.kvs[1]
+  if not still or still.create_revision ~= kv.create_revision then
+    w:cancel() -- deleted before the watch started
+    return true
+  end
   while true do
     if not session.lease:alive() then
       w:cancel()
@@ -158,8 +171,6 @@ local function wait_delete(session, rpc, key, revision, deadline)
       end
     elseif werr.code ~= "TIMEOUT" then
       w:cancel()
-      -- history compacted away: the caller reads the prefix again
-      if werr.code == "COMPACTED" then return true end
       return nil, werr
     end
   end
@@ -177,7 +188,7 @@ local function wait_deletes(session, rpc, prefix, max_revision, deadline)
     })
     if not res then return nil, err end
     if #res.kvs == 0 then return res.header end
-    local ok, werr = wait_delete(session, rpc, res.kvs[1].key, res.header.revision, deadline)
+    local ok, werr = wait_delete(session, rpc, res.kvs[1], deadline)
     if not ok then return nil, werr end
   end
 end
@@ -477,7 +488,8 @@ function Observer:next(timeout)
       local kv = res.kvs[1]
       if kv then return follow(self, kv, res.header.revision + 1) end
       -- no leader: the first key put under the prefix is the next one
-      local w, werr = self.client:watch(self._pfx, { prefix = true, start_revision = res.header.revision,
+      -- (after the read's revision; see wait_delete for why not at it)
+      local w, werr = self.client:watch(self._pfx, { prefix = true, start_revision = res.header.revision + 1,
         filters = { "nodelete" } })
       if not w then return observer_fail(self, werr) end
       self._w, self._step = w, "first"
