@@ -126,11 +126,9 @@ local function request_timeout(client, deadline)
   return math_min(client.timeout, math_max(deadline - now(), MIN_REQUEST))
 end
 
--- Options of the read of the first-created (owner) or last-created key of
--- a prefix (clientv3's WithFirstCreate / WithLastCreate).
-local function first_create(timeout)
-  return { prefix = true, sort_target = "create", sort_order = "ascend", limit = 1, timeout = timeout }
-end
+-- The read of a prefix's first-created key, the holder or leader
+-- (clientv3's WithFirstCreate).
+local FIRST_CREATE = { prefix = true, sort_target = "create", sort_order = "ascend", limit = 1 }
 
 --- Waits until the key of `kv` (read by the caller) is deleted, the
 -- deadline passes or the session's lease is lost. Returns true, or nil, err.
@@ -203,9 +201,9 @@ local function still_ours(session, rpc, key, revision, deadline)
   return true
 end
 
--- Mutex ------------------------------------------------------------------
+-- Mutexes and elections share a layout --------------------------------
 
---- A mutex or an election of `session` under `prefix` (the same layout).
+--- A mutex or an election of `session` under `prefix`.
 local function new_recipe(session, fname, prefix, class)
   check.self(fname, session, "Session", 4)
   check.arg(fname, 1, prefix, "string", 4)
@@ -222,19 +220,20 @@ local function recipe_method(self, fname, class)
   return (open_session(fname, self.session, 4)) -- (not a tail call: levels count this frame)
 end
 
+-- Mutex ------------------------------------------------------------------
+
 --- session:mutex(prefix) -> mutex
 -- (parenthesised: not a tail call, so errors point at the user's call)
 function Session:mutex(prefix)
   return (new_recipe(self, "session:mutex", prefix, Mutex))
 end
 
-
 --- clientv3's Mutex.tryAcquire: one txn that creates our key unless this
 -- session already has one, and reads the prefix's first-created key.
 -- Returns the txn result and whether we hold the lock.
 function Mutex:_acquire(timeout)
   local key, pfx = self._key, self._pfx
-  local owner = op.get(pfx, first_create())
+  local owner = op.get(pfx, FIRST_CREATE)
   local res, err = self.client:txn()
     :when(cmp.create_revision(key):eq(0))
     :success(op.put(key, "", { lease = self.session.lease.id }), owner)
@@ -333,7 +332,6 @@ function Session:election(prefix)
   return (new_recipe(self, "session:election", prefix, Election))
 end
 
-
 --- Puts `value` on our key as long as it has our create revision.
 function Election:_put_guarded(value, timeout)
   return self.client:txn()
@@ -424,7 +422,7 @@ end
 --- election:leader() -> value, kv | nil, err (NO_LEADER)
 function Election:leader()
   check.self("election:leader", self, "Election")
-  local res, err = self.client:get(self._pfx, first_create())
+  local res, err = self.client:get(self._pfx, FIRST_CREATE)
   if not res then return nil, err end
   local kv = res.kvs[1]
   if not kv then return nil, errors.new("NO_LEADER", 5, "no leader is elected", "election:leader") end
@@ -483,7 +481,7 @@ function Observer:next(timeout)
     local step = self._step
     if step == "done" then return nil, self.err end
     if step == "read" then
-      local res, err = self.client:get(self._pfx, first_create())
+      local res, err = self.client:get(self._pfx, FIRST_CREATE)
       if not res then return observer_fail(self, err) end
       local kv = res.kvs[1]
       if kv then return follow(self, kv, res.header.revision + 1) end
