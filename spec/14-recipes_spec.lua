@@ -242,6 +242,31 @@ describe("mutex", function()
     s:close()
   end)
 
+  it("excludes coroutines of one cqueues controller, which keeps running while they wait", function()
+    local cqueues = require "cqueues"
+    local cq = cqueues.new()
+    local inside, most, turns = 0, 0, 0
+    for _ = 1, 3 do
+      cq:wrap(function()
+        local s = assert(cli:session { ttl = 10 })
+        local m = s:mutex("/cq-lock")
+        for _ = 1, 10 do
+          assert(m:lock(60))
+          inside = inside + 1
+          most = math.max(most, inside)
+          cqueues.sleep(0.005) -- the others run meanwhile, and wait
+          inside = inside - 1
+          turns = turns + 1
+          assert(m:unlock())
+        end
+        s:close()
+      end)
+    end
+    assert(cq:loop(120))
+    assert.are.equal(30, turns)
+    assert.are.equal(1, most)
+  end)
+
   it("etcdctl lock held: try_lock is false, lock waits until etcdctl's command exits", function()
     local ctl = process.etcdctl(member, "lock /ctl-held sleep 3")
     local theirs = helper.wait_for(function() return keys_under(cli, "/ctl-held/")[1] end, 20, "etcdctl's key")
