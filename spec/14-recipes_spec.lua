@@ -445,3 +445,53 @@ describe("election", function()
     s:close()
   end)
 end)
+
+describe("recipes in OpenResty", function()
+  local nginx = require "spec.helpers.nginx"
+  local member, cli, server
+
+  setup(function()
+    member = helper.single()
+    cli = assert(etcd3.new { endpoints = member.endpoint })
+    server = nginx.start([[
+  init_worker_by_lua_block {
+    local etcd3 = require "etcd3"
+    package.loaded["spec.ngx_state"] = { cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" }) }
+  }
+  server {
+    listen 127.0.0.1:${PORT};
+    location = / { return 200 "up"; }
+    location = /up { content_by_lua_block { ngx.say("up") } }
+    location = /lock {
+      content_by_lua_block {
+        local cli = require("spec.ngx_state").cli
+        local s = assert(cli:session { ttl = 10 })
+        local ok, err = s:mutex("/ngx-lock"):lock(20)
+        ngx.say(ok and "locked" or tostring(err))
+        s:close()
+      }
+    }
+  }
+]])
+  end)
+
+  teardown(function()
+    if server then server:stop() end
+    if cli then cli:close() end
+    if member then member:stop() end
+  end)
+
+  it("waits for a lock in a content handler while the worker keeps serving", function()
+    local s = assert(cli:session { ttl = 10 })
+    local m = s:mutex("/ngx-lock")
+    assert(m:lock())
+    local finish = server:get_async("/lock", 30)
+    helper.wait_for(function() return #keys_under(cli, "/ngx-lock/") == 2 end, 20, "the handler's key")
+    -- one worker: it answers while its handler waits for the lock
+    assert.are.equal("up\n", (server:get("/up", 5)))
+    assert(m:unlock())
+    assert.are.equal("locked\n", finish())
+    assert.are.same({}, keys_under(cli, "/ngx-lock/"))
+    s:close()
+  end)
+end)
