@@ -17,6 +17,9 @@ local _M = {}
 ---| "TIMEOUT" # a wait ran out on a stream that is still alive
 ---| "COMPACTED" # a watch's revision was compacted (see compact_revision)
 ---| "CLOSED" # the client was closed under a stream
+---| "SESSION_EXPIRED" # a recipe's session lease was lost while it waited
+---| "NOT_LEADER" # proclaim/resign by a candidate that does not lead
+---| "NO_LEADER" # an election has no leader
 
 --- What a call that talks to etcd returns as `nil, err`.
 ---@class etcd3.Error
@@ -46,6 +49,7 @@ local STATUS = {
   FAILED_PRECONDITION = 9, ABORTED = 10, OUT_OF_RANGE = 11, UNIMPLEMENTED = 12,
   INTERNAL = 13, UNAVAILABLE = 14, DATA_LOSS = 15, UNAUTHENTICATED = 16,
   TIMEOUT = 4, COMPACTED = 11, CLOSED = 1,
+  SESSION_EXPIRED = 9, NOT_LEADER = 9, NO_LEADER = 5,
 }
 
 --- A new error object; `fields` (optional) adds extra fields such as

@@ -12,11 +12,14 @@ local watch = require "etcd3.watch"
 local admin = require "etcd3.admin"
 local registration = require "etcd3.registration"
 
+local concurrency = require "etcd3.concurrency"
+local mirror = require "etcd3.mirror"
+
 local ipairs, pairs = ipairs, pairs
 
 -- Each service's file holds its client methods; the client class gets
 -- them all here (client.lua names none of them).
-for _, service in ipairs { kv, txn, lease, watch, admin, registration } do
+for _, service in ipairs { kv, txn, lease, watch, admin, registration, concurrency, mirror } do
   for name, method in pairs(service.client_methods) do Client[name] = method end
 end
 

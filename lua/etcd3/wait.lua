@@ -21,6 +21,7 @@ local _M = {}
 
 -- Longest time Lua stays inside C at once, so Ctrl-C and hooks get through.
 local SLICE = 0.1
+_M.SLICE = SLICE
 
 --- Blocks in short slices in the C module: plain scripts, and nginx's
 -- init_worker phase (before the worker serves anything).
