@@ -90,11 +90,11 @@ bench: deps
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua
 
-# Every workload at 1/50 size, one round: proves the harness works (CI).
+# Every workload for every client at 1/50 size, one pair per peer: proves the harness works (CI).
 bench-smoke: deps
 	sh tools/deps.sh bench
 	$(MAKE) -s LUA=lua5.4
-	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --rounds 1
+	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --pairs 1
 
 demo: deps
 	$(MAKE) -s LUA=lua5.4
