@@ -46,7 +46,7 @@ INST_LUADIR ?= /usr/local/share/lua/5.4
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo test check lint install clean bench bench-smoke spec-helpers
+.PHONY: all deps demo test check lint install clean bench bench-smoke bench-memory spec-helpers
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -95,6 +95,11 @@ bench-smoke: deps
 	sh tools/deps.sh bench
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --pairs 1
+
+# RSS after require, after connect and per 1000 watchers (bench/README.md).
+bench-memory: deps
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 tools/with-etcd.lua lua5.4 bench/memory.lua
 
 demo: deps
 	$(MAKE) -s LUA=lua5.4

@@ -150,14 +150,15 @@ end
 --
 -- Sizes are those of the full run; `--scale` divides them. They were
 -- shortened from the first harness (A-C 5000, D and E 20000, F 10 starts) so
--- that 7 pairs per peer fit in about 10 minutes.
+-- that 7 pairs per peer (42 runs of each workload) take about 7 minutes on a
+-- quiet machine and stay under 15 on a busy one.
 
 local function scaled(n) return math.max(1, math.floor(n / opts.scale)) end
 
 local CLIENT_CPU = "taskset -c 1 "
 local WRITER_CPU = "taskset -c 0 "
 
-local SIZES = { A = 3000, B = 3000, C = 3000, D = 10000, E = 10000, F = 5, G = 1000 }
+local SIZES = { A = 2000, B = 2000, C = 2000, D = 6000, E = 6000, F = 5, G = 1000 }
 local NAMES = {
   A = "A serial put", B = "B serial get (linearizable)", C = "C serial get (serializable)",
   D = "D 64 puts in flight", E = ("E watch %d puts (per event)"):format(scaled(SIZES.E)),
