@@ -46,7 +46,7 @@ INST_LUADIR ?= /usr/local/share/lua/5.4
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo test check lint install clean bench bench-smoke bench-memory spec-helpers
+.PHONY: all deps demo test check lint install clean bench bench-smoke bench-memory bench-profile spec-helpers
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -100,6 +100,11 @@ bench-smoke: deps
 bench-memory: deps
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 tools/with-etcd.lua lua5.4 bench/memory.lua
+
+# Where the client's time goes on A-D: strace, perf, callgrind (bench/README.md).
+bench-profile: deps
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 tools/with-etcd.lua sh bench/profile.sh build/bench/profile
 
 demo: deps
 	$(MAKE) -s LUA=lua5.4
