@@ -2,6 +2,7 @@
 -- and Node etcd3 on one etcd, in one run, measured in pairs.
 --
 --   lua5.4 bench/run.lua [--scale N] [--pairs P] [--peers go,python,node]
+--   lua5.4 bench/run.lua --from build/bench/results.jsonl   (the table again, no run)
 --
 -- Set-up (bench/README.md): one etcd member with its data dir on tmpfs,
 -- pinned to CPU 0; the measured client pinned to CPU 1. Every workload runs
@@ -17,7 +18,7 @@ local core = require "etcd3.core"
 
 local now, capture, sh = core.now, helper.capture, helper.sh
 
-local opts = { scale = 1, pairs = 7, peers = "go,python,node", out = "build/bench" }
+local opts = { scale = 1, pairs = 7, peers = "go,python,node", out = "build/bench", from = "" }
 do
   local i = 1
   while i <= #arg do
@@ -247,31 +248,10 @@ local function machine()
 end
 
 local ours = PEERS.lua
-assert(ours.available(), "build/lua5.4/etcd3/core.so is missing: run make LUA=lua5.4 first")
 local peers = {}
-for name in opts.peers:gmatch("[^,]+") do
-  local p = assert(PEERS[name], "unknown peer " .. name)
-  if p == ours then
-    log("lua-etcd3 is in every pair: --peers names the others only")
-  elseif p.available() then
-    peers[#peers + 1] = p
-  else
-    log("peer ", p.name, " is not available: left out")
-  end
-end
--- E's writer is the Go driver even when Go is not among the peers measured.
-if not PEERS.go.bin then PEERS.go.bin = build_go() end
-
 -- pairs[workload id][peer name] = list of { ours = result, peer = result }
 local pairs_of = {}
-local jsonl = assert(io.open(OUT .. "/results.jsonl", "w"))
-local function record(r)
-  local parts = {}
-  for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
-  table.sort(parts)
-  jsonl:write("{", table.concat(parts, ","), "}\n")
-  jsonl:flush()
-end
+local header
 
 local function loadavg()
   local f = io.open("/proc/loadavg")
@@ -280,44 +260,118 @@ local function loadavg()
   return l:match("^(%S+ %S+ %S+)") or "?"
 end
 
-local started, load_before = now(), loadavg()
-local etcd = start_etcd()
-local ok, err = pcall(function()
-  local runs = 0
-  for _, w in ipairs(workloads) do
-    pairs_of[w.id] = {}
-    for pair = 1, opts.pairs do
-      for _, p in ipairs(peers) do
-        -- ours-peer on odd pairs, peer-ours on even ones: whatever a
-        -- client gains from going first or second (warm caches, etcd's
-        -- compaction, a neighbour's load) cancels out over the pairs.
-        local order = pair % 2 == 1 and { ours, p } or { p, ours }
-        local got = {}
-        for pos, client in ipairs(order) do
-          runs = runs + 1
-          local r = w.run(client, etcd, tostring(runs))
-          if r then
-            r.peer, r.pair, r.against, r.position = client.name, pair, p.name, pos
-            record(r)
-            got[client] = r
-          else
-            log(("%s pair %d %-13s FAILED"):format(w.id, pair, client.name))
-          end
-        end
-        if got[ours] and got[p] then
-          local list = pairs_of[w.id][p.name] or {}
-          list[#list + 1] = { ours = got[ours], peer = got[p] }
-          pairs_of[w.id][p.name] = list
-        end
-        log(("%s pair %d/%d vs %-13s %s (%.0f s)"):format(w.id, pair, opts.pairs, p.name,
-          (got[ours] and got[p]) and "done" or "FAILED", now() - started))
-      end
+-- Runs every workload in pairs; records every measurement in results.jsonl.
+local function run_all()
+  assert(ours.available(), "build/lua5.4/etcd3/core.so is missing: run make LUA=lua5.4 first")
+  for name in opts.peers:gmatch("[^,]+") do
+    local p = assert(PEERS[name], "unknown peer " .. name)
+    if p == ours then
+      log("lua-etcd3 is in every pair: --peers names the others only")
+    elseif p.available() then
+      peers[#peers + 1] = p
+    else
+      log("peer ", p.name, " is not available: left out")
     end
   end
-end)
-jsonl:close()
-stop_etcd(etcd)
-if not ok then error(err) end
+  -- E's writer is the Go driver even when Go is not among the peers measured.
+  if not PEERS.go.bin then PEERS.go.bin = build_go() end
+
+  local jsonl = assert(io.open(OUT .. "/results.jsonl", "w"))
+  local function record(r)
+    local parts = {}
+    for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
+    table.sort(parts)
+    jsonl:write("{", table.concat(parts, ","), "}\n")
+    jsonl:flush()
+  end
+
+  local started, load_before = now(), loadavg()
+  local etcd = start_etcd()
+  local ok, err = pcall(function()
+    local runs = 0
+    for _, w in ipairs(workloads) do
+      pairs_of[w.id] = {}
+      for pair = 1, opts.pairs do
+        for _, p in ipairs(peers) do
+          -- ours-peer on odd pairs, peer-ours on even ones: whatever a
+          -- client gains from going first or second (warm caches, etcd's
+          -- compaction, a neighbour's load) cancels out over the pairs.
+          local order = pair % 2 == 1 and { ours, p } or { p, ours }
+          local got = {}
+          for pos, client in ipairs(order) do
+            runs = runs + 1
+            local r = w.run(client, etcd, tostring(runs))
+            if r then
+              r.id, r.peer, r.pair, r.against, r.position = w.id, client.name, pair, p.name, pos
+              record(r)
+              got[client] = r
+            else
+              log(("%s pair %d %-13s FAILED"):format(w.id, pair, client.name))
+            end
+          end
+          if got[ours] and got[p] then
+            local list = (pairs_of[w.id] or {})[p.name] or {}
+            list[#list + 1] = { ours = got[ours], peer = got[p] }
+            pairs_of[w.id][p.name] = list
+          end
+          log(("%s pair %d/%d vs %-13s %s (%.0f s)"):format(w.id, pair, opts.pairs, p.name,
+            (got[ours] and got[p]) and "done" or "FAILED", now() - started))
+        end
+      end
+    end
+  end)
+  jsonl:close()
+  stop_etcd(etcd)
+  if not ok then error(err) end
+  header = {
+    ("Machine: %s; load average (1, 5, 15 min) %s before, %s after"):format(machine(), load_before, loadavg()),
+    ("Set-up: etcd on tmpfs pinned to CPU 0, client on CPU 1; %d pair(s) per peer, order alternating; "
+      .. "medians, ratios are per pair (lua-etcd3 / peer): median (min–max); scale 1/%d; %.0f s in all"):format(
+      opts.pairs, opts.scale, now() - started),
+  }
+end
+
+-- Reads the pairs back from a results.jsonl (--from): the table again.
+local function read_results(path)
+  local by_pair = {}
+  local names = {}
+  for line in io.lines(path) do
+    local r = parse(line)
+    local id = r.id or (r.workload or ""):sub(1, 1) -- runs recorded before `id` was
+    local key = id .. "\0" .. r.against .. "\0" .. r.pair
+    local pr = by_pair[key] or { id = id, against = r.against, pair = r.pair }
+    by_pair[key] = pr
+    if r.peer == ours.name then pr.ours = r else pr.peer = r end
+    names[r.against] = true
+  end
+  for _, name in ipairs { "go", "python", "node" } do
+    if names[PEERS[name].name] then peers[#peers + 1] = PEERS[name] end
+  end
+  local keys = {}
+  for k in pairs(by_pair) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    local x, y = by_pair[a], by_pair[b]
+    if x.id ~= y.id then return x.id < y.id end
+    if x.against ~= y.against then return x.against < y.against end
+    return x.pair < y.pair
+  end)
+  local most = 0
+  for _, k in ipairs(keys) do
+    local pr = by_pair[k]
+    if pr.ours and pr.peer then
+      pairs_of[pr.id] = pairs_of[pr.id] or {}
+      local list = pairs_of[pr.id][pr.against] or {}
+      list[#list + 1] = pr
+      pairs_of[pr.id][pr.against] = list
+      if #list > most then most = #list end
+    end
+  end
+  opts.pairs = most
+  header = { ("From %s: %d pair(s) per peer; ratios are per pair (lua-etcd3 / peer): median (min–max)"):format(
+    path, most) }
+end
+
+if opts.from ~= "" then read_results(opts.from) else run_all() end
 
 -- Table ---------------------------------------------------------------------------
 
@@ -359,10 +413,10 @@ end
 
 local lines = {}
 local function out(s) lines[#lines + 1] = s end
-out(("Machine: %s; load average (1, 5, 15 min) %s before, %s after"):format(machine(), load_before, loadavg()))
-out(("Set-up: etcd on tmpfs pinned to CPU 0, client on CPU 1; %d pair(s) per peer, order alternating; "
-  .. "medians, ratios are per pair (lua-etcd3 / peer): median (min–max); scale 1/%d; %.0f s in all"):format(
-  opts.pairs, opts.scale, now() - started))
+for i, h in ipairs(header) do
+  if i > 1 then out("") end
+  out(h)
+end
 out("")
 out("| workload | peer | lua-etcd3 ops/s | peer ops/s | ops/s ratio | lua-etcd3 CPU µs/op | peer CPU µs/op "
   .. "| CPU/op ratio | p50 ms lua / peer | notes |")
@@ -370,7 +424,7 @@ out("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
 local failed = 0
 for _, w in ipairs(workloads) do
   for _, p in ipairs(peers) do
-    local list = pairs_of[w.id][p.name] or {}
+    local list = (pairs_of[w.id] or {})[p.name] or {}
     if #list < opts.pairs then failed = failed + 1 end
     if #list == 0 then
       out(("| %s | %s | — | — | — | — | — | — | — | failed |"):format(NAMES[w.id], p.name))
@@ -403,32 +457,40 @@ for _, w in ipairs(workloads) do
 end
 
 -- The drift the pairs are there for: how far each client's own figure moved
--- from run to run (max / min over all its runs of the workload).
+-- from run to run (max / min over all its runs of the workload), for the
+-- throughput (or F's time, G's RSS) and for the CPU per operation.
 out("")
-out("Run-to-run spread of the absolute figures (max / min over the runs; lua-etcd3 ran in every pair):")
+out("Run-to-run spread of the absolute figures (max / min over each client's runs; "
+  .. "lua-etcd3 ran in every pair): ops/s, then CPU/op:")
 out("")
 out("| workload | " .. ours.name)
 for _, p in ipairs(peers) do lines[#lines] = lines[#lines] .. " | " .. p.name end
 lines[#lines] = lines[#lines] .. " |"
 out("|---|" .. ("---:|"):rep(#peers + 1))
+local function spread(list)
+  local _, lo, hi = stats(list)
+  if not lo or lo <= 0 then return nil end
+  return ("%.2f×"):format(hi / lo)
+end
 for _, w in ipairs(workloads) do
-  local field = w.value
+  local fields = w.value == "ops" and { "ops", "cpu_us_per_op" } or { w.value }
+  local function cell(lists)
+    local parts = {}
+    for i, field in ipairs(fields) do
+      local all = {}
+      for _, list in ipairs(lists) do
+        local a, b = column(list.pairs, field)
+        for _, v in ipairs(list.ours and a or b) do all[#all + 1] = v end
+      end
+      parts[i] = spread(all) or "—"
+    end
+    return table.concat(parts, " / ")
+  end
   local row = { NAMES[w.id] }
   local mine = {}
-  for _, p in ipairs(peers) do
-    local a = column(pairs_of[w.id][p.name] or {}, field)
-    for _, v in ipairs(a) do mine[#mine + 1] = v end
-  end
-  local function spread(list)
-    local _, lo, hi = stats(list)
-    if not lo or lo <= 0 then return "" end
-    return ("%.2f×"):format(hi / lo)
-  end
-  row[#row + 1] = spread(mine)
-  for _, p in ipairs(peers) do
-    local _, b = column(pairs_of[w.id][p.name] or {}, field)
-    row[#row + 1] = spread(b)
-  end
+  for _, p in ipairs(peers) do mine[#mine + 1] = { pairs = (pairs_of[w.id] or {})[p.name] or {}, ours = true } end
+  row[#row + 1] = cell(mine)
+  for _, p in ipairs(peers) do row[#row + 1] = cell { { pairs = (pairs_of[w.id] or {})[p.name] or {} } } end
   out("| " .. table.concat(row, " | ") .. " |")
 end
 
