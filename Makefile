@@ -51,7 +51,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke spec-helpers
+.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile spec-helpers
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -95,11 +95,21 @@ bench: deps
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua
 
-# Every workload at 1/50 size, one round: proves the harness works (CI).
+# Every workload for every client at 1/50 size, one pair per peer: proves the harness works (CI).
 bench-smoke: deps
 	sh tools/deps.sh bench
 	$(MAKE) -s LUA=lua5.4
-	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --rounds 1
+	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --pairs 1
+
+# RSS after require, after connect and per 1000 watchers (bench/README.md).
+bench-memory: deps
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 tools/with-etcd.lua lua5.4 bench/memory.lua
+
+# Where the client's time goes on A-D: strace, perf, callgrind (bench/README.md).
+bench-profile: deps
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 tools/with-etcd.lua sh bench/profile.sh build/bench/profile
 
 # the module and the Lua files as tools/env.sh points this runtime at them
 RUN_ENV = ETCD3_LUA=$(notdir $(LUA)) ETCD3_BUILD=$(BUILD) . tools/env.sh &&

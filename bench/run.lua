@@ -1,19 +1,24 @@
 -- The side-by-side benchmark: lua-etcd3 against Go clientv3, python-etcd3
--- and Node etcd3 on one etcd, in one run, clients interleaved.
+-- and Node etcd3 on one etcd, in one run, measured in pairs.
 --
---   lua5.4 bench/run.lua [--scale N] [--rounds R] [--peers lua,go,python,node]
+--   lua5.4 bench/run.lua [--scale N] [--pairs P] [--peers go,python,node]
+--   lua5.4 bench/run.lua --from build/bench/results.jsonl   (the table again, no run)
 --
 -- Set-up (bench/README.md): one etcd member with its data dir on tmpfs,
--- pinned to CPU 0; the measured client pinned to CPU 1; every workload run
--- `rounds` times with the clients interleaved; medians reported, with the
--- ratio to Go clientv3. `--scale 50` runs each workload at 1/50 size (the
--- smoke run CI does).
+-- pinned to CPU 0; the measured client pinned to CPU 1. Every workload runs
+-- as pairs: lua-etcd3 and one peer back to back, `pairs` times per peer, the
+-- order alternating (ours-peer, peer-ours, ...). This shared machine drifts
+-- by up to 2x from one minute to the next; both halves of a pair see about
+-- the same machine, so the ratio within a pair is what the table trusts: it
+-- reports the median of the per-pair ratios with their min-max, besides the
+-- medians of the absolute figures. `--scale 50 --pairs 1` is the smoke run
+-- CI does (every workload, every client, at 1/50 size).
 local helper = require "spec.helpers.etcd"
 local core = require "etcd3.core"
 
 local now, capture, sh = core.now, helper.capture, helper.sh
 
-local opts = { scale = 1, rounds = 3, peers = "lua,go,python,node", out = "build/bench" }
+local opts = { scale = 1, pairs = 7, peers = "go,python,node", out = "build/bench", from = "" }
 do
   local i = 1
   while i <= #arg do
@@ -143,32 +148,48 @@ local function run_json(cmd)
 end
 
 -- Workloads ---------------------------------------------------------------------
+--
+-- Sizes are those of the full run; `--scale` divides them. They were
+-- shortened from the first harness (A-C 5000, D and E 20000, F 10 starts) so
+-- that 7 pairs per peer (42 runs of each workload) stay under 15 minutes
+-- even with the machine's load average near 12 (18 minutes with A-C 2000,
+-- D and E 6000, F 5 starts).
 
 local function scaled(n) return math.max(1, math.floor(n / opts.scale)) end
 
 local CLIENT_CPU = "taskset -c 1 "
 local WRITER_CPU = "taskset -c 0 "
 
+local SIZES = { A = 1500, B = 1500, C = 1500, D = 4000, E = 4000, F = 3, G = 1000 }
+local NAMES = {
+  A = "A serial put", B = "B serial get (linearizable)", C = "C serial get (serializable)",
+  D = "D 64 puts in flight", E = ("E watch %d puts (per event)"):format(scaled(SIZES.E)),
+  F = "F cold start (ms)", G = ("G %d watchers (RSS growth, MB)"):format(scaled(SIZES.G)),
+}
+
+-- Every workload: run(peer, etcd, tag) -> one result table or nil. `tag` is
+-- unique to the run, so no two runs share keys. `value` is the field the
+-- table compares; `higher` tells whether more of it is better.
 local workloads = {}
 
-local function simple(id, mode, n, extra)
-  workloads[#workloads + 1] = { id = id, run = function(peer, etcd, round)
-    local args = ("-mode %s -n %d -prefix %s %s"):format(mode, scaled(n), id:lower() .. round .. "/", extra or "")
+local function simple(id, mode, extra)
+  workloads[#workloads + 1] = { id = id, value = "ops", higher = true, run = function(peer, etcd, tag)
+    local args = ("-mode %s -n %d -prefix %s %s"):format(mode, scaled(SIZES[id]), id:lower() .. tag .. "/", extra or "")
     return run_json(CLIENT_CPU .. peer.command(etcd.endpoint, args))
   end }
 end
 
-simple("A", "put", 5000)
-simple("B", "get", 5000)
-simple("C", "getser", 5000)
-simple("D", "cput", 20000, "-c 64")
+simple("A", "put")
+simple("B", "get")
+simple("C", "getser")
+simple("D", "cput", "-c 64")
 
--- E: one prefix watcher (the peer) while the Go driver writes as fast as it
--- can from CPU 0; kept up = the watcher's last event within 1 s of the
--- writer's end.
-workloads[#workloads + 1] = { id = "E", run = function(peer, etcd, round)
-  local n = scaled(20000)
-  local prefix = "e" .. round .. peer.name:sub(1, 2) .. "/"
+-- E: one prefix watcher (the measured client) while the Go driver writes as
+-- fast as it can from CPU 0; kept up = the watcher's last event within 1 s
+-- of the writer's end.
+workloads[#workloads + 1] = { id = "E", value = "ops", higher = true, run = function(peer, etcd, tag)
+  local n = scaled(SIZES.E)
+  local prefix = "e" .. tag .. "/"
   local errfile = OUT .. "/watcher.err"
   sh("rm -f " .. errfile)
   local watcher = io.popen(CLIENT_CPU .. peer.command(etcd.endpoint,
@@ -179,8 +200,9 @@ workloads[#workloads + 1] = { id = "E", run = function(peer, etcd, round)
     if f then f:close() end
     return text:find("READY")
   end, 30, "the watcher")
-  local writer_cmd = PEERS.go.bin and PEERS.go.command(etcd.endpoint, ("-mode write -n %d -c 16 -prefix %s"):format(n, prefix))
-    or PEERS.lua.command(etcd.endpoint, ("-mode write -n %d -c 16 -prefix %s"):format(n, prefix))
+  local write_args = ("-mode write -n %d -c 16 -prefix %s"):format(n, prefix)
+  local writer_cmd = PEERS.go.bin and PEERS.go.command(etcd.endpoint, write_args)
+    or PEERS.lua.command(etcd.endpoint, write_args)
   local writer = run_json(WRITER_CPU .. writer_cmd)
   local writer_done = now()
   local out = watcher:read("*a")
@@ -195,33 +217,28 @@ workloads[#workloads + 1] = { id = "E", run = function(peer, etcd, round)
   return res
 end }
 
--- F: cold start: process start + connect + one get, median of 10.
-workloads[#workloads + 1] = { id = "F", run = function(peer, etcd)
+-- F: cold start: process start + connect + one get; the median of a few.
+workloads[#workloads + 1] = { id = "F", value = "ms", higher = false, run = function(peer, etcd)
   local times = {}
-  for i = 1, opts.scale > 1 and 2 or 10 do
+  for i = 1, scaled(SIZES.F) < 2 and 2 or SIZES.F do
     local t0 = now()
     local ok = sh(CLIENT_CPU .. peer.command(etcd.endpoint, "-mode get1") .. " >/dev/null 2>&1")
-    times[i] = ok and (now() - t0) * 1000 or math.huge
+    if not ok then return nil end
+    times[i] = (now() - t0) * 1000
   end
   table.sort(times)
   return { workload = "F_cold_start", ms = times[math.floor((#times + 1) / 2)] }
 end }
 
--- G: RSS of one process holding 1000 watchers.
-workloads[#workloads + 1] = { id = "G", run = function(peer, etcd, round)
+-- G: RSS growth of one process for its watchers.
+workloads[#workloads + 1] = { id = "G", value = "rss_growth_mb", higher = false, run = function(peer, etcd, tag)
   local res = run_json(CLIENT_CPU .. peer.command(etcd.endpoint,
-    ("-mode watchers -n %d -prefix %s"):format(scaled(1000), "g" .. round .. "/")))
+    ("-mode watchers -n %d -prefix %s"):format(scaled(SIZES.G), "g" .. tag .. "/")))
   if res then res.rss_growth_mb = (res.rss_kb - res.rss_base_kb) / 1024 end
   return res
 end }
 
 -- Run -------------------------------------------------------------------------------
-
-local function median(list)
-  table.sort(list)
-  if #list == 0 then return nil end
-  return list[math.floor((#list + 1) / 2)]
-end
 
 local function machine()
   local cpu = capture("grep -m1 'model name' /proc/cpuinfo"):match(":%s*(.-)%s*$") or "?"
@@ -230,98 +247,253 @@ local function machine()
     os.date("!%Y-%m-%d %H:%M UTC"))
 end
 
-local peer_order = {}
-for name in opts.peers:gmatch("[^,]+") do
-  local p = assert(PEERS[name], "unknown peer " .. name)
-  if p.available() then
-    peer_order[#peer_order + 1] = p
-  else
-    log("peer ", p.name, " is not available: left out")
-  end
+local ours = PEERS.lua
+local peers = {}
+-- pairs[workload id][peer name] = list of { ours = result, peer = result }
+local pairs_of = {}
+local header
+
+local function loadavg()
+  local f = io.open("/proc/loadavg")
+  local l = f and f:read("l") or ""
+  if f then f:close() end
+  return l:match("^(%S+ %S+ %S+)") or "?"
 end
 
-local etcd = start_etcd()
-local results = {} -- results[workload id][peer name] = { runs }
-local jsonl = assert(io.open(OUT .. "/results.jsonl", "w"))
-local ok, err = pcall(function()
-  for _, w in ipairs(workloads) do
-    results[w.id] = {}
-    for round = 1, opts.rounds do
-      for _, p in ipairs(peer_order) do
-        local r = w.run(p, etcd, round)
-        if r then
-          r.peer, r.round = p.name, round
-          local list = results[w.id][p.name] or {}
-          list[#list + 1] = r
-          results[w.id][p.name] = list
-          local parts = {}
-          for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
-          jsonl:write("{", table.concat(parts, ","), "}\n")
-          log(("%s round %d %-13s done"):format(w.id, round, p.name))
-        else
-          log(("%s round %d %-13s FAILED"):format(w.id, round, p.name))
+-- Runs every workload in pairs; records every measurement in results.jsonl.
+local function run_all()
+  assert(ours.available(), "build/lua5.4/etcd3/core.so is missing: run make LUA=lua5.4 first")
+  for name in opts.peers:gmatch("[^,]+") do
+    local p = assert(PEERS[name], "unknown peer " .. name)
+    if p == ours then
+      log("lua-etcd3 is in every pair: --peers names the others only")
+    elseif p.available() then
+      peers[#peers + 1] = p
+    else
+      log("peer ", p.name, " is not available: left out")
+    end
+  end
+  -- E's writer is the Go driver even when Go is not among the peers measured.
+  if not PEERS.go.bin then PEERS.go.bin = build_go() end
+
+  local jsonl = assert(io.open(OUT .. "/results.jsonl", "w"))
+  local function record(r)
+    local parts = {}
+    for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
+    table.sort(parts)
+    jsonl:write("{", table.concat(parts, ","), "}\n")
+    jsonl:flush()
+  end
+
+  local started, load_before = now(), loadavg()
+  local etcd = start_etcd()
+  local ok, err = pcall(function()
+    local runs = 0
+    for _, w in ipairs(workloads) do
+      pairs_of[w.id] = {}
+      for pair = 1, opts.pairs do
+        for _, p in ipairs(peers) do
+          -- ours-peer on odd pairs, peer-ours on even ones: whatever a
+          -- client gains from going first or second (warm caches, etcd's
+          -- compaction, a neighbour's load) cancels out over the pairs.
+          local order = pair % 2 == 1 and { ours, p } or { p, ours }
+          local got = {}
+          for pos, client in ipairs(order) do
+            runs = runs + 1
+            local r = w.run(client, etcd, tostring(runs))
+            if r then
+              r.id, r.peer, r.pair, r.against, r.position = w.id, client.name, pair, p.name, pos
+              record(r)
+              got[client] = r
+            else
+              log(("%s pair %d %-13s FAILED"):format(w.id, pair, client.name))
+            end
+          end
+          if got[ours] and got[p] then
+            local list = (pairs_of[w.id] or {})[p.name] or {}
+            list[#list + 1] = { ours = got[ours], peer = got[p] }
+            pairs_of[w.id][p.name] = list
+          end
+          log(("%s pair %d/%d vs %-13s %s (%.0f s)"):format(w.id, pair, opts.pairs, p.name,
+            (got[ours] and got[p]) and "done" or "FAILED", now() - started))
         end
       end
     end
+  end)
+  jsonl:close()
+  stop_etcd(etcd)
+  if not ok then error(err) end
+  header = {
+    ("Machine: %s; load average (1, 5, 15 min) %s before, %s after"):format(machine(), load_before, loadavg()),
+    ("Set-up: etcd on tmpfs pinned to CPU 0, client on CPU 1; %d pair(s) per peer, order alternating; "
+      .. "medians, ratios are per pair (lua-etcd3 / peer): median (min–max); scale 1/%d; %.0f s in all"):format(
+      opts.pairs, opts.scale, now() - started),
+  }
+end
+
+-- Reads the pairs back from a results.jsonl (--from): the table again.
+local function read_results(path)
+  local by_pair = {}
+  local names = {}
+  for line in io.lines(path) do
+    local r = parse(line)
+    local id = r.id or (r.workload or ""):sub(1, 1) -- runs recorded before `id` was
+    local key = id .. "\0" .. r.against .. "\0" .. r.pair
+    local pr = by_pair[key] or { id = id, against = r.against, pair = r.pair }
+    by_pair[key] = pr
+    if r.peer == ours.name then pr.ours = r else pr.peer = r end
+    names[r.against] = true
   end
-end)
-jsonl:close()
-stop_etcd(etcd)
-if not ok then error(err) end
+  for _, name in ipairs { "go", "python", "node" } do
+    if names[PEERS[name].name] then peers[#peers + 1] = PEERS[name] end
+  end
+  local keys = {}
+  for k in pairs(by_pair) do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b)
+    local x, y = by_pair[a], by_pair[b]
+    if x.id ~= y.id then return x.id < y.id end
+    if x.against ~= y.against then return x.against < y.against end
+    return x.pair < y.pair
+  end)
+  local most = 0
+  for _, k in ipairs(keys) do
+    local pr = by_pair[k]
+    if pr.ours and pr.peer then
+      pairs_of[pr.id] = pairs_of[pr.id] or {}
+      local list = pairs_of[pr.id][pr.against] or {}
+      list[#list + 1] = pr
+      pairs_of[pr.id][pr.against] = list
+      if #list > most then most = #list end
+    end
+  end
+  opts.pairs = most
+  header = { ("From %s: %d pair(s) per peer; ratios are per pair (lua-etcd3 / peer): median (min–max)"):format(
+    path, most) }
+end
+
+if opts.from ~= "" then read_results(opts.from) else run_all() end
 
 -- Table ---------------------------------------------------------------------------
 
-local function med(id, peer, field)
-  local list = {}
-  for _, r in ipairs((results[id] or {})[peer] or {}) do
-    if r[field] then list[#list + 1] = r[field] end
+-- The median of a list of numbers, then its min and max (nil when empty).
+local function stats(list)
+  if #list == 0 then return nil end
+  local s = {}
+  for i, v in ipairs(list) do s[i] = v end
+  table.sort(s)
+  local m = (#s + 1) / 2
+  return (s[math.floor(m)] + s[math.ceil(m)]) / 2, s[1], s[#s]
+end
+local function median(list) return (stats(list)) end
+
+-- The values of one field over a list of pairs: ours, the peer's, and the
+-- per-pair ratios ours / peer's.
+local function column(list, field)
+  local a, b, r = {}, {}, {}
+  for _, pr in ipairs(list) do
+    local x, y = pr.ours[field], pr.peer[field]
+    if x and y then
+      a[#a + 1], b[#b + 1] = x, y
+      if y > 0 then r[#r + 1] = x / y end
+    end
   end
-  return median(list)
+  return a, b, r
+end
+
+local function fmt_num(v, digits)
+  if not v then return "" end
+  return ("%." .. (digits or 0) .. "f"):format(v)
+end
+
+local function fmt_ratio(list)
+  local m, lo, hi = stats(list)
+  if not m then return "" end
+  return ("%.2f× (%.2f–%.2f)"):format(m, lo, hi)
 end
 
 local lines = {}
 local function out(s) lines[#lines + 1] = s end
-out(("Machine: %s"):format(machine()))
-out(("Set-up: etcd on tmpfs pinned to CPU 0, client on CPU 1, %d round(s) interleaved, medians; scale 1/%d"):format(
-  opts.rounds, opts.scale))
+for i, h in ipairs(header) do
+  if i > 1 then out("") end
+  out(h)
+end
 out("")
-out("| workload | client | ops/s | p50 ms | client CPU µs/op | ops ratio to Go | CPU ratio to Go | notes |")
-out("|---|---|---:|---:|---:|---:|---:|---|")
-local names = {
-  A = "A serial put", B = "B serial get (linearizable)", C = "C serial get (serializable)",
-  D = "D 64 puts in flight", E = "E watch 20000 puts (per event)", F = "F cold start", G = "G 1000 watchers",
-}
+out("| workload | peer | lua-etcd3 ops/s | peer ops/s | ops/s ratio | lua-etcd3 CPU µs/op | peer CPU µs/op "
+  .. "| CPU/op ratio | p50 ms lua / peer | notes |")
+out("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
 local failed = 0
 for _, w in ipairs(workloads) do
-  local go_ops, go_cpu = med(w.id, "go-clientv3", "ops"), med(w.id, "go-clientv3", "cpu_us_per_op")
-  local go_ms, go_rss = med(w.id, "go-clientv3", "ms"), med(w.id, "go-clientv3", "rss_growth_mb")
-  for _, p in ipairs(peer_order) do
-    local runs = (results[w.id] or {})[p.name]
-    if not runs then
-      failed = failed + 1
-      out(("| %s | %s | — | — | — | — | — | failed |"):format(names[w.id], p.name))
-    elseif w.id == "F" then
-      local ms = med(w.id, p.name, "ms")
-      out(("| %s | %s | | | | | | %.1f ms%s |"):format(names[w.id], p.name, ms,
-        go_ms and (" (%.2f× Go's time)"):format(ms / go_ms) or ""))
-    elseif w.id == "G" then
-      local mb = med(w.id, p.name, "rss_growth_mb")
-      out(("| %s | %s | | | | | | +%.1f MB RSS%s |"):format(names[w.id], p.name, mb,
-        go_rss and (" (Go +%.1f MB)"):format(go_rss) or ""))
+  for _, p in ipairs(peers) do
+    local list = (pairs_of[w.id] or {})[p.name] or {}
+    if #list < opts.pairs then failed = failed + 1 end
+    if #list == 0 then
+      out(("| %s | %s | — | — | — | — | — | — | — | failed |"):format(NAMES[w.id], p.name))
+    elseif w.id == "F" or w.id == "G" then
+      local a, b, r = column(list, w.value)
+      local unit = w.id == "F" and " ms" or " MB"
+      out(("| %s | %s | | | | | | | | lua-etcd3 %s%s, peer %s%s, ratio %s%s |"):format(NAMES[w.id], p.name,
+        fmt_num(median(a), 1), unit, fmt_num(median(b), 1), unit, fmt_ratio(r),
+        #list < opts.pairs and (", %d/%d pairs"):format(#list, opts.pairs) or ""))
     else
-      local ops, cpu, p50 = med(w.id, p.name, "ops"), med(w.id, p.name, "cpu_us_per_op"), med(w.id, p.name, "p50_ms")
-      local note = ""
+      local a, b, r = column(list, "ops")
+      local ca, cb, cr = column(list, "cpu_us_per_op")
+      local pa, pb = column(list, "p50_ms")
+      local note = {}
+      if #list < opts.pairs then note[#note + 1] = ("%d/%d pairs"):format(#list, opts.pairs) end
       if w.id == "E" then
-        note = ("received %d, kept up %d/%d, lag %.0f ms"):format(med(w.id, p.name, "received") or 0,
-          #(function() local k = {} for _, r in ipairs(runs) do if r.kept_up == 1 then k[#k + 1] = r end end return k end)(),
-          #runs, med(w.id, p.name, "lag_ms") or 0)
+        local kept = { 0, 0 }
+        for _, pr in ipairs(list) do
+          kept[1], kept[2] = kept[1] + (pr.ours.kept_up or 0), kept[2] + (pr.peer.kept_up or 0)
+        end
+        local la, lb = column(list, "lag_ms")
+        note[#note + 1] = ("kept up %d/%d vs %d/%d, lag %.0f vs %.0f ms"):format(kept[1], #list, kept[2], #list,
+          median(la) or 0, median(lb) or 0)
       end
-      out(("| %s | %s | %.0f | %s | %.1f | %s | %s | %s |"):format(names[w.id], p.name, ops or 0,
-        p50 and ("%.3f"):format(p50) or "", cpu or 0,
-        go_ops and ("%.2f×"):format(ops / go_ops) or "", go_cpu and ("%.2f×"):format(cpu / go_cpu) or "", note))
+      out(("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |"):format(NAMES[w.id], p.name,
+        fmt_num(median(a)), fmt_num(median(b)), fmt_ratio(r), fmt_num(median(ca), 1), fmt_num(median(cb), 1),
+        fmt_ratio(cr), #pa > 0 and ("%.3f / %.3f"):format(median(pa), median(pb)) or "", table.concat(note, "; ")))
     end
   end
 end
+
+-- The drift the pairs are there for: how far each client's own figure moved
+-- from run to run (max / min over all its runs of the workload), for the
+-- throughput (or F's time, G's RSS) and for the CPU per operation.
+out("")
+out("Run-to-run spread of the absolute figures (max / min over each client's runs; "
+  .. "lua-etcd3 ran in every pair): ops/s, then CPU/op:")
+out("")
+out("| workload | " .. ours.name)
+for _, p in ipairs(peers) do lines[#lines] = lines[#lines] .. " | " .. p.name end
+lines[#lines] = lines[#lines] .. " |"
+out("|---|" .. ("---:|"):rep(#peers + 1))
+local function spread(list)
+  local _, lo, hi = stats(list)
+  if not lo or lo <= 0 then return nil end
+  return ("%.2f×"):format(hi / lo)
+end
+for _, w in ipairs(workloads) do
+  local fields = w.value == "ops" and { "ops", "cpu_us_per_op" } or { w.value }
+  local function cell(lists)
+    local parts = {}
+    for i, field in ipairs(fields) do
+      local all = {}
+      for _, list in ipairs(lists) do
+        local a, b = column(list.pairs, field)
+        for _, v in ipairs(list.ours and a or b) do all[#all + 1] = v end
+      end
+      parts[i] = spread(all) or "—"
+    end
+    return table.concat(parts, " / ")
+  end
+  local row = { NAMES[w.id] }
+  local mine = {}
+  for _, p in ipairs(peers) do mine[#mine + 1] = { pairs = (pairs_of[w.id] or {})[p.name] or {}, ours = true } end
+  row[#row + 1] = cell(mine)
+  for _, p in ipairs(peers) do row[#row + 1] = cell { { pairs = (pairs_of[w.id] or {})[p.name] or {} } } end
+  out("| " .. table.concat(row, " | ") .. " |")
+end
+
 local table_text = table.concat(lines, "\n")
 print(table_text)
 local f = assert(io.open(OUT .. "/table.md", "w"))
