@@ -191,17 +191,26 @@ function Client:_dial(dial_timeout)
   local ready, err = self._wait(self, op, now() + dial_timeout)
   if ready then return true end
   if err then return nil, err end
-  -- Why: a fail-fast call carries gRPC's last connection error (refused,
-  -- TLS handshake failed and on what, …).
-  local probe = handle:call(self._current, "Maintenance.Status", {}, 0.5)
-  local why = ""
-  if wait.plain(self, probe, now() + 1) then
-    local _, code, _, message = probe:result()
-    if code and message and message ~= "" then why = " (" .. message .. ")" end
-  end
   return nil, errors.new("UNAVAILABLE", 14,
     ("no endpoint answered within dial_timeout (%gs): %s%s"):format(
-      dial_timeout, table.concat(self._endpoints, ","), why), "new")
+      dial_timeout, table.concat(self._endpoints, ","), self:_why(self._current)), "new")
+end
+
+--- Why endpoint i does not answer, as " (reason)", or "" when gRPC knows
+-- no reason. A fail-fast call carries gRPC's last connection error
+-- (refused, TLS handshake failed and on what, an HTTP/1 server, a gRPC
+-- server without etcd's services, …) at once; a channel still connecting
+-- (a peer that accepted and never spoke) would only run the probe into
+-- its deadline, so it is named as such.
+function Client:_why(i)
+  local handle = self._core
+  if handle:state(i) == "CONNECTING" then return " (still connecting: the peer never completed the HTTP/2 handshake)" end
+  local probe = handle:call(i, "Maintenance.Status", {}, 0.5)
+  if wait.plain(self, probe, now() + 1) then
+    local _, code, _, message = probe:result()
+    if code and message and message ~= "" then return " (" .. message .. ")" end
+  end
+  return ""
 end
 
 --- The live core handle, or a clear error for a closed or inherited client.

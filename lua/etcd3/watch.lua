@@ -151,7 +151,8 @@ function _M.install(Client)
     local ok, err = self._wait(self, created, now() + (opts.timeout or self.timeout))
     if not ok then
       state:cancel()
-      return nil, err or errors.new("DEADLINE_EXCEEDED", 4, "etcd did not confirm the watch in time", "Watch.Watch")
+      return nil, err or errors.new("DEADLINE_EXCEEDED", 4,
+        "etcd did not confirm the watch in time" .. self:_why(self._current), "Watch.Watch")
     end
     local is_created = state:state()
     if not is_created then
