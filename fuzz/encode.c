@@ -303,6 +303,12 @@ static void gen_message(lua_State *L, input *in, const ProtobufCMessageDescripto
   unsigned n = byte(in) % 12;
   names *nm = d ? names_of(d) : NULL;
   lua_newtable(L);
+  if (n == 11) { /* the keys not set below come from __index, fresh each time */
+    lua_newtable(L);
+    lua_pushcfunction(L, fresh_index);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
+  }
   for (unsigned k = 0; k < n && in->n; k++) {
     unsigned sel = byte(in);
     const ProtobufCFieldDescriptor *f = NULL;

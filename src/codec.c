@@ -246,8 +246,9 @@ static void encode_value(lua_State *L, int idx,
   }
 }
 
-/* Fills msg from the table at idx; keys the descriptor does not know are
- * ignored (the Lua layer checks user options before they get here). */
+/* Fills msg from the table at idx (read raw: metatables play no part);
+ * keys the descriptor does not know are ignored (the Lua layer checks user
+ * options before they get here). */
 static void encode_table(lua_State *L, int idx,
                          const ProtobufCMessageDescriptor *d,
                          ProtobufCMessage *msg, int arena_idx, int depth) {
@@ -261,7 +262,10 @@ static void encode_table(lua_State *L, int idx,
     char *base = (char *)msg;
     int is_id;
     snake_name(f->name, name);
-    lua_getfield(L, idx, name);
+    /* raw: a value an __index metamethod made up would be referenced by
+     * nothing but the stack, and the message keeps pointers into it */
+    lua_pushstring(L, name);
+    lua_rawget(L, idx);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       continue;

@@ -6,7 +6,7 @@
 # wire bytes by fuzz/seed), then runs each target for SECONDS (default
 # 600) and prints its executions and executions per second. Fails on any
 # crash, leak, sanitizer report or broken round trip; the input that did
-# it is left in build/fuzz/artifacts/.
+# it is left in build/fuzz/artifacts/. FUZZ_TARGETS="encode" runs one.
 set -eu
 cd "$(dirname "$0")/.."
 SECS=${1:-600}
@@ -20,7 +20,7 @@ env -u LD_PRELOAD LUA_PATH="lua/?.lua;lua/?/init.lua;./?.lua;;" LUA_CPATH="build
   lua5.4 tools/record-corpus.lua "$DIR/recorded.lua"
 "$DIR/seed" "$DIR/recorded.lua" "$DIR/seeds-decode"
 status=0
-for t in decode encode; do
+for t in ${FUZZ_TARGETS:-decode encode}; do
   # the working corpus grows across runs (build/, never committed); the
   # seeds are recorded afresh each time
   seeds=""
