@@ -115,6 +115,11 @@ void etcd3_arena_free(lua_State *L, int arena_idx) {
 
 /* ---- encoding --------------------------------------------------------- */
 
+/* Messages nest at most this deep (a transaction inside a transaction ...
+ * counts two per level): the codec and protobuf-c recurse once per level,
+ * so an unbounded depth overflows the C stack instead of raising. */
+#define MAX_DEPTH 100
+
 static size_t element_size(ProtobufCType t) {
   switch (t) {
     case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
@@ -196,12 +201,12 @@ uint64_t etcd3_check_id(lua_State *L, int idx) {
 
 static void encode_table(lua_State *L, int idx,
                          const ProtobufCMessageDescriptor *d,
-                         ProtobufCMessage *msg, int arena_idx);
+                         ProtobufCMessage *msg, int arena_idx, int depth);
 
 /* Stores the Lua value at idx into *slot, as field f describes. */
 static void encode_value(lua_State *L, int idx,
                          const ProtobufCFieldDescriptor *f, const char *field,
-                         int is_id, void *slot, int arena_idx) {
+                         int is_id, void *slot, int arena_idx, int depth) {
   switch (f->type) {
     case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
     case PROTOBUF_C_TYPE_SFIXED32: case PROTOBUF_C_TYPE_UINT32:
@@ -258,27 +263,33 @@ static void encode_value(lua_State *L, int idx,
       if (lua_type(L, idx) != LUA_TTABLE) field_error(L, field, "table", idx);
       m = (ProtobufCMessage *)etcd3_arena_alloc(L, arena_idx, sub->sizeof_message);
       sub->message_init(m);
-      encode_table(L, idx, sub, m, arena_idx);
+      encode_table(L, idx, sub, m, arena_idx, depth + 1);
       *(ProtobufCMessage **)slot = m;
       break;
     }
   }
 }
 
-/* Fills msg from the table at idx; keys the descriptor does not know are
- * ignored (the Lua layer checks user options before they get here). */
+/* Fills msg from the table at idx (read raw: metatables play no part);
+ * keys the descriptor does not know are ignored (the Lua layer checks user
+ * options before they get here). */
 static void encode_table(lua_State *L, int idx,
                          const ProtobufCMessageDescriptor *d,
-                         ProtobufCMessage *msg, int arena_idx) {
+                         ProtobufCMessage *msg, int arena_idx, int depth) {
   char name[NAME_MAX_LEN];
   idx = lua_absindex(L, idx);
+  if (depth > MAX_DEPTH)
+    luaL_error(L, "etcd3: request nested too deeply (over %d messages)", MAX_DEPTH);
   luaL_checkstack(L, 8, "etcd3: request nested too deeply");
   for (unsigned i = 0; i < d->n_fields; i++) {
     const ProtobufCFieldDescriptor *f = &d->fields[i];
     char *base = (char *)msg;
     int is_id;
     snake_name(f->name, name);
-    lua_getfield(L, idx, name);
+    /* raw: a value an __index metamethod made up would be referenced by
+     * nothing but the stack, and the message keeps pointers into it */
+    lua_pushstring(L, name);
+    lua_rawget(L, idx);
     if (lua_isnil(L, -1)) {
       lua_pop(L, 1);
       continue;
@@ -292,13 +303,13 @@ static void encode_table(lua_State *L, int idx,
       elems = n ? (char *)etcd3_arena_alloc(L, arena_idx, n * size) : NULL;
       for (size_t k = 0; k < n; k++) {
         lua_rawgeti(L, -1, (int)k + 1); /* stack: ..., array, element */
-        encode_value(L, lua_gettop(L), f, name, is_id, elems + k * size, arena_idx);
+        encode_value(L, lua_gettop(L), f, name, is_id, elems + k * size, arena_idx, depth);
         lua_pop(L, 1);
       }
       *(size_t *)(base + f->quantifier_offset) = n;
       *(void **)(base + f->offset) = elems;
     } else {
-      encode_value(L, lua_gettop(L), f, name, is_id, base + f->offset, arena_idx);
+      encode_value(L, lua_gettop(L), f, name, is_id, base + f->offset, arena_idx, depth);
       if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF)
         *(uint32_t *)(base + f->quantifier_offset) = f->id;
       else if (f->label == PROTOBUF_C_LABEL_OPTIONAL &&
@@ -319,7 +330,7 @@ ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
   luaL_checktype(L, idx, LUA_TTABLE);
   msg = (ProtobufCMessage *)etcd3_arena_alloc(L, arena_idx, d->sizeof_message);
   d->message_init(msg);
-  encode_table(L, idx, d, msg, arena_idx);
+  encode_table(L, idx, d, msg, arena_idx, 1);
   return msg;
 }
 
@@ -452,8 +463,52 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
   }
 }
 
+static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+  *v = 0;
+  for (int shift = 0; *p < end && shift < 64; shift += 7) {
+    uint8_t b = *(*p)++;
+    *v |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) return 1;
+  }
+  return 0;
+}
+
+/* Whether the wire bytes of a message of type d nest messages no deeper
+ * than `left` levels. protobuf-c's unpack recurses once per level with no
+ * limit of its own: a peer's reply nested a few thousand levels deep (a
+ * TxnResponse holds ResponseOps that hold TxnResponses) would overflow the
+ * C stack. Bytes that do not parse are left for protobuf-c to refuse. */
+static int nesting_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p,
+                      const uint8_t *end, int left) {
+  if (left < 0) return 0;
+  while (p < end) {
+    uint64_t key, n;
+    if (!read_varint(&p, end, &key)) return 1;
+    switch (key & 7) {
+      case 0: if (!read_varint(&p, end, &n)) return 1; break;
+      case 1: if (end - p < 8) return 1; p += 8; break;
+      case 5: if (end - p < 4) return 1; p += 4; break;
+      case 2: {
+        const ProtobufCFieldDescriptor *f;
+        if (!read_varint(&p, end, &n) || n > (uint64_t)(end - p)) return 1;
+        f = key >> 3 <= UINT32_MAX
+                ? protobuf_c_message_descriptor_get_field(d, (unsigned)(key >> 3))
+                : NULL;
+        if (f && f->type == PROTOBUF_C_TYPE_MESSAGE &&
+            !nesting_ok((const ProtobufCMessageDescriptor *)f->descriptor, p,
+                        p + n, left - 1))
+          return 0;
+        p += n;
+        break;
+      }
+      default: return 1;
+    }
+  }
+  return 1;
+}
+
 /* Pushes the message in buf, decoded as type d, as a table; on a message
- * that does not parse, pushes nothing and returns 0. */
+ * that does not parse (or nests too deeply), pushes nothing and returns 0. */
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
                  grpc_byte_buffer *buf) {
   decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
@@ -482,7 +537,10 @@ grpc_byte_buffer *etcd3_pack(const ProtobufCMessage *msg) {
 }
 
 /* protobuf-c copies what it keeps (bytes, strings), so the slice goes
- * at once. */
+ * at once. A message nested deeper than a reply ever is does not parse
+ * (protobuf-c and the codec recurse once per level): replies get two
+ * levels more than requests, a response's header and key-values sitting
+ * below what the request nested. */
 ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
   grpc_byte_buffer_reader reader;
   grpc_slice slice;
@@ -490,7 +548,9 @@ ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_bu
   if (!buf || !grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
   slice = grpc_byte_buffer_reader_readall(&reader);
   grpc_byte_buffer_reader_destroy(&reader);
-  msg = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice));
+  msg = nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2)
+            ? protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice))
+            : NULL;
   grpc_slice_unref(slice);
   return msg;
 }

@@ -27,7 +27,7 @@
 #include "stream.h"
 #include "rpc.pb-c.h"
 
-typedef struct etcd3_lease {
+struct etcd3_lease {
   etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   int refs;
   int64_t id;
@@ -41,7 +41,7 @@ typedef struct etcd3_lease {
   int internal;           /* the engine's own (a registration's): no news */
   double renew_every;     /* seconds between renewals; 0: a third of the TTL */
   struct etcd3_lease *next;
-} etcd3_lease;
+};
 
 /* The leases the engine renews, over one stream. */
 typedef struct keepalive_set {

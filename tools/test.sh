@@ -3,10 +3,12 @@
 # LuaJIT, runs every spec under both, builds for Lua 5.1 and 5.3 and runs
 # the demo there, runs it again with the module built
 # with AddressSanitizer + UBSan, checks that the rock installs with
-# luarocks, runs luacheck, and ends with one line "N passed, M failed".
+# luarocks, runs luacheck, fuzzes the codec and soaks a client for a
+# minute each, and ends with one line "N passed, M failed".
 #
-# Every etcd the specs start is recorded by PID in a file; whatever a
-# crashed run left behind is stopped by those PIDs at the end.
+# Every etcd (and nginx, and wrong peer) the specs start is recorded by PID
+# in a file; whatever a crashed run left behind is stopped by those PIDs at
+# the end.
 set -u
 cd "$(dirname "$0")/.."
 MAKE=${MAKE:-make}
@@ -18,7 +20,7 @@ failed=0
 
 cleanup() {
   while read -r pid; do
-    if [ -n "$pid" ] && grep -qE '^(etcd|nginx)' "/proc/$pid/cmdline" 2>/dev/null; then
+    if [ -n "$pid" ] && grep -qaE '^(etcd|nginx|/usr/bin/python3)' "/proc/$pid/cmdline" 2>/dev/null; then
       kill -9 "$pid" 2>/dev/null
     fi
   done < "$ETCD3_SPEC_PIDFILE"
@@ -98,6 +100,13 @@ step rock sh tools/check-rock.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke
+
+# the codec's libFuzzer targets, 60 s each, on a seed corpus recorded
+# from etcd afresh (`make fuzz` runs them longer)
+step fuzz sh tools/fuzz.sh 60
+# one minute of mixed load with a member restarted: RSS, fds and threads
+# stay within their bounds after warm-up (`make soak` runs 10 minutes)
+step soak $MAKE -s soak SOAK_MINUTES=1
 
 echo "logs: $LOG"
 echo "$passed passed, $failed failed"

@@ -142,8 +142,6 @@ function EndpointSet:__tostring()
   return table_concat(self.list, ",")
 end
 
---- Waits until some endpoint of `client` is connected; makes it the
--- current one. true | nil, err (UNAVAILABLE with gRPC's reason).
 --- gRPC's message, with the likely cause when a TLS member closed the
 -- connection right after the handshake: what one that demands a client
 -- certificate does (with TLS 1.3 the client has finished its side by then,
@@ -160,6 +158,30 @@ function _M.explain(client, message)
   return message
 end
 
+--- Why endpoint i does not answer, as " (reason)", or "" when gRPC knows
+-- no reason. A fail-fast call carries gRPC's last connection error
+-- (refused, TLS handshake failed and on what, an HTTP/1 server, a gRPC
+-- server without etcd's services, …) at once; a channel still connecting
+-- (a peer that accepted and never spoke) would only run the probe into
+-- its deadline, so it is named as such.
+---@param client etcd3.Client
+---@param i integer
+---@return string
+function _M.why(client, i)
+  local handle = client._core
+  if handle:state(i) == "CONNECTING" then
+    return " (still connecting: the peer never completed the HTTP/2 handshake)"
+  end
+  local probe = handle:call(i, "Maintenance.Status", {}, 0.5)
+  if wait.plain(client, probe, now() + 1) then
+    local _, code, _, message = probe:result()
+    if code and message and message ~= "" then return " (" .. _M.explain(client, message) .. ")" end
+  end
+  return ""
+end
+
+--- Waits until some endpoint of `client` is connected; makes it the
+-- current one. true | nil, err (UNAVAILABLE with gRPC's reason).
 function _M.dial(client, dial_timeout)
   local handle, set = client._core, client._endpoints
   local op = wait.polling_op(function()
@@ -174,16 +196,9 @@ function _M.dial(client, dial_timeout)
   local ready, err = client._wait(client, op, now() + dial_timeout)
   if ready then return true end
   if err then return nil, err end
-  -- Why: a fail-fast call carries gRPC's last connection error (refused,
-  -- TLS handshake failed and on what, …).
-  local probe = handle:call(set.current, "Maintenance.Status", {}, 0.5)
-  local why = ""
-  if wait.plain(client, probe, now() + 1) then
-    local _, code, _, message = probe:result()
-    if code and message and message ~= "" then why = " (" .. _M.explain(client, message) .. ")" end
-  end
   return nil, errors.new("UNAVAILABLE",
-    ("no endpoint answered within dial_timeout (%gs): %s%s"):format(dial_timeout, tostring(set), why), "new")
+    ("no endpoint answered within dial_timeout (%gs): %s%s"):format(dial_timeout, tostring(set),
+      _M.why(client, set.current)), "new")
 end
 
 -- auto_sync ---------------------------------------------------------------

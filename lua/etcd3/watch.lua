@@ -10,6 +10,7 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local kv = require "etcd3.kv"
+local endpoints = require "etcd3.endpoints"
 local namespace = require "etcd3.namespace"
 local wait = require "etcd3.wait"
 
@@ -188,8 +189,11 @@ function Client:watch(key, opts)
     end,
     wait = function(_, seconds) state:wait(seconds) end,
   }
-  local ok, err = wait.until_ready(self, created, now() + (opts.timeout or self.timeout), "Watch.Watch",
-    "etcd did not confirm the watch in time")
+  local deadline = now() + (opts.timeout or self.timeout)
+  local ok, err = wait.until_ready(self, created, deadline, "Watch.Watch")
+  if not ok and err.code == "DEADLINE_EXCEEDED" then
+    err.message = "etcd did not confirm the watch in time" .. endpoints.why(self, self._endpoints.current)
+  end
   if not ok then
     state:cancel()
     return nil, err
