@@ -41,6 +41,21 @@
 /* Longest proto field name in etcd's protos is far below this. */
 #define NAME_MAX_LEN 64
 
+enum { NOT_AN_ID, MEMBER_ID, LEASE_ID };
+
+/* What the codec needs of a field, worked out once per process: its
+ * snake_case name and whether it holds a 64-bit ID (and which kind). */
+typedef struct field_info {
+  char name[NAME_MAX_LEN];
+  int id_kind;
+} field_info;
+
+typedef struct message_info {
+  const ProtobufCMessageDescriptor *d;
+  field_info *fields;        /* in descriptor order */
+  unsigned *by_name;         /* field indexes in name order (encoding) */
+} message_info;
+
 /* Writes the snake_case form of a proto field name into out. */
 static void snake_name(const char *name, char *out) {
   size_t n = 0;
@@ -57,16 +72,93 @@ static void snake_name(const char *name, char *out) {
   out[n] = '\0';
 }
 
-static int is_id_field(const ProtobufCFieldDescriptor *f, const char *snake) {
-  size_t len;
-  if (f->type != PROTOBUF_C_TYPE_INT64 && f->type != PROTOBUF_C_TYPE_UINT64)
-    return 0;
-  if (strcmp(snake, "id") == 0 || strcmp(snake, "lease") == 0 ||
-      strcmp(snake, "leader") == 0)
-    return 1;
-  len = strlen(snake);
-  return len > 3 && strcmp(snake + len - 3, "_id") == 0 &&
-         strcmp(snake, "watch_id") != 0;
+/* 64-bit IDs: fields named id, lease, leader or *_id but watch_id. Leases
+ * are printed as etcdctl 3.4 does (%016x), members and clusters as %x. */
+static int id_kind(const ProtobufCMessageDescriptor *d, const ProtobufCFieldDescriptor *f,
+                   const char *snake) {
+  size_t len = strlen(snake);
+  if (f->type != PROTOBUF_C_TYPE_INT64 && f->type != PROTOBUF_C_TYPE_UINT64) return NOT_AN_ID;
+  if (strcmp(snake, "id") != 0 && strcmp(snake, "lease") != 0 && strcmp(snake, "leader") != 0 &&
+      !(len > 3 && strcmp(snake + len - 3, "_id") == 0 && strcmp(snake, "watch_id") != 0))
+    return NOT_AN_ID;
+  if (strcmp(snake, "lease") == 0 || strncmp(d->short_name, "Lease", 5) == 0) return LEASE_ID;
+  return MEMBER_ID;
+}
+
+/* Every message type the RPCs reach, indexed by descriptor: built once,
+ * read-only afterwards (no lock on the way). */
+#define INFO_SLOTS 1024
+static message_info infos[INFO_SLOTS];
+static pthread_once_t infos_once = PTHREAD_ONCE_INIT;
+
+static size_t info_slot(const ProtobufCMessageDescriptor *d) {
+  return (size_t)(((uintptr_t)d >> 4) * 0x9E3779B97F4A7C15ULL >> 40) & (INFO_SLOTS - 1);
+}
+
+static const field_info *sort_fields; /* for the qsort below (once, one thread) */
+static int by_field_name(const void *a, const void *b) {
+  return strcmp(sort_fields[*(const unsigned *)a].name, sort_fields[*(const unsigned *)b].name);
+}
+
+static void add_info(const ProtobufCMessageDescriptor *d) {
+  size_t slot = info_slot(d);
+  message_info *m;
+  while (infos[slot].d && infos[slot].d != d) slot = (slot + 1) & (INFO_SLOTS - 1);
+  if (infos[slot].d) return; /* known */
+  m = &infos[slot];
+  m->fields = (field_info *)calloc(d->n_fields ? d->n_fields : 1, sizeof *m->fields);
+  m->by_name = (unsigned *)calloc(d->n_fields ? d->n_fields : 1, sizeof *m->by_name);
+  if (!m->fields || !m->by_name) abort(); /* at load, a few kB */
+  m->d = d;
+  for (unsigned i = 0; i < d->n_fields; i++) {
+    snake_name(d->fields[i].name, m->fields[i].name);
+    m->fields[i].id_kind = id_kind(d, &d->fields[i], m->fields[i].name);
+    m->by_name[i] = i;
+  }
+  sort_fields = m->fields;
+  qsort(m->by_name, d->n_fields, sizeof *m->by_name, by_field_name);
+  for (unsigned i = 0; i < d->n_fields; i++)
+    if (d->fields[i].type == PROTOBUF_C_TYPE_MESSAGE)
+      add_info((const ProtobufCMessageDescriptor *)d->fields[i].descriptor);
+}
+
+static const ProtobufCServiceDescriptor *const services[] = {
+  &etcdserverpb__kv__descriptor,      &etcdserverpb__watch__descriptor,
+  &etcdserverpb__lease__descriptor,   &etcdserverpb__cluster__descriptor,
+  &etcdserverpb__maintenance__descriptor, &etcdserverpb__auth__descriptor,
+};
+#define N_SERVICES (sizeof services / sizeof services[0])
+
+static void build_infos(void) {
+  for (size_t s = 0; s < N_SERVICES; s++) {
+    for (unsigned k = 0; k < services[s]->n_methods; k++) {
+      add_info(services[s]->methods[k].input);
+      add_info(services[s]->methods[k].output);
+    }
+  }
+}
+
+/* The field names of message type d (every type an RPC reaches). */
+static const message_info *info_of(lua_State *L, const ProtobufCMessageDescriptor *d) {
+  size_t slot;
+  pthread_once(&infos_once, build_infos);
+  for (slot = info_slot(d); infos[slot].d; slot = (slot + 1) & (INFO_SLOTS - 1))
+    if (infos[slot].d == d) return &infos[slot];
+  luaL_error(L, "etcd3: message type %s is not one of etcd's RPCs", d->name);
+  return NULL;
+}
+
+/* The field of d named `name` (a Lua string), or -1. */
+static int field_by_name(const message_info *m, const char *name) {
+  unsigned lo = 0, hi = m->d->n_fields;
+  while (lo < hi) {
+    unsigned mid = (lo + hi) / 2;
+    int c = strcmp(name, m->fields[m->by_name[mid]].name);
+    if (c == 0) return (int)m->by_name[mid];
+    if (c < 0) hi = mid;
+    else lo = mid + 1;
+  }
+  return -1;
 }
 
 /* ---- arena ------------------------------------------------------------ */
@@ -270,31 +362,34 @@ static void encode_value(lua_State *L, int idx,
   }
 }
 
-/* Fills msg from the table at idx (read raw: metatables play no part);
- * keys the descriptor does not know are ignored (the Lua layer checks user
- * options before they get here). */
+/* Fills msg from the table at idx (read raw: metatables play no part, and
+ * only the keys the table has are looked at); keys the descriptor does not
+ * know are ignored (the Lua layer checks user options before they get
+ * here). */
 static void encode_table(lua_State *L, int idx,
                          const ProtobufCMessageDescriptor *d,
                          ProtobufCMessage *msg, int arena_idx, int depth) {
-  char name[NAME_MAX_LEN];
+  const message_info *info = info_of(L, d);
+  char *base = (char *)msg;
   idx = lua_absindex(L, idx);
   if (depth > MAX_DEPTH)
     luaL_error(L, "etcd3: request nested too deeply (over %d messages)", MAX_DEPTH);
   luaL_checkstack(L, 8, "etcd3: request nested too deeply");
-  for (unsigned i = 0; i < d->n_fields; i++) {
-    const ProtobufCFieldDescriptor *f = &d->fields[i];
-    char *base = (char *)msg;
-    int is_id;
-    snake_name(f->name, name);
-    /* raw: a value an __index metamethod made up would be referenced by
-     * nothing but the stack, and the message keeps pointers into it */
-    lua_pushstring(L, name);
-    lua_rawget(L, idx);
-    if (lua_isnil(L, -1)) {
+  lua_pushnil(L);
+  while (lua_next(L, idx)) { /* stack: ..., key, value */
+    const ProtobufCFieldDescriptor *f;
+    const char *name;
+    int i, is_id;
+    /* a value is referenced by the table while it is encoded: pointers
+     * into its strings stay valid */
+    if (lua_type(L, -2) != LUA_TSTRING || lua_isnil(L, -1) ||
+        (i = field_by_name(info, lua_tostring(L, -2))) < 0) {
       lua_pop(L, 1);
       continue;
     }
-    is_id = is_id_field(f, name);
+    f = &d->fields[i];
+    name = info->fields[i].name;
+    is_id = info->fields[i].id_kind != NOT_AN_ID;
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n, size = element_size(f->type);
       char *elems;
@@ -302,7 +397,7 @@ static void encode_table(lua_State *L, int idx,
       n = lua_rawlen(L, -1);
       elems = n ? (char *)etcd3_arena_alloc(L, arena_idx, n * size) : NULL;
       for (size_t k = 0; k < n; k++) {
-        lua_rawgeti(L, -1, (int)k + 1); /* stack: ..., array, element */
+        lua_rawgeti(L, -1, (int)k + 1); /* stack: ..., key, array, element */
         encode_value(L, lua_gettop(L), f, name, is_id, elems + k * size, arena_idx, depth);
         lua_pop(L, 1);
       }
@@ -362,7 +457,7 @@ static void push_i64(lua_State *L, int64_t v) {
 
 
 /* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0.
- * is_id: 1 for a member/cluster ID, 2 for a lease ID. */
+ * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently). */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
                       int is_id, const void *slot) {
   switch (f->type) {
@@ -381,7 +476,7 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
         char hex[17];
         if (v == 0) return 0;
         /* as etcdctl 3.4 prints them: leases %016x, members/clusters %x */
-        snprintf(hex, sizeof hex, is_id == 2 ? "%016llx" : "%llx",
+        snprintf(hex, sizeof hex, is_id == LEASE_ID ? "%016llx" : "%llx",
                  (unsigned long long)v);
         lua_pushstring(L, hex);
       } else {
@@ -425,16 +520,51 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
   return 1;
 }
 
+/* The field names of message type d as Lua strings (stack: ..., names), so
+ * a decoded table is filled without hashing a C string per field: kept
+ * per Lua state in the registry, by descriptor. */
+static char names_key;
+static void push_names(lua_State *L, const message_info *info) {
+  const ProtobufCMessageDescriptor *d = info->d;
+  lua_pushlightuserdata(L, &names_key);
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., cache */
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushlightuserdata(L, &names_key);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+  }
+  lua_pushlightuserdata(L, (void *)d);
+  lua_rawget(L, -2); /* stack: ..., cache, names */
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    lua_createtable(L, (int)d->n_fields, 0);
+    for (unsigned i = 0; i < d->n_fields; i++) {
+      lua_pushstring(L, info->fields[i].name);
+      lua_rawseti(L, -2, (int)i + 1);
+    }
+    lua_pushlightuserdata(L, (void *)d);
+    lua_pushvalue(L, -2);
+    lua_rawset(L, -4);
+  }
+  lua_remove(L, -2); /* stack: ..., names */
+}
+
 /* Pushes msg as a table (the codec's rules); used for stream messages. */
 void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
   const ProtobufCMessageDescriptor *d = msg->descriptor;
+  const message_info *info = info_of(L, d);
   const char *base = (const char *)msg;
-  char name[NAME_MAX_LEN];
+  int names, table;
   luaL_checkstack(L, 8, "etcd3: response nested too deeply");
-  lua_createtable(L, 0, (int)d->n_fields);
+  push_names(L, info);
+  names = lua_gettop(L);
+  lua_createtable(L, 0, (int)d->n_fields); /* stack: ..., names, table */
+  table = lua_gettop(L);
   for (unsigned i = 0; i < d->n_fields; i++) {
     const ProtobufCFieldDescriptor *f = &d->fields[i];
-    int is_id;
+    int is_id = info->fields[i].id_kind;
     if ((f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) &&
         *(const uint32_t *)(base + f->quantifier_offset) != f->id)
       continue;
@@ -442,25 +572,23 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
         f->type != PROTOBUF_C_TYPE_MESSAGE && f->type != PROTOBUF_C_TYPE_STRING &&
         !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
       continue;
-    snake_name(f->name, name);
-    is_id = is_id_field(f, name);
-    if (is_id && (strcmp(name, "lease") == 0 ||
-                  strncmp(d->short_name, "Lease", 5) == 0))
-      is_id = 2; /* a lease ID */
+    lua_rawgeti(L, names, (int)i + 1); /* stack: ..., names, table, name */
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n = *(const size_t *)(base + f->quantifier_offset);
       size_t size = element_size(f->type);
       const char *elems = *(const char *const *)(base + f->offset);
-      lua_createtable(L, (int)n, 0); /* stack: ..., message, array */
+      lua_createtable(L, (int)n, 0); /* stack: ..., name, array */
       for (size_t k = 0; k < n; k++) {
         if (push_value(L, f, is_id, elems + k * size))
           lua_rawseti(L, -2, (int)k + 1);
       }
     } else if (!push_value(L, f, is_id, base + f->offset)) {
+      lua_pop(L, 1); /* the name: an ID of 0 is left out */
       continue;
     }
-    lua_setfield(L, -2, name);
+    lua_rawset(L, table);
   }
+  lua_remove(L, names);
 }
 
 static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
@@ -557,13 +685,6 @@ ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_bu
 
 /* ---- methods and status codes ----------------------------------------- */
 
-static const ProtobufCServiceDescriptor *const services[] = {
-  &etcdserverpb__kv__descriptor,      &etcdserverpb__watch__descriptor,
-  &etcdserverpb__lease__descriptor,   &etcdserverpb__cluster__descriptor,
-  &etcdserverpb__maintenance__descriptor, &etcdserverpb__auth__descriptor,
-};
-
-#define N_SERVICES (sizeof services / sizeof services[0])
 #define MAX_METHODS 32
 
 /* "/etcdserverpb.KV/Range" for every method, built once. Static storage,
