@@ -111,13 +111,10 @@ function Writer:lock()
 end
 
 function Writer:set_error(message)
-  local dict = self.dict
   if message == nil then
-    dict:delete(ERR)
-  elseif dict:get(ERR) ~= message then
-    -- may evict a key when the dict is full: the message says the copy
-    -- is incomplete anyway
-    dict:set(ERR, message)
+    self.dict:delete(ERR)
+  elseif self.dict:get(ERR) ~= message then
+    self:set_internal(ERR, message)
   end
 end
 
@@ -167,26 +164,51 @@ function Writer:write_all()
   for key, value in m:pairs() do self:store(key, value) end
 end
 
+--- Sets an internal key; in a full dict it may evict a key of the copy
+-- to make room: then every key of the copy is checked again.
+function Writer:set_internal(key, value, ttl)
+  local dict = self.dict
+  if dict:safe_set(key, value, ttl) then return true end
+  local ok, err, forcible = dict:set(key, value, ttl)
+  if forcible then self.evicted = true end
+  if not ok then log(ngx.ERR, "the dict ", self.name, " cannot even hold ", key:sub(8), ": ", tostring(err)) end
+  return ok
+end
+
 --- After writing up to revision `rev`: the revision, the heartbeat and the
 -- error (a full dict) for the views.
 function Writer:finish(rev)
-  local dict = self.dict
-  dict:set(REV, rev)
-  dict:set(BEAT, ngx.now(), BEAT_TTL)
-  dict:set(WRITER, ngx.worker.pid())
+  self.evicted = false
+  self:set_internal(REV, rev)
+  self:set_internal(BEAT, ngx.now(), BEAT_TTL)
+  self:set_internal(WRITER, ngx.worker.pid())
   self.written = rev
-  local missing = self:count_missing()
-  if missing > 0 then
-    local message = ("the dict %q is full: %d keys not stored (%s); make lua_shared_dict %s larger"):format(
-      self.name, missing, tostring(self.missing_reason or "no memory"), self.name)
-    if self.reported ~= message then log(ngx.ERR, message) end
-    self.reported = message
-    self:set_error(message)
-  else
-    if self.reported then log(ngx.NOTICE, "the dict ", self.name, " holds the whole copy again") end
-    self.reported = nil
-    self:set_error(nil)
+  local message
+  for _ = 1, 2 do
+    local missing = self:count_missing()
+    message = missing > 0 and ("the dict %q is full: %d keys not stored (%s); make lua_shared_dict %s larger"):format(
+      self.name, missing, tostring(self.missing_reason or "no memory"), self.name) or nil
+    if message then
+      if self.dict:get(ERR) ~= message then self:set_internal(ERR, message) end
+    else
+      self:set_error(nil)
+    end
+    if not self.evicted then break end
+    -- an internal key took the place of a key of the copy: count again
+    self.evicted = false
+    for key, value in self.m:pairs() do
+      if self.dict:get(key) ~= value and not self.missing[key] then
+        self.missing[key] = true
+        self.missing_reason = "no memory"
+      end
+    end
   end
+  if message and self.reported ~= message then
+    log(ngx.ERR, message)
+  elseif not message and self.reported then
+    log(ngx.NOTICE, "the dict ", self.name, " holds the whole copy again")
+  end
+  self.reported = message
 end
 
 --- Brings the dict to the mirror's revision when it is older.
@@ -356,7 +378,12 @@ function View:err()
   local dict = self.dict
   local err = dict:get(ERR)
   if err then return err end
-  if not dict:get(REV) then return "the copy is not loaded yet" end
+  if not dict:get(REV) then
+    if dict.free_space and dict:free_space() == 0 then
+      return ("the dict %q is full: it cannot hold even the copy's revision"):format(self.name)
+    end
+    return "the copy is not loaded yet"
+  end
   if not dict:get(BEAT) then
     return ("the copy may be stale: no writer refreshed it for %d s"):format(BEAT_TTL)
   end
