@@ -225,7 +225,8 @@ function Writer:sync(changes)
       return
     end
     if current == rev and self.written == rev then
-      dict:set(BEAT, ngx.now(), BEAT_TTL)
+      -- nothing new: the heartbeat, and the error cleared once etcd answers again
+      self:finish(rev)
       return
     end
     if changes and current == self.written then
@@ -290,7 +291,7 @@ function run(premature, self)
   if ok and done then return end
   local why = ok and tostring(err) or ("error: " .. tostring(done))
   log(ngx.ERR, "mirroring ", self.cfg.prefix, " into ", self.name, ": ", why)
-  if not self.dict:get(REV) or ok then self:set_error("the copy may be stale: " .. why) end
+  self:set_error("the copy may be stale: " .. why)
   local delay = self.retry
   self.retry = math_min(self.retry * 2, RETRY_MAX)
   local tok, terr = ngx.timer.at(delay, run, self)
