@@ -156,13 +156,12 @@ local function exact(server, cli, prefix, revision)
   local rev, err, kvs
   helper.wait_for(function()
     rev, err, kvs = dump(server)
-    return rev and rev >= revision
-  end, 30, "the copy to reach revision " .. revision)
+    return rev and rev >= revision and err == "nil"
+  end, 30, "the copy to reach revision " .. revision .. " with view:err() nil")
   local res = assert(cli:get(prefix, { prefix = true, revision = rev }))
   local want = {}
   for _, kv in ipairs(res.kvs) do want[kv.key] = kv.value end
   assert.are.same(want, kvs)
-  assert.are.equal("nil", err)
 end
 
 local function writer_pid(server)
@@ -328,6 +327,27 @@ describe("etcd3.ngx", function()
 
   it("is exact after changes and a compaction while the writer was stopped, then killed", function()
     stopped_while_compacted("kill")
+  end)
+
+  it("says in view:err() when etcd is unreachable, keeps the copy, and recovers", function()
+    member:kill()
+    local err
+    helper.wait_for(function()
+      local _
+      _, err = dump(server)
+      return err ~= "nil"
+    end, 30, "view:err() to report etcd's loss")
+    assert.matches("the copy may be stale", err, 1, true)
+    visible_everywhere(server, "/m/k03", "v3")
+    member:start()
+    member:wait_healthy()
+    local last
+    helper.wait_for(function()
+      local res = cli:put("/m/back", "again")
+      last = res and res.header.revision
+      return last
+    end, 20, "a put after etcd's restart")
+    exact(server, cli, "/m/", last)
   end)
 
   it("refuses bad arguments naming the function", function()

@@ -48,6 +48,9 @@ local LOCK_TTL = 5
 -- reports the copy stale once BEAT is older than BEAT_TTL.
 local UPDATE_WAIT = 1
 local BEAT_TTL = 10
+-- The writer checks that etcd answers this often,
+-- waiting this long for the answer.
+local PROBE_EVERY, PROBE_TIMEOUT = 5, 3
 -- A writer that cannot reach etcd tries again after these many seconds,
 -- doubling up to the maximum.
 local RETRY_MIN, RETRY_MAX = 0.5, 5
@@ -188,11 +191,7 @@ function Writer:finish(rev)
     local missing = self:count_missing()
     message = missing > 0 and ("the dict %q is full: %d keys not stored (%s); make lua_shared_dict %s larger"):format(
       self.name, missing, tostring(self.missing_reason or "no memory"), self.name) or nil
-    if message then
-      if self.dict:get(ERR) ~= message then self:set_internal(ERR, message) end
-    else
-      self:set_error(nil)
-    end
+    self:set_error(message or self.unreachable)
     if not self.evicted then break end
     -- an internal key took the place of a key of the copy: count again
     self.evicted = false
@@ -242,6 +241,22 @@ function Writer:sync(changes)
   if not ok then error(err, 0) end
 end
 
+--- A watch does not end when etcd becomes unreachable (the client resumes
+-- it once a member answers): a read of one key, now and then, tells
+-- whether the copy can still be current.
+function Writer:probe()
+  local ok, err = self.cli:get(self.cfg.prefix, { keys_only = true, timeout = PROBE_TIMEOUT })
+  if ok then
+    if self.unreachable then log(ngx.NOTICE, "etcd answers again") end
+    self.unreachable = nil
+  else
+    local message = "the copy may be stale: etcd is unreachable: " .. tostring(err)
+    if not self.unreachable then log(ngx.WARN, message) end
+    self.unreachable = message
+    self:set_error(message)
+  end
+end
+
 --- One connection to etcd: mirror, write, follow until the worker exits or
 -- the mirror fails. -> nil, err on failure.
 function Writer:session()
@@ -260,7 +275,13 @@ function Writer:session()
   self.m, self.written = m, nil
   self.retry = RETRY_MIN
   self:sync(nil)
+  local probed = ngx.now()
   while not ngx.worker.exiting() do
+    ngx.update_time()
+    if ngx.now() - probed >= PROBE_EVERY then
+      probed = ngx.now()
+      self:probe()
+    end
     local changes
     changes, err = m:update(UPDATE_WAIT)
     if not changes then
@@ -271,6 +292,8 @@ function Writer:session()
       self.retry = math_min(self.retry * 2, RETRY_MAX)
     else
       self.retry = RETRY_MIN
+      -- changes arrived: etcd answers
+      if #changes > 0 then self.unreachable = nil end
       self:sync(self.written and changes or nil)
     end
   end
