@@ -75,6 +75,7 @@ local function config(endpoint, dict_size, prefix)
         e(ngxm.view, 5)
         e(function() return ngxm.view("etcd_cfg"):get(1) end)
         e(ngxm.mirror, { prefix = "/m/" })
+        e(ngxm.mirror, { dict = "etcd_cfg", prefix = "/m/" })
       }
     }
     location = /wait {
@@ -358,6 +359,8 @@ describe("etcd3.ngx", function()
     assert.matches("bad argument #1 to 'etcd3.ngx.view' (string expected, got 5)", body, 1, true)
     assert.matches("bad argument #1 to 'etcd3.view:get' (string expected, got 1)", body, 1, true)
     assert.matches("etcd3.ngx.mirror: option 'dict' (a lua_shared_dict's name) is required", body, 1, true)
+    assert.matches("etcd3.ngx.mirror: call it in init_worker_by_lua*", body, 1, true)
+    assert.is_nil(body:find("no error", 1, true))
   end)
 end)
 

@@ -73,6 +73,7 @@ local function check_prefix(fname, prefix)
 end
 
 local function shared_dict(fname, name)
+  if not (ngx and ngx.shared) then check.fail(fname, "needs OpenResty (nginx with lua-nginx-module)", 4) end
   local dict = ngx.shared[name]
   if not dict then
     check.fail(fname, ("no lua_shared_dict named %q in nginx.conf"):format(name), 4)
@@ -324,8 +325,9 @@ end
 --- Which process writes: the privileged agent when one was enabled through
 -- this module, else worker 0.
 local function is_writer()
-  local ptype = require("ngx.process").type()
-  if ptype == "privileged agent" then return true end
+  -- (ngx.process comes with lua-resty-core, which lua-nginx-module >= 0.10.16 requires)
+  local ok, process = pcall(require, "ngx.process")
+  if ok and process.type() == "privileged agent" then return true end
   return not agent_enabled and ngx.worker.id() == 0
 end
 
@@ -340,6 +342,9 @@ function _M.mirror(cfg)
   if type(cfg.prefix) ~= "string" then check.fail("ngx.mirror", "option 'prefix' is required") end
   check_prefix("ngx.mirror", cfg.prefix)
   local dict = shared_dict("ngx.mirror", cfg.dict)
+  if ngx.get_phase() ~= "init_worker" then
+    check.fail("ngx.mirror", "call it in init_worker_by_lua* (it runs in every worker; one of them writes)")
+  end
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
     retry = RETRY_MIN }, Writer)
