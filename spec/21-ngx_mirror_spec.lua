@@ -34,6 +34,10 @@ local function config(endpoint, dict_size, prefix)
   return [[
   lua_shared_dict etcd_cfg ]] .. dict_size .. [[;
   lua_shared_dict lat 1m;
+  init_by_lua_block {
+    -- Debian's nginx lacks OpenResty's privileged agent patch: worker 0 writes
+    agent_ok, agent_err = require("etcd3.ngx").enable_privileged_agent()
+  }
   init_worker_by_lua_block {
     local ngxm = require "etcd3.ngx"
     ngxm.mirror { dict = "etcd_cfg", prefix = "]] .. prefix .. [[", endpoints = "]] .. endpoint .. [[" }
@@ -54,6 +58,12 @@ local function config(endpoint, dict_size, prefix)
         ngx.say(view:revision(), " ", tostring(view:err()))
         for k, v in view:pairs() do ngx.say(k, "=", v) end
       }
+    }
+    location = /agent {
+      content_by_lua_block { ngx.say(tostring(agent_ok), " ", tostring(agent_err)) }
+    }
+    location = /pid {
+      content_by_lua_block { ngx.say(ngx.worker.id(), " ", ngx.worker.pid()) }
     }
     location = /writer {
       content_by_lua_block { ngx.say(ngx.shared.etcd_cfg:get("\0etcd3:writer") or 0) }
@@ -204,6 +214,22 @@ describe("etcd3.ngx", function()
     assert.are.equal(WORKERS + 1, n)
     io.stderr:write(("\n[ngx mirror] %d nginx processes, %d TCP connection(s) to etcd\n"):format(
       n, connections(server, port)))
+  end)
+
+  it("writes from worker 0 when nginx has no privileged agent", function()
+    local agent = server:get("/agent")
+    if agent:match("^true") then
+      pending("this nginx has a privileged agent: it writes")
+      return
+    end
+    assert.matches("missing privileged agent process patch", agent, 1, true)
+    local pid
+    helper.wait_for(function()
+      local seen = ask_all(server, "/pid", 24)
+      pid = seen[0] and next(seen[0])
+      return pid
+    end, 20, "an answer from worker 0")
+    assert.are.equal(tonumber(pid), writer_pid(server))
   end)
 
   it("shows puts and deletes in every worker", function()
