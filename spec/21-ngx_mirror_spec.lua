@@ -65,6 +65,13 @@ local function config(endpoint, dict_size, prefix)
     location = /pid {
       content_by_lua_block { ngx.say(ngx.worker.id(), " ", ngx.worker.pid()) }
     }
+    location = /newer {
+      content_by_lua_block {
+        -- what a newer writer's copy looks like to this one
+        ngx.shared.etcd_cfg:set("/m/from-newer", "x")
+        ngx.shared.etcd_cfg:set("\0etcd3:rev", tonumber(ngx.var.arg_rev))
+      }
+    }
     location = /writer {
       content_by_lua_block { ngx.say(ngx.shared.etcd_cfg:get("\0etcd3:writer") or 0) }
     }
@@ -265,6 +272,26 @@ describe("etcd3.ngx", function()
       WORKERS, quantile(lat, 0.5) * 1000, quantile(lat, 0.99) * 1000, lat[#lat] * 1000))
     -- a functional bound only: the machine is shared
     assert.is_true(quantile(lat, 0.5) < 1, "p50 " .. quantile(lat, 0.5))
+  end)
+
+  it("never overwrites a newer copy; rewrites it whole once past its revision", function()
+    local cur = assert(cli:put("/m/older0", "0")).header.revision
+    exact(server, cli, "/m/", cur)
+    local newer = cur + 5
+    server:get("/newer?rev=" .. newer)
+    assert(cli:put("/m/older1", "1"))
+    assert(cli:put("/m/older2", "2"))
+    -- a second for the writer to (not) write them
+    assert.are.equal("TIMEOUT\n", (server:get("/wait?rev=" .. newer .. "&t=1")))
+    local rev, _, kvs = dump(server)
+    assert.are.equal(newer, rev)
+    assert.are.equal("x", kvs["/m/from-newer"])
+    assert.is_nil(kvs["/m/older1"])
+    local last
+    for i = 3, 6 do last = assert(cli:put("/m/older" .. i, tostring(i))).header.revision end
+    assert.is_true(last > newer)
+    exact(server, cli, "/m/", last)
+    assert.are.equal("2\n", (server:get("/get?k=/m/older2")):match(" (.*)$"))
   end)
 
   it("wakes view:wait once the copy passes a revision, and times out otherwise", function()
