@@ -23,7 +23,7 @@ function _M.start(http)
   local conf = table.concat({
     "load_module " .. MODULES .. "/ndk_http_module.so;",
     "load_module " .. MODULES .. "/ngx_http_lua_module.so;",
-    "worker_processes 1;",
+    "worker_processes " .. (_M.worker_processes or 1) .. ";", -- a spec may ask for more
     "daemon off;",
     "master_process on;",
     "pid " .. dir .. "/nginx.pid;",
