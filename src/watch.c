@@ -79,7 +79,7 @@ ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
 ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state);
 
 static const etcd3_service_ops watch_service = {
-  "watch", watch_tick, NULL, watch_restart, watch_shutdown, free,
+  "watch", watch_tick, NULL, watch_restart, watch_shutdown, free, NULL,
 };
 
 static const etcd3_stream_ops watch_ops;

@@ -1,0 +1,157 @@
+-- OpenResty waits that the completion itself wakes (API.md, "OpenResty"),
+-- in Debian's nginx + lua-nginx-module (LuaJIT) against a real etcd: an
+-- idle worker with many waiting watches sleeps, one put wakes them all,
+-- calls never fall back to ngx.sleep, and a reload does not hang on waits.
+local helper = require "spec.helpers.etcd"
+local nginx = require "spec.helpers.nginx"
+local core = require "etcd3.core"
+
+--- CPU seconds (all threads) of a process, from /proc/PID/stat.
+local function cpu_seconds(pid)
+  local f = assert(io.open("/proc/" .. pid .. "/stat"))
+  local stat = f:read("*a")
+  f:close()
+  -- fields after the command name (which may hold spaces): state is 3rd
+  local rest = stat:match("%) (.*)$")
+  local fields = {}
+  for v in rest:gmatch("%S+") do fields[#fields + 1] = v end
+  -- utime and stime are fields 14 and 15 of the whole line (12, 13 here)
+  return (tonumber(fields[12]) + tonumber(fields[13])) / tonumber(helper.capture("getconf CLK_TCK"))
+end
+
+--- How often the main thread of a process went to sleep by itself (each
+-- wait in epoll that blocked counts once).
+local function main_thread_wakes(pid)
+  local f = assert(io.open(("/proc/%d/task/%d/status"):format(pid, pid)))
+  local status = f:read("*a")
+  f:close()
+  return tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)"))
+end
+
+--- Whether the process is gone (an exited child the master has not reaped
+-- yet counts as gone).
+local function gone(pid)
+  local f = io.open("/proc/" .. pid .. "/status")
+  if not f then return true end
+  local status = f:read("*a")
+  f:close()
+  return status:match("State:%s*Z") ~= nil
+end
+
+describe("OpenResty waits woken by the completion", function()
+  local member, server
+
+  setup(function()
+    member = helper.single()
+    assert.matches("OK", member:etcdctl("put /nw/get value-1"))
+    server = nginx.start([[
+  init_worker_by_lua_block {
+    local etcd3 = require "etcd3"
+    local state = { sleeps = 0, waiting = 0 }
+    package.loaded["spec.ngx_wait_state"] = state
+    -- counts every ngx.sleep (the polling fallback would call it)
+    local sleep = ngx.sleep
+    ngx.sleep = function(s)
+      state.sleeps = state.sleeps + 1
+      return sleep(s)
+    end
+    state.cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" })
+    -- init_worker still blocks within the deadline (the worker serves nothing yet)
+    state.bootstrap = assert(state.cli:get("/nw/get")).kvs[1].value
+  }
+  server {
+    listen 127.0.0.1:${PORT};
+    location = / { return 200 "up"; }
+    location = /pid { content_by_lua_block { ngx.say(ngx.worker.pid()) } }
+    location = /waiting {
+      content_by_lua_block { ngx.say(require("spec.ngx_wait_state").waiting) }
+    }
+    location = /gets {
+      content_by_lua_block {
+        local state = require("spec.ngx_wait_state")
+        local ok, before = 0, state.sleeps
+        for _ = 1, tonumber(ngx.var.arg_n) do
+          local sleeps = state.sleeps
+          local res, err = state.cli:get("/nw/get")
+          if not res then ngx.say("error: ", tostring(err)) end
+          if res and res.kvs[1].value == "value-1" and state.sleeps == sleeps then ok = ok + 1 end
+        end
+        ngx.say("bootstrap=", state.bootstrap, " ok=", ok, " sleeps=", state.sleeps - before)
+      }
+    }
+    location /watches/ {
+      content_by_lua_block {
+        local state = require("spec.ngx_wait_state")
+        local n = tonumber(ngx.var.arg_n)
+        local key = "/nw/" .. ngx.var.uri:match("^/watches/(.+)$")
+        local function one()
+          local w, err = state.cli:watch(key)
+          if not w then return "watch: " .. tostring(err) end
+          state.waiting = state.waiting + 1
+          local ev, nerr = w:next(60)
+          state.waiting = state.waiting - 1
+          w:cancel()
+          return ev and ev.kv.value or tostring(nerr)
+        end
+        local threads, counts = {}, {}
+        for i = 1, n do threads[i] = ngx.thread.spawn(one) end
+        for i = 1, n do
+          local ok, v = ngx.thread.wait(threads[i])
+          if not ok then v = "thread: " .. tostring(v) end
+          counts[v] = (counts[v] or 0) + 1
+        end
+        for v, c in pairs(counts) do ngx.say(v, " x", c) end
+      }
+    }
+  }
+]])
+  end)
+
+  teardown(function()
+    if server then server:stop() end
+    if member then member:stop() end
+  end)
+
+  it("serial gets complete without any ngx.sleep (init_worker read blocking)", function()
+    assert.are.equal("bootstrap=value-1 ok=50 sleeps=0\n", (server:get("/gets?n=50", 60)))
+  end)
+
+  it("300 waiting watches: the idle worker sleeps, and one put releases all of them", function()
+    local pid = assert(tonumber((server:get("/pid"))))
+    local finish = server:get_async("/watches/many?n=300", 120)
+    helper.wait_for(function() return server:get("/waiting") == "300\n" end, 60, "300 confirmed watches")
+    local cpu0, wakes0, t0 = cpu_seconds(pid), main_thread_wakes(pid), helper.now()
+    core.sleep(5) -- the measurement window (nothing to wait for)
+    local cpu = (cpu_seconds(pid) - cpu0) / (helper.now() - t0)
+    local wakes = main_thread_wakes(pid) - wakes0
+    io.stderr:write(("\n[ngx wait] 300 idle watches over 5 s: worker CPU %.2f %%, main thread woke %d times\n")
+      :format(cpu * 100, wakes))
+    assert.is_true(cpu < 0.01, "worker CPU " .. cpu * 100 .. " %")
+    assert.is_true(wakes <= 10, "main thread woke " .. wakes .. " times")
+    assert.matches("OK", member:etcdctl("put /nw/many released"))
+    assert.are.equal("released x300\n", finish())
+  end)
+
+  it("reloads (HUP) with 4 waiting watches: the old worker exits within 2 s", function()
+    local old = assert(tonumber((server:get("/pid"))))
+    local finishes = {}
+    for i = 1, 4 do finishes[i] = server:get_async("/watches/reload?n=1", 30) end
+    helper.wait_for(function() return server:get("/waiting") == "4\n" end, 30, "4 confirmed watches")
+    assert(helper.sh("kill -HUP " .. server.pid))
+    local t0 = helper.now()
+    helper.wait_for(function() return gone(old) end, 10, "the old worker to exit")
+    local took = helper.now() - t0
+    io.stderr:write(("\n[ngx wait] old worker gone %.2f s after HUP\n"):format(took))
+    assert.is_true(took < 2, "the old worker took " .. took .. " s")
+    for i = 1, 4 do
+      assert.matches("CANCELLED: the nginx worker is exiting", finishes[i]())
+    end
+    -- the new worker serves, with its own client
+    local new = helper.wait_for(function()
+      local pid = tonumber((server:get("/pid")))
+      return pid and pid ~= old and pid
+    end, 10, "the new worker")
+    assert.are_not.equal(old, new)
+    assert.are.equal("bootstrap=value-1 ok=5 sleeps=0\n", (server:get("/gets?n=5", 60)))
+  end)
+end)
