@@ -79,6 +79,18 @@ describe("OpenResty waits woken by the completion", function()
         ngx.say("bootstrap=", state.bootstrap, " ok=", ok, " sleeps=", state.sleeps - before)
       }
     }
+    location = /second {
+      content_by_lua_block {
+        local state = require("spec.ngx_wait_state")
+        if ngx.var.arg_close then
+          state.second:close()
+          return ngx.say("closed")
+        end
+        state.second = assert(require("etcd3").new { endpoints = "]] .. member.endpoint .. [[" })
+        local res, err = state.second:get("/nw/get")
+        ngx.say(res and res.kvs[1].value or tostring(err))
+      }
+    }
     location /watches/ {
       content_by_lua_block {
         local state = require("spec.ngx_wait_state")
@@ -132,6 +144,25 @@ describe("OpenResty waits woken by the completion", function()
     assert.are.equal("released x300\n", finish())
   end)
 
+  it("keeps no socket file and nothing listening; a closed client's connection goes", function()
+    local pid = assert(tonumber((server:get("/pid"))))
+    local function unix_sockets(flags)
+      local n = 0
+      for line in helper.capture("ss -xpn" .. flags .. " 2>/dev/null"):gmatch("[^\n]+") do
+        if line:find("pid=" .. pid .. ",", 1, true) then n = n + 1 end
+      end
+      return n
+    end
+    assert.are.equal("bootstrap=value-1 ok=1 sleeps=0\n", (server:get("/gets?n=1")))
+    local before = unix_sockets("a")
+    assert.is_true(before >= 2, "the reader's connection (both ends in the worker)")
+    assert.are.equal("value-1\n", (server:get("/second")))
+    helper.wait_for(function() return unix_sockets("a") == before + 2 end, 10, "a second client's connection")
+    assert.are.equal(0, unix_sockets("l"))
+    assert.are.equal("closed\n", (server:get("/second?close=1")))
+    helper.wait_for(function() return unix_sockets("a") == before end, 10, "the closed client's connection to go")
+  end)
+
   it("reloads (HUP) with 4 waiting watches: the old worker exits within 2 s", function()
     local old = assert(tonumber((server:get("/pid"))))
     local finishes = {}
@@ -153,5 +184,77 @@ describe("OpenResty waits woken by the completion", function()
     end, 10, "the new worker")
     assert.are_not.equal(old, new)
     assert.are.equal("bootstrap=value-1 ok=5 sleeps=0\n", (server:get("/gets?n=5", 60)))
+  end)
+end)
+
+describe("README's OpenResty nginx.conf files", function()
+  local member
+
+  --- The nth ```nginx block of README's "OpenResty" section, made to run
+  -- here: this checkout's Lua paths, this etcd, a free port.
+  local function readme_conf(n)
+    local f = assert(io.open("README.md"))
+    local text = f:read("*a")
+    f:close()
+    local section = assert(text:match("\n### OpenResty\n(.-)\n### "), "README has an OpenResty section")
+    local blocks = {}
+    for block in section:gmatch("```nginx\n(.-)```") do blocks[#blocks + 1] = block end
+    local conf = assert(blocks[n], "README's OpenResty section has nginx block " .. n)
+    local function sub(pattern, repl)
+      local count
+      conf, count = conf:gsub(pattern, repl)
+      assert(count > 0, "README's nginx block " .. n .. " has " .. pattern)
+    end
+    sub('lua_package_path%s+"[^"]*"', 'lua_package_path "${LUA_PATH}"')
+    sub('lua_package_cpath%s+"[^"]*"', 'lua_package_cpath "${LUA_CPATH}"')
+    sub("127%.0%.0%.1:2379", member.endpoint)
+    sub("listen 127%.0%.0%.1:8080", "listen 127.0.0.1:${PORT}")
+    return conf
+  end
+
+  local function put(key, value)
+    assert.matches("OK", member:etcdctl(("put %s %s"):format(key, value)))
+  end
+
+  setup(function() member = helper.single() end)
+  teardown(function() if member then member:stop() end end)
+
+  it("config lookups: the bootstrap value, live reads, 404 for a missing key", function()
+    put("/app/bootstrap", "boot-1")
+    put("/app/color", "blue")
+    local server = nginx.start_conf(readme_conf(1))
+    local ok, err = pcall(function()
+      assert.are.equal("boot-1\n", (server:get("/bootstrap")))
+      assert.are.equal("blue\n", (server:get("/cfg/color")))
+      put("/app/color", "green")
+      assert.are.equal("green\n", (server:get("/cfg/color")))
+      assert.matches("404 Not Found", (server:get("/cfg/missing")))
+    end)
+    server:stop()
+    assert(ok, err)
+  end)
+
+  it("watches: each worker's copy follows, a long poll answers, a reload does not hang", function()
+    put("/app/a", "1")
+    local server = nginx.start_conf(readme_conf(2))
+    local ok, err = pcall(function()
+      assert.are.equal("1\n", (server:get("/copy/a")))
+      put("/app/a", "2")
+      helper.wait_for(function() return server:get("/copy/a") == "2\n" end, 10, "the copy to follow")
+      local rev = assert(tonumber(member:etcdctl("get /app/a -w json"):match('"revision":(%d+)')))
+      local finish = server:get_async("/changes/b?after=" .. rev, 60)
+      put("/app/b", "x")
+      assert.are.equal(("%d x\n"):format(rev + 1), finish())
+      -- reload: the old workers (each with a watch waiting in a timer) go
+      local workers = helper.capture("ps -o pid= --ppid " .. server.pid)
+      assert(helper.sh("kill -HUP " .. server.pid))
+      for pid in workers:gmatch("%d+") do
+        helper.wait_for(function() return gone(pid) end, 10, "old worker " .. pid .. " to exit")
+      end
+      put("/app/a", "3")
+      helper.wait_for(function() return server:get("/copy/a") == "3\n" end, 10, "the new workers' copy")
+    end)
+    server:stop()
+    assert(ok, err)
   end)
 end)
