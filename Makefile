@@ -46,7 +46,7 @@ INST_LUADIR ?= /usr/local/share/lua/5.4
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo test check lint install clean bench bench-smoke spec-helpers
+.PHONY: all deps demo test check lint install clean bench bench-smoke bench-openresty spec-helpers
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -95,6 +95,19 @@ bench-smoke: deps
 	sh tools/deps.sh bench
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --rounds 1
+
+# Inside one real nginx worker, side by side with lua-resty-etcd
+# (bench/README.md, "OpenResty"). The harness is kept outside this
+# repository (it vendors lua-resty-etcd): OPENRESTY_BENCH is its directory.
+# ROUNDS=1 OPENRESTY_BENCH_ARGS="--dur 2 --ns 50 --idle 2 --w3-n 5": smoke size.
+OPENRESTY_BENCH ?= ../shared/peers/openresty
+OPENRESTY_BENCH_ARGS ?=
+ROUNDS ?= 3
+bench-openresty:
+	@test -x "$(OPENRESTY_BENCH)/run.sh" || { \
+	  echo "bench-openresty: no $(OPENRESTY_BENCH)/run.sh (set OPENRESTY_BENCH to the harness directory)" >&2; exit 2; }
+	$(MAKE) -s LUA=luajit
+	PROJ="$(CURDIR)" ROUNDS="$(ROUNDS)" "$(OPENRESTY_BENCH)/run.sh" $(OPENRESTY_BENCH_ARGS)
 
 demo: deps
 	$(MAKE) -s LUA=lua5.4
