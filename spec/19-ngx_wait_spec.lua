@@ -258,3 +258,79 @@ describe("README's OpenResty nginx.conf files", function()
     assert(ok, err)
   end)
 end)
+
+describe("OpenResty notifier files", function()
+  local member
+
+  --- A worker whose TMPDIR is `tmpdir`, with /get reporting the value and
+  -- how many ngx.sleep calls the get made.
+  local function start(tmpdir)
+    return nginx.start_conf([[
+env TMPDIR=]] .. tmpdir .. [[;
+worker_processes 1;
+events { worker_connections 64; }
+http {
+  lua_package_path "${LUA_PATH}";
+  lua_package_cpath "${LUA_CPATH}";
+  init_worker_by_lua_block {
+    local state = { sleeps = 0 }
+    package.loaded["spec.ngx_files_state"] = state
+    local sleep = ngx.sleep
+    ngx.sleep = function(s)
+      state.sleeps = state.sleeps + 1
+      return sleep(s)
+    end
+    state.cli = assert(require("etcd3").new { endpoints = "]] .. member.endpoint .. [[" })
+  }
+  server {
+    listen 127.0.0.1:${PORT};
+    location = / { return 200 "up"; }
+    location = /get {
+      content_by_lua_block {
+        local state = require("spec.ngx_files_state")
+        local sleeps = state.sleeps
+        local res, err = state.cli:get("/nf/k")
+        ngx.say(res and res.kvs[1].value or tostring(err), " sleeps=", state.sleeps - sleeps)
+      }
+    }
+  }
+}]])
+  end
+
+  setup(function()
+    member = helper.single()
+    assert.matches("OK", member:etcdctl("put /nf/k v"))
+  end)
+  teardown(function() if member then member:stop() end end)
+
+  it("leaves nothing in TMPDIR once the worker is connected", function()
+    local tmpdir = helper.capture("mktemp -d /tmp/etcd3-nftmp.XXXXXX"):gsub("%s+$", "")
+    -- the worker runs as nobody: it may create its private dir here
+    assert(helper.sh("chmod 1777 " .. tmpdir))
+    local server = start(tmpdir)
+    local ok, err = pcall(function()
+      assert.are.equal("v sleeps=0\n", (server:get("/get")))
+      assert.are.equal("", helper.capture("ls -A " .. tmpdir))
+    end)
+    server:stop()
+    helper.sh("rm -rf '" .. tmpdir .. "'")
+    assert(ok, err)
+  end)
+
+  it("falls back to polling, with a warning, when no socket can be made", function()
+    local server = start("/nonexistent-etcd3-dir")
+    local ok, err = pcall(function()
+      -- the first get starts the reader, which fails and wakes it
+      assert.matches("^v sleeps=%d+\n$", (server:get("/get")))
+      assert.matches("etcd3: waits fall back to polling: cannot make a private directory in "
+        .. "/nonexistent%-etcd3%-dir", server:error_log())
+      -- later calls poll (ngx.sleep), with no new attempt
+      assert.matches("^v sleeps=[1-9]", (server:get("/get")))
+      assert.matches("^v sleeps=[1-9]", (server:get("/get")))
+      local _, warnings = server:error_log():gsub("waits fall back to polling", "")
+      assert.are.equal(1, warnings)
+    end)
+    server:stop()
+    assert(ok, err)
+  end)
+end)
