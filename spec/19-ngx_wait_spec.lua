@@ -293,6 +293,17 @@ http {
         ngx.say(res and res.kvs[1].value or tostring(err), " sleeps=", state.sleeps - sleeps)
       }
     }
+    # a wait that cannot end early: 0.2 s on a quiet key
+    location = /quiet {
+      content_by_lua_block {
+        local state = require("spec.ngx_files_state")
+        local w = assert(state.cli:watch("/nf/quiet"))
+        local sleeps = state.sleeps
+        local ev, err = w:next(0.2)
+        w:cancel()
+        ngx.say(ev and "an event?!" or err.code, " sleeps=", state.sleeps - sleeps)
+      }
+    }
   }
 }]])
   end
@@ -310,6 +321,7 @@ http {
     local server = start(tmpdir)
     local ok, err = pcall(function()
       assert.are.equal("v sleeps=0\n", (server:get("/get")))
+      assert.are.equal("TIMEOUT sleeps=0\n", (server:get("/quiet")))
       assert.are.equal("", helper.capture("ls -A " .. tmpdir))
     end)
     server:stop()
@@ -324,9 +336,9 @@ http {
       assert.matches("^v sleeps=%d+\n$", (server:get("/get")))
       assert.matches("etcd3: waits fall back to polling: cannot make a private directory in "
         .. "/nonexistent%-etcd3%-dir", server:error_log())
-      -- later calls poll (ngx.sleep), with no new attempt
-      assert.matches("^v sleeps=[1-9]", (server:get("/get")))
-      assert.matches("^v sleeps=[1-9]", (server:get("/get")))
+      -- later waits poll (ngx.sleep), with no new attempt
+      assert.matches("^TIMEOUT sleeps=[1-9]", (server:get("/quiet")))
+      assert.matches("^v sleeps=%d+\n$", (server:get("/get")))
       local _, warnings = server:error_log():gsub("waits fall back to polling", "")
       assert.are.equal(1, warnings)
     end)
