@@ -70,7 +70,11 @@ describe("OpenResty waits woken by the completion", function()
       content_by_lua_block {
         local state = require("spec.ngx_wait_state")
         local ok, before = 0, state.sleeps
-        for _ = 1, tonumber(ngx.var.arg_n) do
+        local junk = {}
+        for i = 1, tonumber(ngx.var.arg_n) do
+          -- garbage, so that collections run inside the library's own
+          -- allocations too (a __gc there must never meet the engine lock)
+          junk[i % 64] = { {}, {}, {}, ("x"):rep(i % 100) }
           local sleeps = state.sleeps
           local res, err = state.cli:get("/nw/get")
           if not res then ngx.say("error: ", tostring(err)) end
@@ -126,6 +130,10 @@ describe("OpenResty waits woken by the completion", function()
 
   it("serial gets complete without any ngx.sleep (init_worker read blocking)", function()
     assert.are.equal("bootstrap=value-1 ok=50 sleeps=0\n", (server:get("/gets?n=50", 60)))
+  end)
+
+  it("2000 serial gets while garbage piles up", function()
+    assert.are.equal("bootstrap=value-1 ok=2000 sleeps=0\n", (server:get("/gets?n=2000", 120)))
   end)
 
   it("300 waiting watches: the idle worker sleeps, and one put releases all of them", function()

@@ -239,7 +239,7 @@ ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted) {
   pthread_cond_broadcast(&e->cond);
   for (size_t i = 0; i < e->n_services; i++) {
     const etcd3_service *sv = &e->services[i];
-    if (sv->ops->on_news) sv->ops->on_news(e, sv->state);
+    if (sv->ops->on_news) sv->ops->on_news(e, sv->state, posted);
   }
 }
 

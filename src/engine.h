@@ -71,8 +71,10 @@ typedef struct etcd3_service_ops {
   /* The engine's last reference is gone (nobody else can run): free. */
   void (*free)(void *state);
   /* News was posted for Lua (etcd3_news_post): wake whoever waits for it
-   * in a way the pollfd cannot reach (an nginx worker's event loop). */
-  ETCD3_LOCKED void (*on_news)(etcd3_engine *e, void *state);
+   * in a way the pollfd cannot reach (an nginx worker's event loop).
+   * `posted` is the object's news flag: its address names the object (the
+   * `news_key` of calls and watchers). */
+  ETCD3_LOCKED void (*on_news)(etcd3_engine *e, void *state, const int *posted);
 } etcd3_service_ops;
 
 typedef struct etcd3_service {

@@ -12,6 +12,9 @@
  * writes one byte when the connection is armed and disarms it; Lua re-arms
  * after each byte and only then looks at what is ready, so no post is
  * missed and at most one byte is ever in flight, however busy the engine.
+ * Each post also names its object (the address of its news flag, which
+ * calls and watchers give Lua as `news_key`): Lua then asks only those
+ * waiters whether they are ready, not every parked call.
  *
  * The Lua side (the light thread that reads the byte and wakes the waiting
  * coroutines) is in lua/etcd3/wait.lua.
@@ -28,11 +31,17 @@
 #include "auxiliar.h"
 #include "notifier.h"
 
+/* Objects named per wake-up; beyond that Lua looks at every waiter. */
+#define NOTIFIER_KEYS 64
+
 typedef struct notifier {
   etcd3_engine *engine;   /* NULL until first use initialises the rest */
   int listen_fd;          /* -1 unless listening for the worker's connect */
   int conn_fd;            /* -1 unless connected */
   int armed;              /* the next post writes a byte */
+  int overflow;           /* more posts than keys (or none known): look at all */
+  size_t n_keys;
+  const int *keys[NOTIFIER_KEYS]; /* posted since Lua last took them */
   char dir[PATH_MAX];     /* "" unless it exists */
   char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 } notifier;
@@ -57,13 +66,17 @@ static void drop_all(notifier *n) {
   if (n->conn_fd >= 0) close(n->conn_fd);
   n->conn_fd = -1;
   n->armed = 0;
+  n->n_keys = 0;
 }
 
-ETCD3_LOCKED static void notifier_on_news(etcd3_engine *e, void *state) {
+ETCD3_LOCKED static void notifier_on_news(etcd3_engine *e, void *state, const int *posted) {
   notifier *n = (notifier *)state;
   static const char byte = 'n';
   (void)e;
-  if (!n->armed || n->conn_fd < 0) return;
+  if (n->conn_fd < 0) return;
+  if (n->n_keys < NOTIFIER_KEYS) n->keys[n->n_keys++] = posted;
+  else n->overflow = 1;
+  if (!n->armed) return;
   n->armed = 0;
   /* never blocks, never raises SIGPIPE; a failure shows as a closed socket */
   if (send(n->conn_fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno != EAGAIN) {
@@ -142,25 +155,29 @@ ETCD3_LOCKED static int listen_private(notifier *n, char *err, size_t errlen) {
 }
 
 /* notifier:listen() -> path | nil, message: a new socket to connect to
- * (any previous connection is dropped: one reader at a time). */
+ * (any previous connection is dropped: one reader at a time). Nothing
+ * touches Lua under the engine mutex: an allocation may run a __gc that
+ * takes it. */
 static int notifier_listen(lua_State *L) {
   etcd3_engine *e = check_ref(L);
   notifier *n;
-  char err[PATH_MAX + 128];
-  int ok;
+  char err[PATH_MAX + 128], path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  int ok = 0, closed;
   pthread_mutex_lock(&e->mu);
+  closed = e->closed;
   n = notifier_of(e);
-  if (!n) {
-    pthread_mutex_unlock(&e->mu);
-    lua_pushnil(L);
-    lua_pushstring(L, e->closed ? "client is closed" : "out of memory");
-    return 2;
+  if (n) {
+    drop_all(n);
+    ok = listen_private(n, err, sizeof err);
+    if (ok) memcpy(path, n->path, sizeof path);
+  } else {
+    snprintf(err, sizeof err, "%s", closed ? "client is closed" : "out of memory");
   }
-  drop_all(n);
-  ok = listen_private(n, err, sizeof err);
-  if (ok) lua_pushstring(L, n->path);
   pthread_mutex_unlock(&e->mu);
-  if (ok) return 1;
+  if (ok) {
+    lua_pushstring(L, path);
+    return 1;
+  }
   lua_pushnil(L);
   lua_pushstring(L, err);
   return 2;
@@ -196,6 +213,8 @@ static int notifier_accept(lua_State *L) {
       }
       n->conn_fd = fd;
       n->armed = 0;
+      n->overflow = 1; /* what was posted before is not known: look at all */
+      n->n_keys = 0;
       break;
     }
     drop_listener(n);
@@ -210,19 +229,42 @@ static int notifier_accept(lua_State *L) {
   return 2;
 }
 
-/* notifier:arm() -> connected: the next news post writes a byte. Called
- * before Lua looks at what is ready, so a post that comes meanwhile writes
- * one. */
-static int notifier_arm(lua_State *L) {
+/* notifier:take() -> { key = true, … } | nil | false: re-arms (the next
+ * news post writes a byte) and hands over the objects posted since the
+ * last take; nil: look at every waiter (too many, or not known); false:
+ * not connected (any more). Called before Lua looks at what is ready, so a
+ * post that comes meanwhile writes the next byte. */
+static int notifier_take(lua_State *L) {
   etcd3_engine *e = check_ref(L);
   notifier *n;
-  int connected;
+  const int *keys[NOTIFIER_KEYS];
+  size_t n_keys = 0;
+  int connected, all = 0;
   pthread_mutex_lock(&e->mu);
   n = notifier_of(e);
   connected = n && n->conn_fd >= 0;
-  if (connected) n->armed = 1;
+  if (connected) {
+    all = n->overflow;
+    n_keys = n->n_keys;
+    memcpy(keys, n->keys, n_keys * sizeof *keys);
+    n->armed = 1;
+    n->overflow = 0;
+    n->n_keys = 0;
+  }
+  /* the table is made after: an allocation may run a __gc that locks */
   pthread_mutex_unlock(&e->mu);
-  lua_pushboolean(L, connected);
+  if (!connected) {
+    lua_pushboolean(L, 0);
+  } else if (all) {
+    lua_pushnil(L);
+  } else {
+    lua_createtable(L, 0, (int)n_keys);
+    for (size_t i = 0; i < n_keys; i++) {
+      lua_pushlightuserdata(L, (void *)keys[i]);
+      lua_pushboolean(L, 1);
+      lua_rawset(L, -3);
+    }
+  }
   return 1;
 }
 
@@ -255,7 +297,7 @@ int etcd3_notifier_new(lua_State *L, etcd3_engine *e) {
 int etcd3_notifier_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"listen", notifier_listen}, {"accept", notifier_accept},
-    {"arm", notifier_arm}, {"close", notifier_close}, {NULL, NULL},
+    {"take", notifier_take}, {"close", notifier_close}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_NOTIFIER_MT, methods, notifier_gc);
   return 0;

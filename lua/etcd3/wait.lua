@@ -40,7 +40,8 @@ _M.plain = plain
 -- (an ngx.timer, which outlives requests) reads a cosocket connected to
 -- the engine's notifier (src/notifier.c), which writes a byte when news is
 -- posted; the thread then posts the semaphore of every waiting op that is
--- ready. An idle worker runs no Lua at all.
+-- ready, asking only the ops the notifier names (calls and watchers have a
+-- `news_key`) and those that cannot be named. An idle worker runs no Lua.
 
 -- Phases where a coroutine may yield (lua-nginx-module's documentation of
 -- ngx.sleep's and ngx.semaphore's contexts).
@@ -84,16 +85,70 @@ local function ngx_sleep_wait(_, op, deadline)
   return true
 end
 
---- Posts the semaphore of every waiting op that is ready (all when `all`).
-local function wake(st, all)
-  for sema, op in pairs(st.waiting) do
-    -- an op that raises is woken too: its waiter meets the error itself
-    local ok, ready = true, all
-    if not all then ok, ready = pcall(op.ready, op) end
-    if ready or not ok then
-      st.waiting[sema] = nil
-      sema:post(1)
+--- Parks `op` with the waiter's semaphore: filed under its news key when
+-- it has one, else with the ops asked at every wake-up.
+local function file(st, sema, op)
+  local key = op.news_key and op:news_key()
+  st.waiting[sema] = op
+  if key then
+    local bucket = st.keyed[key]
+    if not bucket then
+      bucket = setmetatable({}, WEAK_KEYS)
+      st.keyed[key] = bucket
     end
+    bucket[sema] = op
+    st.key_of[sema] = key
+  else
+    st.unkeyed[sema] = op
+  end
+end
+
+local function unfile(st, sema)
+  if st.waiting[sema] == nil then return end
+  st.waiting[sema] = nil
+  local key = st.key_of[sema]
+  if key then
+    st.key_of[sema] = nil
+    local bucket = st.keyed[key]
+    if bucket then
+      bucket[sema] = nil
+      if next(bucket) == nil then st.keyed[key] = nil end
+    end
+  else
+    st.unkeyed[sema] = nil
+  end
+end
+
+--- Posts the waiter's semaphore when its op is ready (an op that raises
+-- too: its waiter meets the error itself).
+local function wake_if_ready(st, sema, op)
+  local ok, ready = pcall(op.ready, op)
+  if ready or not ok then
+    unfile(st, sema)
+    sema:post(1)
+  end
+end
+
+--- Wakes the ready waiters among those `keys` names and those without a
+-- key; among all of them when `keys` is nil.
+local function wake(st, keys)
+  if keys == nil then
+    for sema, op in pairs(st.waiting) do wake_if_ready(st, sema, op) end
+    return
+  end
+  for key in pairs(keys) do
+    local bucket = st.keyed[key]
+    if bucket then
+      for sema, op in pairs(bucket) do wake_if_ready(st, sema, op) end
+    end
+  end
+  for sema, op in pairs(st.unkeyed) do wake_if_ready(st, sema, op) end
+end
+
+local function wake_all(st)
+  for sema in pairs(st.waiting) do
+    unfile(st, sema)
+    sema:post(1)
   end
 end
 
@@ -114,9 +169,11 @@ local function reader(premature, st)
   end
   if ok then
     sock:settimeout(READ_FOREVER)
-    -- arm before looking: a completion meanwhile writes the next byte
-    while n:arm() do
-      wake(st)
+    while true do
+      -- re-arm before looking: a completion meanwhile writes the next byte
+      local keys = n:take()
+      if keys == false then break end
+      wake(st, keys)
       local _, rerr = sock:receive(1)
       if rerr and rerr ~= "timeout" then break end
     end
@@ -127,7 +184,7 @@ local function reader(premature, st)
   if sock then sock:close() end
   n:close()
   st.ended = true
-  wake(st, true)
+  wake_all(st)
 end
 
 --- Watches for the worker's exit: then closes the notifier, which ends
@@ -146,7 +203,13 @@ local function notifier_state(client)
   local st = notifiers[handle]
   if st and (st.failed or not st.ended) then return not st.failed and st or nil end
   if handle:closed() then return nil end
-  st = { waiting = setmetatable({}, WEAK_KEYS), notifier = handle:notifier() }
+  st = {
+    notifier = handle:notifier(),
+    waiting = setmetatable({}, WEAK_KEYS), -- semaphore -> op, every parked op
+    keyed = {}, -- news key -> { semaphore -> op }
+    key_of = setmetatable({}, WEAK_KEYS), -- semaphore -> news key
+    unkeyed = setmetatable({}, WEAK_KEYS), -- semaphore -> op without a key
+  }
   notifiers[handle] = st
   local timer_at = ngx.timer.at -- luacheck: ignore
   local ok, err = timer_at(0, reader, st)
@@ -197,9 +260,9 @@ local function ngx_park(client, op, deadline)
     end
     local park = math_min(left, PARK_MAX)
     if op.recheck then park = math_min(park, math.max(op:recheck(), 0.001)) end
-    st.waiting[sema] = op
+    file(st, sema, op)
     sema:wait(park)
-    st.waiting[sema] = nil
+    unfile(st, sema)
   end
   return true
 end
