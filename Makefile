@@ -51,7 +51,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile spec-helpers fuzz fuzz-build soak
+.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -113,6 +113,19 @@ bench-profile: deps
 
 # the module and the Lua files as tools/env.sh points this runtime at them
 RUN_ENV = ETCD3_LUA=$(notdir $(LUA)) ETCD3_BUILD=$(BUILD) . tools/env.sh &&
+
+# Inside one real nginx worker, side by side with lua-resty-etcd
+# (bench/README.md, "OpenResty"). The harness is kept outside this
+# repository (it vendors lua-resty-etcd): OPENRESTY_BENCH is its directory.
+# ROUNDS=1 OPENRESTY_BENCH_ARGS="--dur 2 --ns 50 --idle 2 --w3-n 5": smoke size.
+OPENRESTY_BENCH ?= ../shared/peers/openresty
+OPENRESTY_BENCH_ARGS ?=
+ROUNDS ?= 3
+bench-openresty:
+	@test -x "$(OPENRESTY_BENCH)/run.sh" || { \
+	  echo "bench-openresty: no $(OPENRESTY_BENCH)/run.sh (set OPENRESTY_BENCH to the harness directory)" >&2; exit 2; }
+	$(MAKE) -s LUA=luajit
+	PROJ="$(CURDIR)" ROUNDS="$(ROUNDS)" "$(OPENRESTY_BENCH)/run.sh" $(OPENRESTY_BENCH_ARGS)
 
 demo: deps
 	$(MAKE) -s LUA=$(LUA)

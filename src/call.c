@@ -66,7 +66,7 @@ ETCD3_LOCKED static void calls_shutdown(etcd3_engine *e, void *state) {
 }
 
 static const etcd3_service_ops calls_service = {
-  "calls", NULL, NULL, NULL, calls_shutdown, free,
+  "calls", NULL, NULL, NULL, calls_shutdown, free, NULL,
 };
 
 /* A new call for `send` (owned by it from now on); NULL on out of memory. */
@@ -249,6 +249,13 @@ static int call_ready(lua_State *L) {
   return 1;
 }
 
+/* call:news_key() -> lightuserdata: names this call in the notifier's news
+ * (notifier.c), so a waiter is woken without asking every other call. */
+static int call_news_key(lua_State *L) {
+  lua_pushlightuserdata(L, &check_call(L)->c->news);
+  return 1;
+}
+
 /* call:wait(seconds) -> boolean: blocks the calling thread until the call
  * completes or the time passes. The Lua layer keeps slices short. */
 static int call_wait(lua_State *L) {
@@ -380,7 +387,7 @@ static int call_tostring(lua_State *L) {
 int etcd3_call_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"ready", call_ready}, {"wait", call_wait}, {"result", call_result},
-    {"cancel", call_cancel}, {NULL, NULL},
+    {"cancel", call_cancel}, {"news_key", call_news_key}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_CALL_MT, methods, call_gc);
   luaL_getmetatable(L, ETCD3_CALL_MT);

@@ -19,6 +19,7 @@
 #include "client.h"
 #include "codec.h"
 #include "lease.h"
+#include "notifier.h"
 #include "registration.h"
 #include "server_stream.h"
 #include "watch.h"
@@ -132,6 +133,12 @@ static int client_register(lua_State *L) {
   return etcd3_registration_new(L, check_open(L));
 }
 
+/* client:notifier() -> notifier (notifier.c): news as a byte on a unix
+ * socket, for nginx's event loop */
+static int client_notifier(lua_State *L) {
+  return etcd3_notifier_new(L, check_open(L));
+}
+
 /* client:add_endpoint("host:port") -> index | nil */
 static int client_add_endpoint(lua_State *L) {
   int index = etcd3_engine_add_channel(check_open(L), luaL_checkstring(L, 2));
@@ -230,7 +237,7 @@ int etcd3_client_open(lua_State *L) {
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
     {"authenticate", client_authenticate}, {"add_endpoint", client_add_endpoint},
     {"snapshot", client_snapshot}, {"token", client_token},
-    {"register", client_register}, {NULL, NULL},
+    {"register", client_register}, {"notifier", client_notifier}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_CLIENT_MT, methods, client_close);
   lua_pushcfunction(L, client_new); /* stack: module, new */

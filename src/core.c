@@ -15,6 +15,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "lease.h"
+#include "notifier.h"
 #include "registration.h"
 #include "server_stream.h"
 #include "watch.h"
@@ -51,7 +52,8 @@ int luaopen_etcd3_core(lua_State *L);
 int luaopen_etcd3_core(lua_State *L) {
   static const lua_CFunction open_types[] = {
     etcd3_codec_open, etcd3_call_open, etcd3_lease_open, etcd3_watch_open,
-    etcd3_server_stream_open, etcd3_registration_open, etcd3_client_open, NULL,
+    etcd3_server_stream_open, etcd3_registration_open, etcd3_notifier_open, etcd3_client_open,
+    NULL,
   };
   static const luaL_Reg functions[] = {
     {"now", core_now}, {"sleep", core_sleep}, {"cpu_time", core_cpu_time}, {NULL, NULL},

@@ -226,7 +226,8 @@ ETCD3_LOCKED void etcd3_engine_cond_wait(etcd3_engine *e, double seconds) {
 }
 
 /* Posts news for Lua: counted once until Lua has seen it, so the pollfd
- * stays readable meanwhile (an eventfd write only on the first). */
+ * stays readable meanwhile (an eventfd write only on the first). Services
+ * hear of every new post (one per object until Lua has seen it). */
 ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted) {
   uint64_t one = 1;
   if (*posted) return;
@@ -236,6 +237,10 @@ ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted) {
     (void)n; /* the counter cannot overflow: it is drained at zero */
   }
   pthread_cond_broadcast(&e->cond);
+  for (size_t i = 0; i < e->n_services; i++) {
+    const etcd3_service *sv = &e->services[i];
+    if (sv->ops->on_news) sv->ops->on_news(e, sv->state, posted);
+  }
 }
 
 /* Lua has seen the news (or dropped the object): the pollfd is drained

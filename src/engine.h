@@ -70,6 +70,11 @@ typedef struct etcd3_service_ops {
   ETCD3_LOCKED void (*shutdown)(etcd3_engine *e, void *state);
   /* The engine's last reference is gone (nobody else can run): free. */
   void (*free)(void *state);
+  /* News was posted for Lua (etcd3_news_post): wake whoever waits for it
+   * in a way the pollfd cannot reach (an nginx worker's event loop).
+   * `posted` is the object's news flag: its address names the object (the
+   * `news_key` of calls and watchers). */
+  ETCD3_LOCKED void (*on_news)(etcd3_engine *e, void *state, const int *posted);
 } etcd3_service_ops;
 
 typedef struct etcd3_service {
@@ -129,7 +134,8 @@ ETCD3_LOCKED grpc_completion_queue *etcd3_engine_pluck_queue(etcd3_engine *e);
 ETCD3_LOCKED void etcd3_engine_wake(etcd3_engine *e);
 
 /* News for Lua: each object keeps one flag; while it is set, the news is
- * counted once on the pollfd (readable while any count is left). */
+ * counted once on the pollfd (readable while any count is left). A post
+ * also runs every service's on_news. */
 ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted);
 ETCD3_LOCKED void etcd3_news_seen(etcd3_engine *e, int *posted);
 

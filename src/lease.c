@@ -56,7 +56,7 @@ ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state);
 /* token_changed is NULL on purpose: etcd 3.4 checks no token on
  * LeaseKeepAlive, so the open stream keeps renewing with the old one. */
 static const etcd3_service_ops keepalive_service = {
-  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, free,
+  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, free, NULL,
 };
 
 static const etcd3_stream_ops keepalive_ops;

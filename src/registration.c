@@ -69,7 +69,7 @@ ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state);
 /* token_changed is NULL: each grant and put is a call that carries the
  * token current when it starts. */
 static const etcd3_service_ops registration_service = {
-  "registration", registrations_tick, NULL, NULL, registrations_shutdown, free,
+  "registration", registrations_tick, NULL, NULL, registrations_shutdown, free, NULL,
 };
 
 static void registration_unref(registration *r) {

@@ -92,7 +92,7 @@ static void watch_free(void *state) {
 }
 
 static const etcd3_service_ops watch_service = {
-  "watch", watch_tick, NULL, watch_restart, watch_shutdown, watch_free,
+  "watch", watch_tick, NULL, watch_restart, watch_shutdown, watch_free, NULL,
 };
 
 static const etcd3_stream_ops watch_ops;
@@ -589,6 +589,13 @@ static int watcher_ready(lua_State *L) {
   return 1;
 }
 
+/* state:news_key() -> lightuserdata: names this watcher in the notifier's
+ * news (notifier.c), so its waiter is woken without asking every other. */
+static int watcher_news_key(lua_State *L) {
+  lua_pushlightuserdata(L, &check_watcher(L)->news);
+  return 1;
+}
+
 ETCD3_LOCKED static int has_news(void *arg, double now, double *until) {
   etcd3_watcher *w = (etcd3_watcher *)arg;
   (void)now; (void)until;
@@ -729,7 +736,7 @@ int etcd3_watch_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"state", watcher_state}, {"ready", watcher_ready}, {"wait", watcher_wait},
     {"poll", watcher_poll}, {"revision", watcher_revision}, {"cancel", watcher_cancel},
-    {"progress", watcher_progress}, {NULL, NULL},
+    {"progress", watcher_progress}, {"news_key", watcher_news_key}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_WATCH_MT, methods, watcher_gc);
   return 0;

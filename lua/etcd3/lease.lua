@@ -153,6 +153,8 @@ function Lease:wait_lost(timeout)
   local op = {
     ready = function() return not state:status() end,
     wait = function(_, seconds) state:wait(seconds) end,
+    -- a TTL that runs out without a keepalive posts no news: look then
+    recheck = function() return select(2, state:status()) end,
   }
   local ok, err = self.client._wait(self.client, op, now() + (timeout or math_huge))
   if err then return nil, err end

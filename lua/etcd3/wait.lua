@@ -4,6 +4,9 @@
 -- a scheduler may yield inside it. An "op" is anything with :ready() (true
 -- once done) and :wait(seconds) (block at most that long): a call object
 -- of etcd3.core, a lease or watch state, or a Lua object built on one.
+-- Optional: `polling = true` when no completion signals it (a waiter must
+-- look again by itself), `:recheck()` -> seconds until it may turn ready
+-- with no completion (a lease's TTL running out locally).
 --
 -- A strategy is function(client, op, deadline) -> ready [, err]: true once
 -- the op is ready, false when the deadline passed first, or false, err
@@ -47,9 +50,17 @@ local function in_cqueues()
 end
 
 -- OpenResty ---------------------------------------------------------------
+--
+-- A waiting call parks its coroutine on an ngx.semaphore and the completion
+-- itself wakes it, nothing polls: per client and worker one light thread
+-- (an ngx.timer, which outlives requests) reads a cosocket connected to
+-- the engine's notifier (src/notifier.c), which writes a byte when news is
+-- posted; the thread then posts the semaphore of every waiting op that is
+-- ready, asking only the ops the notifier names (calls and watchers have a
+-- `news_key`) and those that cannot be named. An idle worker runs no Lua.
 
--- Phases where ngx.sleep may yield (lua-nginx-module's documentation of
--- ngx.sleep's contexts).
+-- Phases where a coroutine may yield (lua-nginx-module's documentation of
+-- ngx.sleep's and ngx.semaphore's contexts).
 local NGX_YIELDING = {
   rewrite = true, access = true, content = true, timer = true,
   ssl_cert = true, ssl_session_fetch = true, ssl_client_hello = true,
@@ -57,9 +68,28 @@ local NGX_YIELDING = {
 -- Phases that run before the worker serves: blocking there is fine.
 local NGX_BLOCKING = { init_worker = true, init = true }
 
+-- A parked coroutine's own timer: only its deadline (capped to keep the
+-- number sane for calls that wait forever).
+local PARK_MAX = 3600
+-- Once the worker is exiting (reload, shutdown), waits may go on this long:
+-- enough for a call in flight, while a watch must not hold the old worker.
+local EXIT_GRACE = 0.5
+-- The reader's socket waits for news without a timer that fires while idle
+-- (lua-nginx-module's largest read timeout, ms; it would log a timeout).
+local READ_FOREVER = 2147483647
+-- A pending timer fires at once, "premature", when the worker starts to
+-- exit: that is how the reader learns of it without looking every second.
+local EXIT_WATCH = 3600
+
+local WEAK_KEYS = { __mode = "k" }
+local notifiers = setmetatable({}, WEAK_KEYS) -- client handle -> state
+local semaphores = setmetatable({}, WEAK_KEYS) -- coroutine -> its semaphore
+local exit_seen -- now() when a wait first saw the worker exiting
+
 --- Polls without blocking, ngx.sleep between polls with a short backoff
--- (1, 2, 4, 8, 16, then 32 ms between polls): the worker keeps serving
--- other requests.
+-- (1, 2, 4, 8, 16, then 32 ms between polls): for conditions no
+-- completion signals (a polling_op) and, as a fallback, when the notifier
+-- cannot run.
 local function ngx_sleep_wait(_, op, deadline)
   local step = 0.001
   local sleep = ngx.sleep
@@ -69,6 +99,188 @@ local function ngx_sleep_wait(_, op, deadline)
     sleep(math_min(step, left))
     -- grows until it passes 20 ms: the last doubling is 16 -> 32 ms
     if step < 0.02 then step = step * 2 end
+  end
+  return true
+end
+
+--- Parks `op` with the waiter's semaphore: filed under its news key when
+-- it has one, else with the ops asked at every wake-up.
+local function file(st, sema, op)
+  local key = op.news_key and op:news_key()
+  st.waiting[sema] = op
+  if key then
+    local bucket = st.keyed[key]
+    if not bucket then
+      bucket = setmetatable({}, WEAK_KEYS)
+      st.keyed[key] = bucket
+    end
+    bucket[sema] = op
+    st.key_of[sema] = key
+  else
+    st.unkeyed[sema] = op
+  end
+end
+
+local function unfile(st, sema)
+  if st.waiting[sema] == nil then return end
+  st.waiting[sema] = nil
+  local key = st.key_of[sema]
+  if key then
+    st.key_of[sema] = nil
+    local bucket = st.keyed[key]
+    if bucket then
+      bucket[sema] = nil
+      if next(bucket) == nil then st.keyed[key] = nil end
+    end
+  else
+    st.unkeyed[sema] = nil
+  end
+end
+
+--- Posts the waiter's semaphore when its op is ready (an op that raises
+-- too: its waiter meets the error itself).
+local function wake_if_ready(st, sema, op)
+  local ok, ready = pcall(op.ready, op)
+  if ready or not ok then
+    unfile(st, sema)
+    sema:post(1)
+  end
+end
+
+--- Wakes the ready waiters among those `keys` names and those without a
+-- key; among all of them when `keys` is nil.
+local function wake(st, keys)
+  if keys == nil then
+    for sema, op in pairs(st.waiting) do wake_if_ready(st, sema, op) end
+    return
+  end
+  for key in pairs(keys) do
+    local bucket = st.keyed[key]
+    if bucket then
+      for sema, op in pairs(bucket) do wake_if_ready(st, sema, op) end
+    end
+  end
+  for sema, op in pairs(st.unkeyed) do wake_if_ready(st, sema, op) end
+end
+
+local function wake_all(st)
+  for sema in pairs(st.waiting) do
+    unfile(st, sema)
+    sema:post(1)
+  end
+end
+
+--- The light thread: connects to the notifier, then for each byte re-arms
+-- it and wakes what is ready. Ends when the socket closes (client closed,
+-- worker exiting) and wakes every waiter, which then sees why.
+local function reader(premature, st)
+  local n, ok, err, sock = st.notifier, not premature, nil, nil
+  if ok then
+    local path
+    path, err = n:listen()
+    ok = path ~= nil
+    if ok then
+      sock = ngx.socket.tcp() -- luacheck: ignore
+      ok, err = sock:connect("unix:" .. path)
+      if ok then ok, err = n:accept() end
+    end
+  end
+  if ok then
+    sock:settimeout(READ_FOREVER)
+    while true do
+      -- re-arm before looking: a completion meanwhile writes the next byte
+      local keys = n:take()
+      if keys == false then break end
+      wake(st, keys)
+      local _, rerr = sock:receive(1)
+      if rerr and rerr ~= "timeout" then break end
+    end
+  elseif err and err ~= "client is closed" then
+    st.failed = err
+    ngx.log(ngx.WARN, "etcd3: waits fall back to polling: ", err) -- luacheck: ignore
+  end
+  if sock then sock:close() end
+  n:close()
+  st.ended = true
+  wake_all(st)
+end
+
+--- Watches for the worker's exit: then closes the notifier, which ends
+-- the reader and so wakes every waiter.
+local function exit_watch(premature, st)
+  if st.ended then return end
+  if not premature and ngx.timer.at(EXIT_WATCH, exit_watch, st) then return end -- luacheck: ignore
+  st.notifier:close()
+end
+
+--- The client's notifier state, its reader started when there is none
+-- (or it ended); nil when waits must poll instead (closed client, or the
+-- notifier failed in this worker).
+local function notifier_state(client)
+  local handle = client._core
+  local st = notifiers[handle]
+  if st and (st.failed or not st.ended) then return not st.failed and st or nil end
+  if handle:closed() then return nil end
+  st = {
+    notifier = handle:notifier(),
+    waiting = setmetatable({}, WEAK_KEYS), -- semaphore -> op, every parked op
+    keyed = {}, -- news key -> { semaphore -> op }
+    key_of = setmetatable({}, WEAK_KEYS), -- semaphore -> news key
+    unkeyed = setmetatable({}, WEAK_KEYS), -- semaphore -> op without a key
+  }
+  notifiers[handle] = st
+  local timer_at = ngx.timer.at -- luacheck: ignore
+  local ok, err = timer_at(0, reader, st)
+  if not ok then
+    st.failed = err
+    return nil
+  end
+  timer_at(EXIT_WATCH, exit_watch, st)
+  return st
+end
+
+local function exiting_error()
+  return errors.new("CANCELLED", 1,
+    "the nginx worker is exiting (reload or shutdown): the wait was ended", "wait")
+end
+
+--- In a worker that exits: a short grace, then an error, so that a long
+-- wait (a watch) never holds the old worker.
+local function exit_wait(client, op, deadline)
+  exit_seen = exit_seen or now()
+  local stop = math_min(deadline, exit_seen + EXIT_GRACE)
+  if ngx_sleep_wait(client, op, stop) then return true end
+  if stop < deadline then return false, exiting_error() end
+  return false
+end
+
+--- Parks the coroutine until the completion wakes it or the deadline.
+-- An op may offer `recheck()`: seconds until it may turn ready by itself,
+-- with no news (a lease's TTL running out locally).
+local function ngx_park(client, op, deadline)
+  local worker = ngx.worker -- luacheck: ignore
+  if op.polling then return ngx_sleep_wait(client, op, deadline) end
+  local co = coroutine.running()
+  local sema
+  while not op:ready() do
+    local left = deadline - now()
+    if left <= 0 then return false end
+    if worker.exiting() then return exit_wait(client, op, deadline) end
+    local st = notifier_state(client)
+    if not st then return ngx_sleep_wait(client, op, deadline) end
+    if not sema then
+      -- one per coroutine, reused: a late post only costs one more look
+      sema = co and semaphores[co]
+      if not sema then
+        sema = require("ngx.semaphore").new(0)
+        if co then semaphores[co] = sema end
+      end
+    end
+    local park = math_min(left, PARK_MAX)
+    if op.recheck then park = math_min(park, math.max(op:recheck(), 0.001)) end
+    file(st, sema, op)
+    sema:wait(park)
+    unfile(st, sema)
   end
   return true
 end
@@ -93,7 +305,7 @@ function _M.precheck()
 end
 
 local function ngx_wait(client, op, deadline)
-  if NGX_YIELDING[ngx.get_phase()] then return ngx_sleep_wait(client, op, deadline) end
+  if NGX_YIELDING[ngx.get_phase()] then return ngx_park(client, op, deadline) end
   local err = ngx_phase_error()
   if err then return op:ready(), not op:ready() and err or nil end
   return plain(client, op, deadline)
@@ -188,6 +400,7 @@ local POLL_STEP = 0.01
 -- as a channel becoming connected).
 function _M.polling_op(probe)
   return {
+    polling = true, -- (no completion wakes a waiter: it must look again)
     ready = function() return probe() end,
     wait = function(_, seconds) core.sleep(math_min(seconds, POLL_STEP)) end,
   }

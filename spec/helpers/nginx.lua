@@ -10,19 +10,51 @@ Nginx.__index = Nginx
 
 local MODULES = "/usr/lib/nginx/modules"
 
+--- A temp dir with a readable copy of the Lua layer and the LuaJIT build:
+-- nginx workers run as nobody when started by root (the checkout may sit
+-- in a private dir).
+local function prepare()
+  local root = helper.capture("pwd"):gsub("%s+$", "")
+  local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
+  assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/lua && cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ "
+    .. "&& chmod -R a+rX %s"):format(dir, dir, root, dir, root, dir, dir)))
+  return dir, helper.free_port()
+end
+
+--- Writes `conf` (`${PORT}`, `${LUA_PATH}`, `${LUA_CPATH}` replaced),
+-- starts nginx on it with `flags`, waits until it answers on `/`.
+local function launch(dir, port, conf, flags)
+  conf = conf:gsub("%${([%u_]+)}", {
+    PORT = tostring(port),
+    LUA_PATH = ("%s/lua/?.lua;%s/lua/?/init.lua;;"):format(dir, dir),
+    LUA_CPATH = ("%s/lib/?.so;;"):format(dir),
+  })
+  local f = assert(io.open(dir .. "/nginx.conf", "w"))
+  f:write(conf)
+  f:close()
+  local pid = assert(tonumber(helper.capture(("nginx -p %s -c %s/nginx.conf %s >%s/stderr.log 2>&1 & echo $!"):format(
+    dir, dir, flags, dir))))
+  local file = os.getenv("ETCD3_SPEC_PIDFILE")
+  if file then
+    local pf = io.open(file, "a")
+    if pf then pf:write(pid, "\n"); pf:close() end
+  end
+  local self = setmetatable({ dir = dir, port = port, pid = pid, url = "http://127.0.0.1:" .. port }, Nginx)
+  helper.wait_for(function()
+    return helper.sh("curl -s -o /dev/null " .. self.url .. "/ 2>/dev/null")
+  end, 10, "nginx to listen")
+  return self
+end
+
+local LOAD_MODULES = "load_module " .. MODULES .. "/ndk_http_module.so;\n"
+  .. "load_module " .. MODULES .. "/ngx_http_lua_module.so;\n"
+
 --- Starts nginx. `http` is the body of the http {} block; `${PORT}` in it
 -- is replaced by the port it listens on.
 function _M.start(http)
-  local root = helper.capture("pwd"):gsub("%s+$", "")
-  local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
-  -- nginx workers run as nobody when started by root: they get their own
-  -- readable copy of the module (the checkout may sit in a private dir)
-  assert(helper.sh(("mkdir -p %s/lib/etcd3 && cp -r %s/lua %s/lua && cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ "
-    .. "&& chmod -R a+rX %s"):format(dir, root, dir, root, dir, dir)))
-  local port = helper.free_port()
+  local dir, port = prepare()
   local conf = table.concat({
-    "load_module " .. MODULES .. "/ndk_http_module.so;",
-    "load_module " .. MODULES .. "/ngx_http_lua_module.so;",
+    LOAD_MODULES,
     "worker_processes " .. (_M.worker_processes or 1) .. ";", -- a spec may ask for more
     "daemon off;",
     "master_process on;",
@@ -36,26 +68,22 @@ function _M.start(http)
     "  fastcgi_temp_path " .. dir .. "/fastcgi;",
     "  uwsgi_temp_path " .. dir .. "/uwsgi;",
     "  scgi_temp_path " .. dir .. "/scgi;",
-    ("  lua_package_path '%s/lua/?.lua;%s/lua/?/init.lua;;';"):format(dir, dir),
-    ("  lua_package_cpath '%s/lib/?.so;;';"):format(dir),
-    (http:gsub("%${PORT}", tostring(port))),
+    "  lua_package_path '${LUA_PATH}';",
+    "  lua_package_cpath '${LUA_CPATH}';",
+    http,
     "}",
   }, "\n")
-  local f = assert(io.open(dir .. "/nginx.conf", "w"))
-  f:write(conf)
-  f:close()
-  local pid = assert(tonumber(helper.capture(("nginx -p %s -c %s/nginx.conf >%s/stderr.log 2>&1 & echo $!"):format(
-    dir, dir, dir))))
-  local file = os.getenv("ETCD3_SPEC_PIDFILE")
-  if file then
-    local pf = io.open(file, "a")
-    if pf then pf:write(pid, "\n"); pf:close() end
-  end
-  local self = setmetatable({ dir = dir, port = port, pid = pid, url = "http://127.0.0.1:" .. port }, Nginx)
-  helper.wait_for(function()
-    return helper.sh("curl -s -o /dev/null " .. self.url .. "/ 2>/dev/null")
-  end, 10, "nginx to listen")
-  return self
+  return launch(dir, port, conf, "")
+end
+
+--- Starts nginx on a complete configuration, as a user writes it (the
+-- lua module is loaded in front of it; foreground mode, pid file and error
+-- log come from the command line). `${PORT}`, `${LUA_PATH}` and
+-- `${LUA_CPATH}` in it are replaced.
+function _M.start_conf(conf)
+  local dir, port = prepare()
+  return launch(dir, port, LOAD_MODULES .. conf, ("-g 'daemon off; master_process on; pid %s/nginx.pid; "
+    .. "error_log %s/error.log info;'"):format(dir, dir))
 end
 
 --- GET path -> body, seconds taken

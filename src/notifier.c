@@ -1,0 +1,304 @@
+/*
+ * notifier.c - the engine's "notifier" service: news for Lua also reaches
+ * an nginx worker, as one byte on a unix-domain connection the worker made.
+ *
+ * lua-nginx-module waits only on sockets it opens itself (cosockets), never
+ * on a descriptor it is handed, so the client's pollfd cannot wake a parked
+ * request. Instead the service listens on a unix socket in a directory of
+ * its own (mkdtemp: mode 0700, so no other user can even reach the name),
+ * the worker connects a cosocket to it, the service accepts that one
+ * connection (SO_PEERCRED: it must come from this very process) and removes
+ * the socket file and the directory at once. From then on a news post
+ * writes one byte when the connection is armed and disarms it; Lua re-arms
+ * after each byte and only then looks at what is ready, so no post is
+ * missed and at most one byte is ever in flight, however busy the engine.
+ * Each post also names its object (the address of its news flag, which
+ * calls and watchers give Lua as `news_key`): Lua then asks only those
+ * waiters whether they are ready, not every parked call.
+ *
+ * The Lua side (the light thread that reads the byte and wakes the waiting
+ * coroutines) is in lua/etcd3/wait.lua.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+
+#include "auxiliar.h"
+#include "notifier.h"
+
+/* Objects named per wake-up; beyond that Lua looks at every waiter. */
+#define NOTIFIER_KEYS 64
+
+typedef struct notifier {
+  etcd3_engine *engine;   /* NULL until first use initialises the rest */
+  int listen_fd;          /* -1 unless listening for the worker's connect */
+  int conn_fd;            /* -1 unless connected */
+  int armed;              /* the next post writes a byte */
+  int overflow;           /* more posts than keys (or none known): look at all */
+  size_t n_keys;
+  const int *keys[NOTIFIER_KEYS]; /* posted since Lua last took them */
+  char dir[PATH_MAX];     /* "" unless it exists */
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+} notifier;
+
+/* The Lua userdata's object: what it needs to reach the service. */
+typedef struct notifier_ref {
+  etcd3_engine *engine;
+} notifier_ref;
+
+/* The socket file and its directory go as soon as they served. */
+static void drop_listener(notifier *n) {
+  if (n->listen_fd >= 0) close(n->listen_fd);
+  n->listen_fd = -1;
+  if (n->path[0]) unlink(n->path);
+  n->path[0] = '\0';
+  if (n->dir[0]) rmdir(n->dir);
+  n->dir[0] = '\0';
+}
+
+static void drop_all(notifier *n) {
+  drop_listener(n);
+  if (n->conn_fd >= 0) close(n->conn_fd);
+  n->conn_fd = -1;
+  n->armed = 0;
+  n->n_keys = 0;
+}
+
+ETCD3_LOCKED static void notifier_on_news(etcd3_engine *e, void *state, const int *posted) {
+  notifier *n = (notifier *)state;
+  static const char byte = 'n';
+  (void)e;
+  if (n->conn_fd < 0) return;
+  if (n->n_keys < NOTIFIER_KEYS) n->keys[n->n_keys++] = posted;
+  else n->overflow = 1;
+  if (!n->armed) return;
+  n->armed = 0;
+  /* never blocks, never raises SIGPIPE; a failure shows as a closed socket */
+  if (send(n->conn_fd, &byte, 1, MSG_DONTWAIT | MSG_NOSIGNAL) < 0 && errno != EAGAIN) {
+    close(n->conn_fd);
+    n->conn_fd = -1;
+  }
+}
+
+/* The engine closes: the worker's read ends with "closed", which ends its
+ * light thread. */
+ETCD3_LOCKED static void notifier_shutdown(etcd3_engine *e, void *state) {
+  notifier *n = (notifier *)state;
+  (void)e;
+  if (n->engine) drop_all(n);
+}
+
+static void notifier_free(void *state) {
+  notifier *n = (notifier *)state;
+  if (n->engine) drop_all(n);
+  free(n);
+}
+
+static const etcd3_service_ops notifier_service = {
+  "notifier", NULL, NULL, NULL, notifier_shutdown, notifier_free, notifier_on_news,
+};
+
+/* The engine's notifier, registered on first use; NULL when the engine is
+ * closed or out of memory. */
+ETCD3_LOCKED static notifier *notifier_of(etcd3_engine *e) {
+  notifier *n;
+  if (e->closed) return NULL;
+  n = (notifier *)etcd3_engine_service_get(e, &notifier_service, sizeof *n);
+  if (n && !n->engine) {
+    n->engine = e;
+    n->listen_fd = n->conn_fd = -1;
+  }
+  return n;
+}
+
+static etcd3_engine *check_ref(lua_State *L) {
+  return ((notifier_ref *)etcd3_bound_check(L, ETCD3_NOTIFIER_MT, "notifier"))->engine;
+}
+
+/* Opens the listening socket in a new private directory; 0 and a message
+ * in err on failure (nothing left behind). */
+ETCD3_LOCKED static int listen_private(notifier *n, char *err, size_t errlen) {
+  const char *tmp = getenv("TMPDIR");
+  struct sockaddr_un addr;
+  int fd;
+  if (!tmp || !*tmp) tmp = "/tmp";
+  if (snprintf(n->dir, sizeof n->dir, "%s/etcd3-XXXXXX", tmp) >= (int)sizeof n->dir ||
+      !mkdtemp(n->dir)) {
+    snprintf(err, errlen, "cannot make a private directory in %s: %s", tmp, strerror(errno));
+    n->dir[0] = '\0';
+    return 0;
+  }
+  if (snprintf(n->path, sizeof n->path, "%s/n", n->dir) >= (int)sizeof n->path) {
+    snprintf(err, errlen, "socket path too long: %s/n", n->dir);
+    n->path[0] = '\0';
+    drop_listener(n);
+    return 0;
+  }
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  memcpy(addr.sun_path, n->path, strlen(n->path) + 1);
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 4) != 0) {
+    snprintf(err, errlen, "cannot listen on %s: %s", n->path, strerror(errno));
+    if (fd >= 0) close(fd);
+    /* bind may have made the file: remove both */
+    drop_listener(n);
+    return 0;
+  }
+  n->listen_fd = fd;
+  return 1;
+}
+
+/* notifier:listen() -> path | nil, message: a new socket to connect to
+ * (any previous connection is dropped: one reader at a time). Nothing
+ * touches Lua under the engine mutex: an allocation may run a __gc that
+ * takes it. */
+static int notifier_listen(lua_State *L) {
+  etcd3_engine *e = check_ref(L);
+  notifier *n;
+  char err[PATH_MAX + 128], path[sizeof(((struct sockaddr_un *)0)->sun_path)];
+  int ok = 0, closed;
+  pthread_mutex_lock(&e->mu);
+  closed = e->closed;
+  n = notifier_of(e);
+  if (n) {
+    drop_all(n);
+    ok = listen_private(n, err, sizeof err);
+    if (ok) memcpy(path, n->path, sizeof path);
+  } else {
+    snprintf(err, sizeof err, "%s", closed ? "client is closed" : "out of memory");
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (ok) {
+    lua_pushstring(L, path);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, err);
+  return 2;
+}
+
+/* notifier:accept() -> true | nil, message: takes the connection the
+ * worker made (it is queued already: connecting to a listening unix socket
+ * completes at once) and removes the socket file and directory. */
+static int notifier_accept(lua_State *L) {
+  etcd3_engine *e = check_ref(L);
+  notifier *n;
+  const char *why = NULL;
+  char err[128];
+  pthread_mutex_lock(&e->mu);
+  n = notifier_of(e);
+  if (!n || n->listen_fd < 0) {
+    why = n ? "not listening" : "client is closed";
+  } else {
+    for (;;) {
+      struct ucred cred;
+      socklen_t len = sizeof cred;
+      int fd = accept4(n->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+      if (fd < 0) {
+        snprintf(err, sizeof err, "no connection to accept: %s", strerror(errno));
+        why = err;
+        break;
+      }
+      /* the directory is private already; this also rules out another
+       * process of the same user */
+      if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.pid != getpid()) {
+        close(fd);
+        continue;
+      }
+      n->conn_fd = fd;
+      n->armed = 0;
+      n->overflow = 1; /* what was posted before is not known: look at all */
+      n->n_keys = 0;
+      break;
+    }
+    drop_listener(n);
+  }
+  pthread_mutex_unlock(&e->mu);
+  if (!why) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, why);
+  return 2;
+}
+
+/* notifier:take() -> { key = true, … } | nil | false: re-arms (the next
+ * news post writes a byte) and hands over the objects posted since the
+ * last take; nil: look at every waiter (too many, or not known); false:
+ * not connected (any more). Called before Lua looks at what is ready, so a
+ * post that comes meanwhile writes the next byte. */
+static int notifier_take(lua_State *L) {
+  etcd3_engine *e = check_ref(L);
+  notifier *n;
+  const int *keys[NOTIFIER_KEYS];
+  size_t n_keys = 0;
+  int connected, all = 0;
+  pthread_mutex_lock(&e->mu);
+  n = notifier_of(e);
+  connected = n && n->conn_fd >= 0;
+  if (connected) {
+    all = n->overflow;
+    n_keys = n->n_keys;
+    memcpy(keys, n->keys, n_keys * sizeof *keys);
+    n->armed = 1;
+    n->overflow = 0;
+    n->n_keys = 0;
+  }
+  /* the table is made after: an allocation may run a __gc that locks */
+  pthread_mutex_unlock(&e->mu);
+  if (!connected) {
+    lua_pushboolean(L, 0);
+  } else if (all) {
+    lua_pushnil(L);
+  } else {
+    lua_createtable(L, 0, (int)n_keys);
+    for (size_t i = 0; i < n_keys; i++) {
+      lua_pushlightuserdata(L, (void *)keys[i]);
+      lua_pushboolean(L, 1);
+      lua_rawset(L, -3);
+    }
+  }
+  return 1;
+}
+
+/* notifier:close(): drops the connection (the worker's read sees it
+ * closed) and anything left on disk. Idempotent. */
+static int notifier_close(lua_State *L) {
+  etcd3_engine *e = check_ref(L);
+  notifier *n;
+  pthread_mutex_lock(&e->mu);
+  n = (notifier *)etcd3_engine_service(e, &notifier_service);
+  if (n && n->engine) drop_all(n);
+  pthread_mutex_unlock(&e->mu);
+  return 0;
+}
+
+static int notifier_gc(lua_State *L) {
+  notifier_ref *r = (notifier_ref *)etcd3_bound_take(L, ETCD3_NOTIFIER_MT);
+  if (!r) return 0;
+  etcd3_engine_release(r->engine);
+  free(r);
+  return 0;
+}
+
+int etcd3_notifier_new(lua_State *L, etcd3_engine *e) {
+  etcd3_bound_new(L, ETCD3_NOTIFIER_MT, sizeof(notifier_ref), e);
+  etcd3_engine_ref(e);
+  return 1;
+}
+
+int etcd3_notifier_open(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"listen", notifier_listen}, {"accept", notifier_accept},
+    {"take", notifier_take}, {"close", notifier_close}, {NULL, NULL},
+  };
+  etcd3_register_type(L, ETCD3_NOTIFIER_MT, methods, notifier_gc);
+  return 0;
+}
