@@ -5,6 +5,7 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local kv = require "etcd3.kv"
+local endpoints = require "etcd3.endpoints"
 
 local type, pairs, ipairs, select = type, pairs, ipairs, select
 local io_open, os_remove, os_rename, math_max = io.open, os.remove, os.rename, math.max
@@ -160,6 +161,8 @@ local function at_endpoint(client, fname, endpoint, rpc, req, opts, readonly)
   if index then
     return client:_request(fname, rpc, req, opts.timeout, readonly, index)
   end
+  -- check -> endpoints.check -> at_endpoint -> the admin method -> user
+  endpoints.check(fname, endpoint, 5)
   local other, err = client:_sibling(endpoint)
   if not other then return nil, err end
   local res, request_err = other:_request(fname, rpc, req, opts.timeout, readonly)

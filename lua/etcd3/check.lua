@@ -40,6 +40,8 @@ end
 local kinds = {
   integer = is_integer,
   id = is_id,
+  -- NaN is no number an option can mean (a NaN timeout would never run out)
+  number = function(value) return type(value) == "number" and value == value end,
   any = function() return true end,
 }
 

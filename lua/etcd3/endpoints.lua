@@ -35,19 +35,34 @@ local address = _M.address
 -- parse -> Client.new -> user.
 local NEW_USER = 5
 
+--- An endpoint URL -> "host:port" and whether it asked for TLS, or nil
+-- and what is wrong with it.
+local function normalise(url)
+  local host_port, scheme = address(url)
+  if scheme and scheme ~= "http" and scheme ~= "https" then
+    return nil, ("endpoint '%s': unknown scheme '%s'"):format(url, scheme)
+  end
+  if not host_port:match("^[%w%.%-_%[%]:]+:%d+$") then
+    return nil, ("endpoint '%s': host:port expected"):format(host_port)
+  end
+  return host_port, scheme == "https"
+end
+
+--- Raises, naming `fname`, unless `url` is an endpoint (a string that
+-- normalises to host:port).
+function _M.check(fname, url, level)
+  local ok, why = normalise(url)
+  if not ok then check.fail(fname, why, level) end
+end
+
 --- One configured endpoint -> "host:port", and whether it asked for TLS.
 local function parse_one(url)
   if type(url) ~= "string" then
     check.fail("new", ("endpoints: strings expected, got %s"):format(type(url)), NEW_USER)
   end
-  local host_port, scheme = address(url)
-  if scheme and scheme ~= "http" and scheme ~= "https" then
-    check.fail("new", ("endpoint '%s': unknown scheme '%s'"):format(url, scheme), NEW_USER)
-  end
-  if not host_port:match("^[%w%.%-_%[%]:]+:%d+$") then
-    check.fail("new", ("endpoint '%s': host:port expected"):format(host_port), NEW_USER)
-  end
-  return host_port, scheme == "https"
+  local host_port, tls_or_why = normalise(url)
+  if not host_port then check.fail("new", tls_or_why, NEW_USER) end
+  return host_port, tls_or_why
 end
 
 --- The config's `endpoints` (a list or a comma-separated string; nil:
