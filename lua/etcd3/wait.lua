@@ -240,7 +240,7 @@ local function notifier_state(client)
 end
 
 local function exiting_error()
-  return errors.new("CANCELLED", 1,
+  return errors.new("CANCELLED",
     "the nginx worker is exiting (reload or shutdown): the wait was ended", "wait")
 end
 
