@@ -100,15 +100,24 @@ static int by_field_name(const void *a, const void *b) {
   return strcmp(sort_fields[*(const unsigned *)a].name, sort_fields[*(const unsigned *)b].name);
 }
 
+/* Static storage, not malloc: Lua unloads the module at exit, and memory
+ * only a static of an unloaded module points to would dangle (and show as
+ * a leak). etcd 3.4's messages have far fewer fields than this. */
+#define FIELD_POOL 4096
+static field_info field_pool[FIELD_POOL];
+static unsigned name_pool[FIELD_POOL];
+static size_t pool_used;
+
 static void add_info(const ProtobufCMessageDescriptor *d) {
   size_t slot = info_slot(d);
   message_info *m;
   while (infos[slot].d && infos[slot].d != d) slot = (slot + 1) & (INFO_SLOTS - 1);
   if (infos[slot].d) return; /* known */
+  if (pool_used + d->n_fields > FIELD_POOL) return; /* info_of then names it */
   m = &infos[slot];
-  m->fields = (field_info *)calloc(d->n_fields ? d->n_fields : 1, sizeof *m->fields);
-  m->by_name = (unsigned *)calloc(d->n_fields ? d->n_fields : 1, sizeof *m->by_name);
-  if (!m->fields || !m->by_name) abort(); /* at load, a few kB */
+  m->fields = field_pool + pool_used;
+  m->by_name = name_pool + pool_used;
+  pool_used += d->n_fields;
   m->d = d;
   for (unsigned i = 0; i < d->n_fields; i++) {
     snake_name(d->fields[i].name, m->fields[i].name);
