@@ -115,10 +115,10 @@ local SIMPLE = {
     end },
 
   member_list = { "Cluster.MemberList", {}, TIMEOUT_ONLY, function() return {} end, true },
-  member_add = { "Cluster.MemberAdd", { "table" }, { learner = "boolean", timeout = "number" },
+  member_add = { "Cluster.MemberAdd", { "strings" }, { learner = "boolean", timeout = "number" },
     function(peer_urls, opts) return { peer_urls = peer_urls, is_learner = opts.learner } end },
   member_remove = { "Cluster.MemberRemove", { "id" }, TIMEOUT_ONLY, function(id) return { id = id } end },
-  member_update = { "Cluster.MemberUpdate", { "id", "table" }, TIMEOUT_ONLY,
+  member_update = { "Cluster.MemberUpdate", { "id", "strings" }, TIMEOUT_ONLY,
     function(id, peer_urls) return { id = id, peer_urls = peer_urls } end },
   member_promote = { "Cluster.MemberPromote", { "id" }, TIMEOUT_ONLY, function(id) return { id = id } end },
 

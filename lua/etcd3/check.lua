@@ -42,6 +42,14 @@ local kinds = {
   id = is_id,
   -- NaN is no number an option can mean (a NaN timeout would never run out)
   number = function(value) return type(value) == "number" and value == value end,
+  -- a list of strings (peer URLs): what the codec would refuse, refused here
+  strings = function(value)
+    if type(value) ~= "table" then return false end
+    for i = 1, #value do
+      if type(value[i]) ~= "string" then return false end
+    end
+    return true
+  end,
   any = function() return true end,
 }
 
@@ -54,7 +62,7 @@ end
 
 local function kind_name(kind)
   if type(kind) ~= "table" then
-    return kind == "id" and "ID (hex string or integer)" or kind
+    return kind == "id" and "ID (hex string or integer)" or kind == "strings" and "list of strings" or kind
   end
   local names = {}
   for name in pairs(kind) do names[#names + 1] = ("%q"):format(name) end
