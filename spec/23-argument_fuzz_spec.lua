@@ -22,7 +22,13 @@ describe("argument fuzz", function()
 
   -- a fixed seed, so a run is repeatable (ETCD3_FUZZ_SEED=… for others)
   local seed = tonumber(os.getenv("ETCD3_FUZZ_SEED") or "") or 20261201
-  math.randomseed(seed)
+  -- a generator of its own (an LCG), so math.random (free ports) is left
+  -- alone and both runtimes draw the same sequence
+  local state = seed % 2147483648
+  local function random(lo, hi)
+    state = (state * 1103515245 + 12345) % 2147483648
+    return lo + state % (hi - lo + 1)
+  end
 
   local closed_client = assert(etcd3.new { endpoints = "127.0.0.1:1", dial_timeout = 0 })
   closed_client:close()
@@ -33,12 +39,12 @@ describe("argument fuzz", function()
     { prefix = "yes" }, { timeout = -1 }, { timeout = 0.01 }, { limit = 2^63 }, function() end,
     coroutine.create(function() end), io.stdout, closed_client,
   }
-  local function value() return values[math.random(#values)] end
+  local function value() return values[random(1, #values)] end
   -- nil as well: argument lists of 0 to 3, with holes
   local function arguments()
-    local n = math.random(0, 3)
+    local n = random(0, 3)
     local args = {}
-    for i = 1, n do if math.random(5) > 1 then args[i] = value() end end
+    for i = 1, n do if random(1, 5) > 1 then args[i] = value() end end
     return args, n
   end
 
@@ -47,6 +53,16 @@ describe("argument fuzz", function()
     close = "ends the object under test (closing is fuzzed on throwaway clients below)",
     snapshot = "writes a file at whatever path it is given",
     pollfd = "returns the client's fd: nothing to fuzz",
+    member_add = "adds a member that never starts: the one-member cluster loses its quorum",
+    member_remove = "changes the cluster the other specs of this run use",
+    member_update = "changes the cluster the other specs of this run use",
+    member_promote = "changes the cluster the other specs of this run use",
+    move_leader = "changes the cluster the other specs of this run use",
+    auth_enable = "would lock every later call out",
+    -- etcd 3.4 itself exits on a name longer than bbolt's key limit (32 KiB):
+    -- a 1 MiB role or user name kills the member (a server bug, not ours)
+    role_add = "a 1 MiB role name crashes etcd 3.4 (bbolt's key size limit)",
+    user_add = "a 1 MiB user name crashes etcd 3.4 (bbolt's key size limit)",
   }
 
   -- Methods whose first argument is how long to wait: no timeout, or an
@@ -110,8 +126,12 @@ describe("argument fuzz", function()
       aliases[method] = aliases[method] or {}
       aliases[method][(prefix or "") .. name] = true
     end
-    for name, method in pairs(methods) do
-      fuzz(object, label .. ":" .. name, method, aliases[method])
+    -- in name order: with the fixed seed, every run makes the same calls
+    local names = {}
+    for name in pairs(methods) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do
+      fuzz(object, label .. ":" .. name, methods[name], aliases[methods[name]])
       count = count + 1
     end
     return count
@@ -119,7 +139,7 @@ describe("argument fuzz", function()
 
   it("the client's methods", function()
     local n = fuzz_object("client", cli)
-    assert.is_true(n >= 40, "only " .. n .. " client methods found")
+    assert.is_true(n >= 35, "only " .. n .. " client methods found")
     assert(cli:put("/fuzz/after", "ok"))
     assert.are.equal("ok", assert(cli:get("/fuzz/after")).kvs[1].value)
   end)
