@@ -86,6 +86,14 @@ function _M.wait_for(cond, timeout, what)
   end
 end
 
+--- Stops a process this run started: `signal` (TERM by default), then
+-- KILL when it is still there after `grace` seconds.
+function _M.stop_process(pid, signal, grace)
+  _M.sh("kill -" .. (signal or "TERM") .. " " .. pid .. " 2>/dev/null")
+  local gone = pcall(_M.wait_for, function() return not _M.sh("kill -0 " .. pid .. " 2>/dev/null") end, grace)
+  if not gone then _M.sh("kill -9 " .. pid .. " 2>/dev/null") end
+end
+
 local function record_pid(pid)
   local file = os.getenv("ETCD3_SPEC_PIDFILE")
   if file then

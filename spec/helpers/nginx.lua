@@ -116,10 +116,7 @@ end
 
 function Nginx:stop()
   if self.pid then
-    helper.sh("kill -QUIT " .. self.pid .. " 2>/dev/null")
-    local pid = self.pid
-    local ok = pcall(helper.wait_for, function() return not helper.sh("kill -0 " .. pid .. " 2>/dev/null") end, 10)
-    if not ok then helper.sh("kill -9 " .. pid .. " 2>/dev/null") end
+    helper.stop_process(self.pid, "QUIT", 10)
     self.pid = nil
   end
   if self.dir:match("^/tmp/") then helper.sh("rm -rf '" .. self.dir .. "'") end

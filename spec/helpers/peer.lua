@@ -35,10 +35,7 @@ end
 
 function Peer:stop()
   if self.pid then
-    local pid = self.pid
-    helper.sh("kill " .. pid .. " 2>/dev/null")
-    local ok = pcall(helper.wait_for, function() return not helper.sh("kill -0 " .. pid .. " 2>/dev/null") end, 5)
-    if not ok then helper.sh("kill -9 " .. pid .. " 2>/dev/null") end
+    helper.stop_process(self.pid, "TERM", 5)
     self.pid = nil
   end
   if self.dir:match("^/tmp/") then helper.sh("rm -rf '" .. self.dir .. "'") end
