@@ -10,7 +10,8 @@
  * threads that block, and an eventfd for event loops (client:pollfd()).
  *
  * Lifetime: etcd3_engine_close() (client close or __gc) cancels what is in
- * flight, destroys the channels, shuts the queue down and joins the thread;
+ * flight, destroys the channels (or hands those still connecting to the
+ * reaper below), shuts the queue down and joins the thread;
  * the struct itself lives until its last reference (bound objects hold one)
  * is released, so Lua may collect clients and calls in any order.
  *
@@ -377,6 +378,95 @@ fail:
   return NULL;
 }
 
+/* Channels closed while a connection attempt may be in flight.
+ *
+ * gRPC 1.51 leaks the connection of a subchannel shut down while its
+ * attempt is in flight when that attempt then succeeds: the finished
+ * attempt finds the subchannel shut down and returns without destroying
+ * the transport it got (Subchannel::OnConnectingFinishedLocked; later
+ * releases reset the result there). The socket stays ESTABLISHED for good:
+ * a client closed while a member was starting up left one behind.
+ * So a channel that is CONNECTING or in TRANSIENT_FAILURE at close (pick
+ * first keeps retrying there, its state sticky) is destroyed only once its
+ * state moves on, or REAP_AFTER seconds after close: every attempt in
+ * flight at close has ended by then (gRPC's connect deadline is 20 s).
+ * One process-wide thread waits for them; it ends when none is left. */
+#define REAP_AFTER 21.0
+
+typedef struct {
+  grpc_channel *channel;
+  grpc_connectivity_state state; /* last seen */
+  gpr_timespec until;
+} dying_channel;
+
+static struct {
+  pthread_mutex_t mu;
+  grpc_completion_queue *cq; /* made once, kept for the process */
+  size_t count;              /* dying channels not destroyed yet */
+  int running;               /* a reaper thread is up */
+} reaper = { PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0 };
+
+static int settling(grpc_connectivity_state s) {
+  return s == GRPC_CHANNEL_CONNECTING || s == GRPC_CHANNEL_TRANSIENT_FAILURE;
+}
+
+static void reaper_watch(dying_channel *d) {
+  grpc_channel_watch_connectivity_state(d->channel, d->state, d->until, reaper.cq, d);
+}
+
+static void *reaper_main(void *arg) {
+  (void)arg;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(reaper.cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+    dying_channel *d = (dying_channel *)ev.tag;
+    int last;
+    if (ev.type != GRPC_OP_COMPLETE || !d) continue;
+    d->state = grpc_channel_check_connectivity_state(d->channel, 0);
+    if (ev.success && settling(d->state)) { /* moved within the settling states */
+      reaper_watch(d);
+      continue;
+    }
+    grpc_channel_destroy(d->channel);
+    free(d);
+    pthread_mutex_lock(&reaper.mu);
+    last = --reaper.count == 0;
+    if (last) reaper.running = 0;
+    pthread_mutex_unlock(&reaper.mu);
+    if (last) return NULL;
+  }
+}
+
+/* Destroys `channel` now, or hands it to the reaper while it settles. */
+static void channel_retire(grpc_channel *channel) {
+  grpc_connectivity_state s = grpc_channel_check_connectivity_state(channel, 0);
+  dying_channel *d = settling(s) ? (dying_channel *)malloc(sizeof *d) : NULL;
+  int ok = d != NULL;
+  if (ok) {
+    pthread_mutex_lock(&reaper.mu);
+    if (!reaper.cq) reaper.cq = grpc_completion_queue_create_for_next(NULL);
+    if (!reaper.running) {
+      pthread_t t;
+      pthread_attr_t attr;
+      pthread_attr_init(&attr);
+      pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+      reaper.running = pthread_create(&t, &attr, reaper_main, NULL) == 0;
+      pthread_attr_destroy(&attr);
+    }
+    ok = reaper.running;
+    if (ok) reaper.count++;
+    pthread_mutex_unlock(&reaper.mu);
+  }
+  if (!ok) { /* no memory or no thread: destroyed at once, as gRPC allows */
+    free(d);
+    grpc_channel_destroy(channel);
+    return;
+  }
+  d->channel = channel;
+  d->state = s;
+  d->until = etcd3_deadline(REAP_AFTER);
+  reaper_watch(d);
+}
+
 /* Idempotent. Not for a forked child: there it must not be called at all. */
 void etcd3_engine_close(etcd3_engine *e) {
   pthread_mutex_lock(&e->mu);
@@ -392,7 +482,7 @@ void etcd3_engine_close(etcd3_engine *e) {
   }
   pthread_mutex_unlock(&e->mu);
   for (size_t i = 0; i < e->n_channels; i++) {
-    if (e->channels[i].channel) grpc_channel_destroy(e->channels[i].channel);
+    if (e->channels[i].channel) channel_retire(e->channels[i].channel);
     e->channels[i].channel = NULL;
   }
   if (e->cq) {
