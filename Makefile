@@ -51,7 +51,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak
+.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak overload memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -155,6 +155,24 @@ $(FUZZ_DIR)/seed: fuzz/seed.c fuzz/fuzz.h src/codec.c $(wildcard src/*.h) $(PB_C
 	clang $(FUZZ_CFLAGS) -o $@ $< $(FUZZ_LIBS)
 fuzz: deps
 	sh tools/fuzz.sh $(FUZZ_SECONDS)
+
+# Overload and scale on one client: 10 000 calls in flight, a 100 MiB range,
+# 1000 leases kept alive (bench/overload.lua), then 1k/10k/100k watchers
+# whose per-watcher costs must stay flat (bench/watchers.lua --flat).
+# `make test` runs both at a small size on both runtimes.
+OVERLOAD_ARGS ?= 10000 100 1000
+SCALE_ARGS    ?= 1000 10000 100000
+overload: deps
+	$(MAKE) -s LUA=$(LUA)
+	$(RUN_ENV) $(LUA) tools/with-etcd.lua $(LUA) bench/overload.lua $(OVERLOAD_ARGS)
+	$(RUN_ENV) $(LUA) tools/with-etcd.lua $(LUA) bench/watchers.lua --flat $(SCALE_ARGS)
+
+# valgrind's memcheck over the KV, lease and watch specs (Lua 5.4): no
+# definite leak, no invalid access (tools/memcheck.sh).
+MEMCHECK_SPECS ?= spec/02-kv_spec.lua spec/05-lease_spec.lua spec/06-watch_spec.lua
+memcheck: deps
+	$(MAKE) -s LUA=lua5.4 spec-helpers
+	sh tools/memcheck.sh $(MEMCHECK_SPECS)
 
 # Mixed load on one client against a 3-member cluster, a member restarted
 # every minute; RSS, fds and threads sampled every 10 s must stop growing

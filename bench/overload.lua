@@ -3,7 +3,8 @@
 --   calls     N coroutines with a put each in flight at once (default 10 000)
 --   range     a range read of M MiB (default 100: 100 values of 1 MiB)
 --   leases    L leases kept alive by the engine for 3 TTLs (default 1000)
--- Watchers at scale: bench/watchers.lua.
+-- Watchers at scale: bench/watchers.lua. Exits non-zero when a step did
+-- not complete (`make overload`; `make test` runs it at a small size).
 --
 --   lua5.4 tools/with-etcd.lua lua5.4 bench/overload.lua [N M L]
 -- (from the checkout, with LUA_PATH/LUA_CPATH set to the build tree).
@@ -55,6 +56,7 @@ do
     end
   end
   report(("calls: %d coroutines (%d in flight at once), %d ok, %d failed"):format(N, in_flight, done, failed), w0, c0)
+  assert(failed == 0 and done == N, "calls failed")
   cli:close()
 end
 
@@ -68,7 +70,8 @@ do
   local res = assert(cli:get("/big/", { prefix = true }))
   local bytes = 0
   for _, kv in ipairs(res.kvs) do bytes = bytes + #kv.value end
-  report(("range: %d MiB in one response (%d keys)"):format(bytes // (1024 * 1024), #res.kvs), w0, c0)
+  assert(#res.kvs == M and bytes == M * 1024 * 1024, "range incomplete")
+  report(("range: %d MiB in one response (%d keys)"):format(math.floor(bytes / (1024 * 1024)), #res.kvs), w0, c0)
   res = nil -- luacheck: ignore
   assert(cli:delete("/big/", { prefix = true }))
   cli:close()
@@ -92,6 +95,7 @@ do
   local alive = 0
   for i = 1, L do if leases[i]:alive() then alive = alive + 1 end end
   report(("leases: %d of %d alive after 3 TTLs (%d s)"):format(alive, L, 3 * ttl), w0, c0)
+  assert(alive == L, "leases lost")
   for i = 1, L do leases[i]:revoke() end
   cli:close()
 end

@@ -5,7 +5,13 @@
 -- client burns in the 2 s after the cancels returned (a cancel path that
 -- grows with N^2 shows there), and RSS.
 --
---   lua5.4 tools/with-etcd.lua lua5.4 bench/watchers.lua 1000 10000 100000
+--   lua5.4 tools/with-etcd.lua lua5.4 bench/watchers.lua [--flat] 1000 10000 100000
+-- --flat fails the run when a per-watcher CPU figure of the largest size
+-- is more than FLAT times that of the smallest (plus SLACK µs, for the
+-- small figures' noise), or the client still burns over half a core after
+-- its cancels: what a cost growing with N^2 looks like (the quadratic
+-- cancel path cost 2.5 s of a core at 10k and nothing at 1k). A scaling
+-- check, not a speed one: the factor is loose enough for a noisy machine.
 -- (from the checkout, with LUA_PATH/LUA_CPATH set to the build tree).
 local etcd3 = require "etcd3"
 local core = require "etcd3.core"
@@ -28,6 +34,8 @@ local function timed(f)
 end
 
 local function per(us_total, n) return us_total * 1e6 / n end
+
+local FLAT, SLACK = 4, 15
 
 local function run(n)
   local cli = assert(etcd3.new { endpoints = endpoint, timeout = 60 })
@@ -63,9 +71,33 @@ local function run(n)
     .. "RSS %+.1f kB per watcher\n"):format(n, per(cw, n), per(cc, n), per(dw, n), per(dc, n),
     per(xw, n), per(xc, n), per(gw, n), per(gc, n), after / 2 * 100, (rss1 - rss0) / n))
   io.flush()
+  return { create = per(cc, n), deliver = per(dc, n), cancel = per(xc, n), collect = per(gc, n),
+    after = after / 2 }
 end
 
-local sizes = {}
-for i = 1, #arg do sizes[i] = assert(tonumber(arg[i]), "sizes expected") end
+local sizes, flat = {}, false
+for i = 1, #arg do
+  if arg[i] == "--flat" then flat = true else sizes[#sizes + 1] = assert(tonumber(arg[i]), "sizes expected") end
+end
 if #sizes == 0 then sizes = { 1000, 10000 } end
-for _, n in ipairs(sizes) do run(n) end
+local first, last
+for _, n in ipairs(sizes) do
+  last = run(n)
+  first = first or last
+end
+if flat then
+  local bad = {}
+  for _, step in ipairs { "create", "deliver", "cancel", "collect" } do
+    if last[step] > FLAT * first[step] + SLACK then
+      bad[#bad + 1] = ("%s %.1f us cpu per watcher at %d against %.1f at %d"):format(step, last[step],
+        sizes[#sizes], first[step], sizes[1])
+    end
+  end
+  if last.after > 0.5 then bad[#bad + 1] = ("%.0f %% of a core after the cancels"):format(last.after * 100) end
+  if #bad > 0 then
+    io.stderr:write("not flat: ", table.concat(bad, "; "), "\n")
+    os.exit(1)
+  end
+  print(("flat: every per-watcher CPU figure at %d within %dx (+%d us) of %d's"):format(sizes[#sizes], FLAT, SLACK,
+    sizes[1]))
+end

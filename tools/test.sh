@@ -4,7 +4,8 @@
 # the demo there, runs it again with the module built
 # with AddressSanitizer + UBSan, checks that the rock installs with
 # luarocks, runs luacheck, fuzzes the codec and soaks a client for a
-# minute each, and ends with one line "N passed, M failed".
+# minute each, overloads one at a small size, runs valgrind's memcheck over
+# the KV, lease and watch specs, and ends with one line "N passed, M failed".
 #
 # Every etcd (and nginx, and wrong peer) the specs start is recorded by PID
 # in a file; whatever a crashed run left behind is stopped by those PIDs at
@@ -107,6 +108,16 @@ step fuzz sh tools/fuzz.sh 60
 # one minute of mixed load with a member restarted: RSS, fds and threads
 # stay within their bounds after warm-up (`make soak` runs 10 minutes)
 step soak $MAKE -s soak SOAK_MINUTES=1
+
+# overload and scale at a small size on both runtimes: 2000 calls in
+# flight, a 16 MiB range, 200 leases kept alive; 1k and 10k watchers with
+# flat per-watcher costs (`make overload` runs 10k calls, 100 MiB, 1000
+# leases and up to 100k watchers)
+for lua in lua5.4 luajit; do
+  step "overload-$lua" $MAKE -s overload LUA=$lua OVERLOAD_ARGS="2000 16 200" SCALE_ARGS="1000 10000"
+done
+# valgrind's memcheck over the KV, lease and watch specs
+step memcheck $MAKE -s memcheck
 
 echo "logs: $LOG"
 echo "$passed passed, $failed failed"
