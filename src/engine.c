@@ -18,6 +18,7 @@
  * This file names no service: lease keepalive, watches, auth and calls
  * register an etcd3_service_ops table (engine.h) and are run through it.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,8 +48,44 @@ static pthread_once_t grpc_once = PTHREAD_ONCE_INIT;
  * GRPC_VERBOSITY set by the user keeps gRPC's own logging. */
 static void quiet_log(gpr_log_func_args *args) { (void)args; }
 
+/* Debian's abseil is built without NDEBUG, so each of the absl::Mutex
+ * lock/unlock pairs gRPC takes (about 20 per call) also runs absl's
+ * deadlock detector, a debugging aid: about 5 k instructions per call
+ * (bench/README.md). absl turns it off process-wide with
+ * absl::SetMutexDeadlockDetectionMode(OnDeadlockCycle::kIgnore), a C++
+ * function: looked up by its mangled name among this module's libraries
+ * (abseil's inline namespace is part of the name: Debian's, then upstream's
+ * LTS ones of gRPC 1.4x-1.5x's time); when none is found nothing changes.
+ * ETCD3_ABSL_DEADLOCK_DETECTION=1 leaves the detector as it is. */
+static void absl_deadlock_detection_off(void) {
+  static const char *const names[] = {
+    "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+    "_ZN4absl12lts_2022062329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+    "_ZN4absl12lts_2023012529SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+    "_ZN4absl12lts_2023080229SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
+  };
+  Dl_info self;
+  void *lib;
+  const char *keep = getenv("ETCD3_ABSL_DEADLOCK_DETECTION");
+  if ((keep && *keep && strcmp(keep, "0") != 0) || !dladdr((void *)absl_deadlock_detection_off, &self))
+    return;
+  lib = dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
+  if (!lib) return;
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    void *sym = dlsym(lib, names[i]);
+    if (sym) {
+      void (*set_mode)(int); /* the enum's kIgnore is 0 */
+      *(void **)&set_mode = sym;
+      set_mode(0);
+      break;
+    }
+  }
+  dlclose(lib);
+}
+
 static void init_grpc(void) {
   pthread_atfork(NULL, NULL, on_fork_child);
+  absl_deadlock_detection_off();
   if (!getenv("GRPC_VERBOSITY")) gpr_set_log_function(quiet_log);
   grpc_init();
 }
