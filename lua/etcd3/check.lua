@@ -26,6 +26,10 @@ function _M.fail(fname, message, level)
   error(("etcd3.%s: %s"):format(fname, message), level or USER)
 end
 
+--- What options() returns for nil: one shared empty table (a call without
+-- options allocates nothing for them); read-only.
+_M.NO_OPTIONS = setmetatable({}, { __newindex = function() error("etcd3: the empty options are read-only", 2) end })
+
 local function is_integer(value)
   return type(value) == "number" and value == math_floor(value) and value > -2^63 and value < 2^63
 end
@@ -89,7 +93,7 @@ end
 ---@return table
 function _M.options(fname, opts, spec, level)
   level = level or USER
-  if opts == nil then return {} end
+  if opts == nil then return _M.NO_OPTIONS end
   if type(opts) ~= "table" then
     error(("bad argument to 'etcd3.%s' (options table expected, got %s)"):format(fname, type(opts)), level)
   end

@@ -4,7 +4,8 @@
 -- call over a range of keys shares (kv, watch, txn compares, permissions).
 local check = require "etcd3.check"
 
-local pairs, ipairs, string_char = pairs, ipairs, string.char
+local pairs, ipairs, type, string_char = pairs, ipairs, type, string.char
+local NO_OPTIONS = check.NO_OPTIONS
 
 local _M = {}
 
@@ -165,6 +166,8 @@ for k, v in pairs(GET_OPTIONS) do PAGES_OPTIONS[k] = v end
 
 --- A RangeRequest and the checked options.
 function _M.range_request(fname, key, opts, level)
+  -- the common case, one key without options: nothing to read or check
+  if opts == nil and type(key) == "string" then return { key = key }, NO_OPTIONS end
   local request_key, request_end
   opts, request_key, request_end = checked_range(fname, key, opts, GET_OPTIONS, level + 1)
   return {
@@ -182,6 +185,9 @@ end
 
 --- A PutRequest and the checked options.
 function _M.put_request(fname, key, value, opts, level)
+  if opts == nil and type(key) == "string" and type(value) == "string" then
+    return { key = key, value = value }, NO_OPTIONS
+  end
   check.arg(fname, 1, key, "string", level)
   opts = check.options(fname, opts, PUT_OPTIONS, level)
   if opts.ignore_value then
