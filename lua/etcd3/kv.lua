@@ -152,6 +152,14 @@ local GET_OPTIONS = {
   max_mod_revision = "integer", min_create_revision = "integer",
   max_create_revision = "integer", timeout = "number",
 }
+-- GET_OPTIONS that are RangeRequest fields: true copies the value, a table
+-- maps it to the enum's name (prefix, range_end, from_key: the range end;
+-- timeout: the call's)
+local RANGE_FIELDS = {
+  limit = true, revision = true, sort_order = SORT_ORDER, sort_target = SORT_TARGET,
+  serializable = true, keys_only = true, count_only = true, min_mod_revision = true,
+  max_mod_revision = true, min_create_revision = true, max_create_revision = true,
+}
 local PUT_OPTIONS = {
   lease = "id", prev_kv = "boolean", ignore_value = "boolean",
   ignore_lease = "boolean", timeout = "number",
@@ -170,17 +178,13 @@ function _M.range_request(fname, key, opts, level)
   if opts == nil and type(key) == "string" then return { key = key }, NO_OPTIONS end
   local request_key, request_end
   opts, request_key, request_end = checked_range(fname, key, opts, GET_OPTIONS, level + 1)
-  return {
-    key = request_key, range_end = request_end,
-    limit = opts.limit, revision = opts.revision,
-    sort_order = opts.sort_order and SORT_ORDER[opts.sort_order],
-    sort_target = opts.sort_target and SORT_TARGET[opts.sort_target],
-    serializable = opts.serializable, keys_only = opts.keys_only,
-    count_only = opts.count_only,
-    min_mod_revision = opts.min_mod_revision, max_mod_revision = opts.max_mod_revision,
-    min_create_revision = opts.min_create_revision,
-    max_create_revision = opts.max_create_revision,
-  }, opts
+  local req = { key = request_key, range_end = request_end }
+  -- only the options given (checked above) reach the request
+  for name, value in pairs(opts) do
+    local field = RANGE_FIELDS[name]
+    if field == true then req[name] = value elseif field then req[name] = field[value] end
+  end
+  return req, opts
 end
 
 --- A PutRequest and the checked options.
