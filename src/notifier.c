@@ -31,7 +31,10 @@
 #include "auxiliar.h"
 #include "notifier.h"
 
-/* Objects named per wake-up; beyond that Lua looks at every waiter. */
+/* The list of objects named grows by doubling from this size; it is
+ * bounded by the number of objects (each posts once until Lua has seen
+ * it). Only when it cannot grow does Lua look at every waiter: asking 1000
+ * parked watchers at every wake-up of a burst cost more than the burst. */
 #define NOTIFIER_KEYS 64
 
 typedef struct notifier {
@@ -39,9 +42,11 @@ typedef struct notifier {
   int listen_fd;          /* -1 unless listening for the worker's connect */
   int conn_fd;            /* -1 unless connected */
   int armed;              /* the next post writes a byte */
-  int overflow;           /* more posts than keys (or none known): look at all */
-  size_t n_keys;
-  const int *keys[NOTIFIER_KEYS]; /* posted since Lua last took them */
+  int overflow;           /* keys could not grow (or none known): look at all */
+  size_t n_keys, cap_keys;
+  const int **keys;       /* posted since Lua last took them */
+  const int **taken;      /* the last take's, which Lua reads unlocked */
+  size_t cap_taken;
   char dir[PATH_MAX];     /* "" unless it exists */
   char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 } notifier;
@@ -74,7 +79,15 @@ ETCD3_LOCKED static void notifier_on_news(etcd3_engine *e, void *state, const in
   static const char byte = 'n';
   (void)e;
   if (n->conn_fd < 0) return;
-  if (n->n_keys < NOTIFIER_KEYS) n->keys[n->n_keys++] = posted;
+  if (n->n_keys == n->cap_keys) {
+    size_t cap = n->cap_keys ? 2 * n->cap_keys : NOTIFIER_KEYS;
+    const int **grown = (const int **)realloc((void *)n->keys, cap * sizeof *grown);
+    if (grown) {
+      n->keys = grown;
+      n->cap_keys = cap;
+    }
+  }
+  if (n->n_keys < n->cap_keys) n->keys[n->n_keys++] = posted;
   else n->overflow = 1;
   if (!n->armed) return;
   n->armed = 0;
@@ -96,6 +109,8 @@ ETCD3_LOCKED static void notifier_shutdown(etcd3_engine *e, void *state) {
 static void notifier_free(void *state) {
   notifier *n = (notifier *)state;
   if (n->engine) drop_all(n);
+  free((void *)n->keys);
+  free((void *)n->taken);
   free(n);
 }
 
@@ -237,16 +252,25 @@ static int notifier_accept(lua_State *L) {
 static int notifier_take(lua_State *L) {
   etcd3_engine *e = check_ref(L);
   notifier *n;
-  const int *keys[NOTIFIER_KEYS];
+  const int **keys = NULL;
   size_t n_keys = 0;
   int connected, all = 0;
   pthread_mutex_lock(&e->mu);
   n = notifier_of(e);
   connected = n && n->conn_fd >= 0;
   if (connected) {
+    /* the two lists swap: the engine fills one while Lua reads the other
+     * (only this reader takes; the notifier frees both, so a raise while
+     * the table is built leaks nothing) */
+    const int **mine = n->keys;
+    size_t cap = n->cap_keys;
     all = n->overflow;
     n_keys = n->n_keys;
-    memcpy(keys, n->keys, n_keys * sizeof *keys);
+    keys = mine;
+    n->keys = n->taken;
+    n->cap_keys = n->cap_taken;
+    n->taken = mine;
+    n->cap_taken = cap;
     n->armed = 1;
     n->overflow = 0;
     n->n_keys = 0;
