@@ -465,6 +465,22 @@ static void push_i64(lua_State *L, int64_t v) {
 }
 
 
+/* Pushes v in lower-case hex as etcdctl 3.4 prints IDs: leases with 16
+ * digits (%016x), members and clusters without leading zeros (%x). By hand:
+ * snprintf cost more than the rest of a response header (two IDs in every
+ * response). */
+static void push_hex(lua_State *L, uint64_t v, int sixteen) {
+  static const char digits[] = "0123456789abcdef";
+  char hex[16];
+  int first = 16;
+  do {
+    hex[--first] = digits[v & 15];
+    v >>= 4;
+  } while (v);
+  if (sixteen) while (first > 0) hex[--first] = '0';
+  lua_pushlstring(L, hex + first, (size_t)(16 - first));
+}
+
 /* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0.
  * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently). */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
@@ -482,12 +498,8 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
     case PROTOBUF_C_TYPE_FIXED64: {
       uint64_t v = *(const uint64_t *)slot;
       if (is_id) {
-        char hex[17];
         if (v == 0) return 0;
-        /* as etcdctl 3.4 prints them: leases %016x, members/clusters %x */
-        snprintf(hex, sizeof hex, is_id == LEASE_ID ? "%016llx" : "%llx",
-                 (unsigned long long)v);
-        lua_pushstring(L, hex);
+        push_hex(L, v, is_id == LEASE_ID);
       } else {
         push_i64(L, (int64_t)v);
       }
