@@ -108,6 +108,7 @@ step fuzz sh tools/fuzz.sh 60
 # one minute of mixed load with a member restarted: RSS, fds and threads
 # stay within their bounds after warm-up (`make soak` runs 10 minutes)
 step soak $MAKE -s soak SOAK_MINUTES=1
+step soak-luajit $MAKE -s soak SOAK_MINUTES=1 SOAK_LUA=luajit
 
 # overload and scale at a small size on both runtimes: 2000 calls in
 # flight, a 16 MiB range, 200 leases kept alive; 1k and 10k watchers with
