@@ -423,11 +423,14 @@ fail:
  * the transport it got (Subchannel::OnConnectingFinishedLocked; later
  * releases reset the result there). The socket stays ESTABLISHED for good:
  * a client closed while a member was starting up left one behind.
- * So a channel that is CONNECTING or in TRANSIENT_FAILURE at close (pick
- * first keeps retrying there, its state sticky) is destroyed only once its
- * state moves on, or REAP_AFTER seconds after close: every attempt in
- * flight at close has ended by then (gRPC's connect deadline is 20 s).
- * One process-wide thread waits for them; it ends when none is left. */
+ * So a channel that is CONNECTING at close is destroyed when its state
+ * next changes (the attempt ended); one in TRANSIENT_FAILURE, where pick
+ * first retries behind a sticky state, when its state changes (to
+ * CONNECTING: then at the end of that attempt) or REAP_AFTER seconds after
+ * close (gRPC's connect deadline is 20 s: an attempt under way at close
+ * has ended by then; one begun since may not have, which is the leak's
+ * remaining window). One process-wide thread waits for them; it ends
+ * when none is left. */
 #define REAP_AFTER 21.0
 
 typedef struct {
@@ -459,10 +462,16 @@ static void *reaper_main(void *arg) {
     int last;
     if (ev.type != GRPC_OP_COMPLETE || !d) continue;
     d->state = grpc_channel_check_connectivity_state(d->channel, 0);
-    if (ev.success && settling(d->state)) { /* moved within the settling states */
+    if (ev.success && d->state == GRPC_CHANNEL_CONNECTING) {
+      /* an attempt began (out of TRANSIENT_FAILURE): wait for its end */
+      d->until = etcd3_deadline(REAP_AFTER);
       reaper_watch(d);
       continue;
     }
+    /* Any other change ends the attempt that was in flight: destroyed at
+     * once, before pick first's backoff starts the next one (a peer that
+     * never answers would otherwise get a new 20 s attempt). Or the
+     * deadline passed. */
     grpc_channel_destroy(d->channel);
     free(d);
     pthread_mutex_lock(&reaper.mu);
