@@ -9,6 +9,10 @@
 # reachable, or "possibly lost" for the stacks of the threads gRPC keeps,
 # and neither kind is counted as an error).
 # etcd, etcdctl and the shells the specs start are not traced.
+# valgrind runs one thread at a time: --fair-sched=yes hands the CPU round
+# the threads in turn, so the engine thread renews a lease while a spec
+# keeps the Lua thread busy (without it, "a busy Lua CPU loop" starved the
+# engine thread past the lease's TTL).
 set -u
 cd "$(dirname "$0")/.."
 command -v valgrind > /dev/null || { echo "memcheck: valgrind is not installed" >&2; exit 2; }
@@ -16,7 +20,7 @@ LOG=${MEMCHECK_LOG:-$(mktemp -d /tmp/etcd3-memcheck.XXXXXX)}
 status=0
 for spec in "$@"; do
   name=$(basename "$spec" .lua)
-  valgrind --tool=memcheck --leak-check=full --show-leak-kinds=definite \
+  valgrind --tool=memcheck --fair-sched=yes --leak-check=full --show-leak-kinds=definite \
     --errors-for-leak-kinds=definite --error-exitcode=99 --num-callers=40 \
     --log-file="$LOG/$name.valgrind" \
     lua5.4 /usr/bin/busted --cpath="build/lua5.4/?.so" "$spec" > "$LOG/$name.out" 2>&1
