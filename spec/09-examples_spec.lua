@@ -57,7 +57,9 @@ describe("examples", function()
     return n
   end
   teardown(function()
-    for _, node in ipairs(nodes) do helper.sh("kill -CONT " .. node.pid .. " 2>/dev/null; kill -9 " .. node.pid .. " 2>/dev/null") end
+    for _, node in ipairs(nodes) do
+      helper.sh("kill -CONT " .. node.pid .. " 2>/dev/null; kill -9 " .. node.pid .. " 2>/dev/null")
+    end
   end)
 
   it("game_node.lua: two nodes see each other join and leave", function()
