@@ -168,8 +168,8 @@ describe("watch", function()
     for i = 1, 1000 do ws[i]:cancel() end
   end)
 
-  it("ends a slow consumer's watcher with a clear error; others go on; dropped ones are cancelled", function()
-    -- earlier specs' cancels are confirmed asynchronously: wait for quiet
+  -- the server's watcher count after earlier specs' cancels settle
+  local function settled_watcher_count()
     local base
     helper.wait_for(function()
       local a = watcher_count(member)
@@ -177,6 +177,70 @@ describe("watch", function()
       base = watcher_count(member)
       return a == base
     end, 10, "a stable watcher count")
+    return base
+  end
+
+  it("identical watchers share one etcd watch; it is cancelled with the last", function()
+    local base = settled_watcher_count()
+    local ws = {}
+    for i = 1, 50 do ws[i] = assert(cli:watch("/shared/k")) end
+    local other = assert(cli:watch("/shared/k", { prev_kv = true })) -- other options: its own
+    helper.wait_for(function() return watcher_count(member) == base + 2 end, 10, "two watches on the server")
+    local put = assert(cli:put("/shared/k", "v1"))
+    for i = 1, 50 do
+      local ev = assert(ws[i]:next(5))
+      assert.are.equal("v1", ev.kv.value)
+      assert.are.equal(put.header.revision, ev.kv.mod_revision)
+      assert.are.equal("TIMEOUT", select(2, ws[i]:next(0)).code)
+      assert.are.equal(put.header.revision, ws[i]:revision())
+    end
+    assert.is_nil(assert(other:next(5)).prev_kv)
+    for i = 1, 49 do ws[i]:cancel() end
+    assert(cli:put("/shared/k", "v2"))
+    assert.are.equal("v2", assert(ws[50]:next(5)).kv.value)
+    assert.are.equal(base + 2, watcher_count(member))
+    ws[50]:cancel()
+    other:cancel()
+    helper.wait_for(function() return watcher_count(member) == base end, 10, "the watches to be cancelled")
+  end)
+
+  it("a watcher that joins a shared watch gets exactly the changes after it", function()
+    local first = assert(cli:watch("/join/k"))
+    local ws, revs = {}, {}
+    for i = 1, 30 do
+      -- the put's event may not have reached the shared watch yet: the
+      -- joiner must not get it (this client saw its revision)
+      revs[i] = assert(cli:put("/join/k", "v" .. i)).header.revision
+      ws[i] = assert(cli:watch("/join/k"))
+    end
+    local last = assert(cli:put("/join/k", "end")).header.revision
+    for i = 1, 30 do
+      local ev = assert(ws[i]:next(5))
+      assert.are.equal(i < 30 and "v" .. (i + 1) or "end", ev.kv.value)
+      for j = i + 2, 30 do assert.are.equal("v" .. j, assert(ws[i]:next(5)).kv.value) end
+      if i < 30 then assert.are.equal("end", assert(ws[i]:next(5)).kv.value) end
+      assert.are.equal("TIMEOUT", select(2, ws[i]:next(0)).code)
+      assert.are.equal(last, ws[i]:revision())
+      ws[i]:cancel()
+    end
+    local got = collect(first, 31)
+    assert.are.equal(revs[1], got[1].kv.mod_revision)
+    assert.are.equal(last, got[31].kv.mod_revision)
+    -- start_revision: a past one replays history on a watch of its own; a
+    -- future one shares and starts there
+    local past = assert(cli:watch("/join/k", { start_revision = revs[29] }))
+    assert.are.same({ "PUT /join/k=v29", "PUT /join/k=v30", "PUT /join/k=end" }, summary(collect(past, 3)))
+    local future = assert(cli:watch("/join/k", { start_revision = last + 2 }))
+    assert(cli:put("/join/k", "skipped"))
+    assert(cli:put("/join/k", "wanted"))
+    assert.are.equal("wanted", assert(future:next(5)).kv.value)
+    assert.are.equal("skipped", assert(first:next(5)).kv.value)
+    past:cancel() future:cancel() first:cancel()
+  end)
+
+  it("ends a slow consumer's watcher with a clear error; others go on; dropped ones are cancelled", function()
+    -- earlier specs' cancels are confirmed asynchronously: wait for quiet
+    local base = settled_watcher_count()
     assert.is_number(base)
     local slow = assert(cli:watch("/slow/", { prefix = true, max_queued = 50 }))
     local fine = assert(cli:watch("/slow/", { prefix = true }))
@@ -243,6 +307,7 @@ describe("watch across a member kill in a 3-member cluster", function()
     local lease = assert(cli:grant(5))
     lease:keepalive()
     local w = assert(cli:watch("/kill/", { prefix = true }))
+    local twin = assert(cli:watch("/kill/", { prefix = true })) -- shares w's etcd watch
     local start = w:revision()
     -- the writer talks to the members that stay up
     local writer = [[
@@ -282,6 +347,14 @@ describe("watch across a member kill in a 3-member cluster", function()
     for i = 2, #got do assert.is_true(got[i] >= got[i - 1]) end
     assert.are.equal(2000, got[#got])
     assert.are.equal("TIMEOUT", select(2, w:next(0.5)).code)
+    -- the twin got the same events, each once, in order
+    last = start
+    for _ = 1, 2000 do
+      local ev = assert(twin:next(5))
+      assert.are.equal(last + 1, ev.kv.mod_revision)
+      last = ev.kv.mod_revision
+    end
+    assert.are.equal("TIMEOUT", select(2, twin:next(0)).code)
     assert.is_true(lease:alive())
     cli:close()
   end)

@@ -288,7 +288,11 @@ static int call_result(lua_State *L) {
   if (!done) return luaL_error(L, "etcd3: call:result() before the call completed");
   /* Done: the engine no longer touches the call; no lock needed below. */
   if (c->status == GRPC_STATUS_OK) {
-    if (etcd3_decode(L, c->method->output, c->recv)) return 1;
+    int64_t revision;
+    if (etcd3_decode(L, c->method->output, c->recv, &revision)) {
+      etcd3_engine_saw_revision(c->engine, revision);
+      return 1;
+    }
     lua_pushnil(L);
     lua_pushstring(L, "INTERNAL");
     lua_pushinteger(L, GRPC_STATUS_INTERNAL);

@@ -656,10 +656,22 @@ static int nesting_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p,
   return 1;
 }
 
+/* The revision in the message's response header: every etcd response
+ * has it as field 1. */
+static int64_t header_revision_of(const ProtobufCMessage *msg) {
+  const ProtobufCFieldDescriptor *f = msg->descriptor->fields;
+  const Etcdserverpb__ResponseHeader *h;
+  if (msg->descriptor->n_fields == 0 || f->id != 1 ||
+      f->descriptor != &etcdserverpb__response_header__descriptor)
+    return 0;
+  h = *(Etcdserverpb__ResponseHeader *const *)((const char *)msg + f->offset);
+  return h ? h->revision : 0;
+}
+
 /* Pushes the message in buf, decoded as type d, as a table; on a message
  * that does not parse (or nests too deeply), pushes nothing and returns 0. */
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
-                 grpc_byte_buffer *buf) {
+                 grpc_byte_buffer *buf, int64_t *header_revision) {
   decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
   box->msg = NULL;
   luaL_setmetatable(L, ETCD3_DECODED_MT);
@@ -668,6 +680,7 @@ int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
     lua_pop(L, 1);
     return 0;
   }
+  *header_revision = header_revision_of(box->msg);
   etcd3_push_message(L, box->msg); /* stack: box, table */
   decoded_free(box);
   lua_remove(L, -2);

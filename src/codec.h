@@ -25,8 +25,10 @@ void *etcd3_arena_alloc(lua_State *L, int arena_idx, size_t size);
 void etcd3_arena_free(lua_State *L, int arena_idx);
 ProtobufCMessage *etcd3_encode(lua_State *L, int idx, const ProtobufCMessageDescriptor *d,
                                int arena_idx);
-/* Pushes buf decoded as type d (returns 1), or nothing (returns 0). */
-int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf);
+/* Pushes buf decoded as type d (returns 1), or nothing (returns 0);
+ * *header_revision: its response header's revision (0 without one). */
+int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
+                 int64_t *header_revision);
 void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg);
 
 /* 64-bit IDs: 1 to 16 hex digits (as etcdctl prints them), or an integer. */

@@ -101,7 +101,22 @@ struct etcd3_engine {
   etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
   size_t n_services;
   etcd3_service services[ETCD3_MAX_SERVICES];
+  int64_t seen_revision;        /* highest header revision of any response (atomic) */
 };
+
+/* Records a response header's revision (any thread, with or without the
+ * mutex): watch.c starts a shared watcher above it. */
+static inline void etcd3_engine_saw_revision(etcd3_engine *e, int64_t revision) {
+  int64_t seen = __atomic_load_n(&e->seen_revision, __ATOMIC_RELAXED);
+  while (revision > seen &&
+         !__atomic_compare_exchange_n(&e->seen_revision, &seen, revision, 1, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+  }
+}
+
+static inline int64_t etcd3_engine_seen_revision(etcd3_engine *e) {
+  return __atomic_load_n(&e->seen_revision, __ATOMIC_RELAXED);
+}
 
 /* Lifetime */
 etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
