@@ -1,6 +1,8 @@
 -- Watchers at scale on one client: creating, delivering one event to,
 -- cancelling, and collecting N watchers must cost the same per watcher at
--- 1k, 10k and 100k. Prints one line per N with the per-watcher figures
+-- 1k, 10k and 100k, both as N etcd watches (each watcher its own range:
+-- "watchers" lines) and as N watchers of one key sharing one etcd watch
+-- ("shared" lines). Prints one line per N and kind with the per-watcher figures
 -- (wall µs and process CPU µs per watcher for each step), the CPU the
 -- client burns in the 2 s after the cancels returned (a cancel path that
 -- grows with N^2 shows there), and RSS.
@@ -37,13 +39,17 @@ local function per(us_total, n) return us_total * 1e6 / n end
 
 local FLAT, SLACK = 4, 15
 
-local function run(n)
+local function run(n, shared)
   local cli = assert(etcd3.new { endpoints = endpoint, timeout = 60 })
-  local prefix = ("/scale/%d/"):format(n)
+  local prefix = ("/scale/%d/%s/"):format(n, shared and "shared" or "own")
   local watchers = {}
   local rss0 = rss_kb()
   local cw, cc = timed(function()
-    for i = 1, n do watchers[i] = assert(cli:watch(prefix, { prefix = true })) end
+    for i = 1, n do
+      -- each range [prefix.."k", prefix.."l"..i) holds the key put below
+      local opts = shared and { prefix = true } or { range_end = prefix .. "l" .. i }
+      watchers[i] = assert(cli:watch(shared and prefix or prefix .. "k", opts))
+    end
   end)
   local rss1 = rss_kb()
   local dw, dc = timed(function()
@@ -66,9 +72,9 @@ local function run(n)
   end)
   assert(cli:get(prefix .. "k")) -- the client still works
   cli:close()
-  io.write(("watchers %6d  create %6.1f us wall %6.1f us cpu | deliver %6.1f / %6.1f | "
+  io.write(("%-8s %6d  create %6.1f us wall %6.1f us cpu | deliver %6.1f / %6.1f | "
     .. "cancel %6.1f / %6.1f | collect %6.1f / %6.1f | cpu in the 2 s after the cancels %4.0f %% | "
-    .. "RSS %+.1f kB per watcher\n"):format(n, per(cw, n), per(cc, n), per(dw, n), per(dc, n),
+    .. "RSS %+.1f kB per watcher\n"):format(shared and "shared" or "watchers", n, per(cw, n), per(cc, n), per(dw, n), per(dc, n),
     per(xw, n), per(xc, n), per(gw, n), per(gc, n), after / 2 * 100, (rss1 - rss0) / n))
   io.flush()
   return { create = per(cc, n), deliver = per(dc, n), cancel = per(xc, n), collect = per(gc, n),
@@ -80,20 +86,26 @@ for i = 1, #arg do
   if arg[i] == "--flat" then flat = true else sizes[#sizes + 1] = assert(tonumber(arg[i]), "sizes expected") end
 end
 if #sizes == 0 then sizes = { 1000, 10000 } end
-local first, last
+local first, last = {}, {}
 for _, n in ipairs(sizes) do
-  last = run(n)
-  first = first or last
+  for _, kind in ipairs { "own", "shared" } do
+    last[kind] = run(n, kind == "shared")
+    first[kind] = first[kind] or last[kind]
+  end
 end
 if flat then
   local bad = {}
-  for _, step in ipairs { "create", "deliver", "cancel", "collect" } do
-    if last[step] > FLAT * first[step] + SLACK then
-      bad[#bad + 1] = ("%s %.1f us cpu per watcher at %d against %.1f at %d"):format(step, last[step],
-        sizes[#sizes], first[step], sizes[1])
+  for _, kind in ipairs { "own", "shared" } do
+    for _, step in ipairs { "create", "deliver", "cancel", "collect" } do
+      if last[kind][step] > FLAT * first[kind][step] + SLACK then
+        bad[#bad + 1] = ("%s (%s) %.1f us cpu per watcher at %d against %.1f at %d"):format(step, kind,
+          last[kind][step], sizes[#sizes], first[kind][step], sizes[1])
+      end
+    end
+    if last[kind].after > 0.5 then
+      bad[#bad + 1] = ("%.0f %% of a core after the cancels (%s)"):format(last[kind].after * 100, kind)
     end
   end
-  if last.after > 0.5 then bad[#bad + 1] = ("%.0f %% of a core after the cancels"):format(last.after * 100) end
   if #bad > 0 then
     io.stderr:write("not flat: ", table.concat(bad, "; "), "\n")
     os.exit(1)
