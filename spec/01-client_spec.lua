@@ -201,6 +201,32 @@ describe("client", function()
     end
   end)
 
+  -- regression: lua_close unloaded the module while the reaper thread
+  -- still waited on a closed client's channel (its connection attempt under
+  -- way): the process crashed when the attempt ended and the thread woke
+  it("a state closed while a closed client's channel settles leaves the process running", function()
+    local peer = require("spec.helpers.peer").start("late-close")
+    local inner = ([[
+      package.path, package.cpath = %q, %q
+      local etcd3 = require "etcd3"
+      local cli = assert(etcd3.new { endpoints = %q, timeout = 0.2, dial_timeout = 0 })
+      assert(not cli:get("/k"))
+      cli:close() -- the channel is still connecting: the reaper takes it
+    ]]):format(package.path, package.cpath, peer.endpoint)
+    local script = ([[
+      local fork = require "spec_fork"
+      local err = fork.run_closed(%q)
+      assert(err == nil, err)
+      os.execute("sleep 2") -- the peer hangs up in here, which wakes the reaper
+      print("still running")
+    ]]):format(inner)
+    local pipe = io.popen(helper.lua_command(script) .. " 2>&1; echo exit=$?")
+    local out = pipe:read("*a")
+    pipe:close()
+    peer:stop()
+    assert.matches("still running\nexit=0", out)
+  end)
+
   it("raises a clear error in a forked child and leaves the parent working", function()
     local fork = require "spec_fork"
     local cli = assert(etcd3.new { endpoints = member.endpoint })

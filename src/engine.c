@@ -57,20 +57,15 @@ static void quiet_log(gpr_log_func_args *args) { (void)args; }
  * (abseil's inline namespace is part of the name: Debian's, then upstream's
  * LTS ones of gRPC 1.4x-1.5x's time); when none is found nothing changes.
  * ETCD3_ABSL_DEADLOCK_DETECTION=1 leaves the detector as it is. */
-static void absl_deadlock_detection_off(void) {
+static void absl_deadlock_detection_off(void *lib) {
   static const char *const names[] = {
     "_ZN4absl7debian329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
     "_ZN4absl12lts_2022062329SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
     "_ZN4absl12lts_2023012529SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
     "_ZN4absl12lts_2023080229SetMutexDeadlockDetectionModeENS0_15OnDeadlockCycleE",
   };
-  Dl_info self;
-  void *lib;
   const char *keep = getenv("ETCD3_ABSL_DEADLOCK_DETECTION");
-  if ((keep && *keep && strcmp(keep, "0") != 0) || !dladdr((void *)absl_deadlock_detection_off, &self))
-    return;
-  lib = dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD);
-  if (!lib) return;
+  if ((keep && *keep && strcmp(keep, "0") != 0) || !lib) return;
   for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
     void *sym = dlsym(lib, names[i]);
     if (sym) {
@@ -80,12 +75,21 @@ static void absl_deadlock_detection_off(void) {
       break;
     }
   }
-  dlclose(lib);
+}
+
+/* Keeps this module mapped for the life of the process and returns a
+ * handle to it (NULL when not found). lua_close unloads C modules, but the
+ * reaper thread below runs this module's code until its last channel is
+ * gone, up to 21 s later: unmapped under it, it crashed the process. */
+static void *pin_module(void) {
+  Dl_info self;
+  if (!dladdr((void *)pin_module, &self) || !self.dli_fname) return NULL;
+  return dlopen(self.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
 }
 
 static void init_grpc(void) {
   pthread_atfork(NULL, NULL, on_fork_child);
-  absl_deadlock_detection_off();
+  absl_deadlock_detection_off(pin_module());
   if (!getenv("GRPC_VERBOSITY")) gpr_set_log_function(quiet_log);
   grpc_init();
 }

@@ -56,6 +56,12 @@ def close(conn):
     conn.close()
 
 
+def late_close(conn):
+    # holds the connection mid-handshake for a second, then hangs up
+    time.sleep(1)
+    conn.close()
+
+
 def tcp(handler):
     srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -119,6 +125,8 @@ elif MODE == "random":
     tcp(random_bytes)
 elif MODE == "close":
     tcp(close)
+elif MODE == "late-close":
+    tcp(late_close)
 elif MODE == "grpc":
     grpc_server({"/peer.Greeter/Hello": b""})
 elif MODE == "deep-txn":
