@@ -440,15 +440,50 @@ ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
 
 /* ---- decoding --------------------------------------------------------- */
 
+/* Bytes of an unpacked reply kept inside its box: a get's reply and its
+ * key-value take a few hundred; larger replies go on in malloc'd memory. */
+#define DECODE_BUFFER 2048
+
 /* A decoded message on the Lua stack while it is turned into a table: a
- * raise half-way (out of memory, stack overflow) frees it in __gc. */
+ * raise half-way (out of memory, stack overflow) frees it in __gc.
+ * protobuf-c allocates the message from the box's buffer while it fits
+ * (no malloc, no free_unpacked walk), and past it from malloc ("spilled"). */
 typedef struct decoded {
   ProtobufCMessage *msg;
+  ProtobufCAllocator allocator; /* allocator_data: the box */
+  size_t used;                  /* bytes of buffer handed out */
+  int spilled;                  /* a part of msg is malloc'd */
+  union {
+    uint64_t align; /* protobuf-c's fields need at most 8-byte alignment */
+    void *pointer;
+    double number;
+    char bytes[DECODE_BUFFER];
+  } buffer;
 } decoded;
 
+static void *box_alloc(void *data, size_t size) {
+  decoded *box = (decoded *)data;
+  size_t at = (box->used + 7) & ~(size_t)7;
+  if (size <= DECODE_BUFFER && at <= DECODE_BUFFER - size) {
+    box->used = at + size;
+    return box->buffer.bytes + at;
+  }
+  box->spilled = 1;
+  return malloc(size);
+}
+
+static void box_free(void *data, void *pointer) {
+  decoded *box = (decoded *)data;
+  uintptr_t p = (uintptr_t)pointer, start = (uintptr_t)box->buffer.bytes;
+  if (p < start || p >= start + DECODE_BUFFER) free(pointer);
+}
+
 static void decoded_free(decoded *box) {
-  if (box->msg) protobuf_c_message_free_unpacked(box->msg, NULL);
+  /* only what spilled needs the walk: the buffer is reused as it is */
+  if (box->msg && box->spilled) protobuf_c_message_free_unpacked(box->msg, &box->allocator);
   box->msg = NULL;
+  box->used = 0;
+  box->spilled = 0;
 }
 
 static int decoded_gc(lua_State *L) {
@@ -481,10 +516,13 @@ static void push_hex(lua_State *L, uint64_t v, int sixteen) {
   lua_pushlstring(L, hex + first, (size_t)(16 - first));
 }
 
+static void push_message(lua_State *L, const ProtobufCMessage *msg, int names);
+
 /* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0.
- * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently). */
+ * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently); names: the
+ * stack index of the field names (push_names). */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
-                      int is_id, const void *slot) {
+                      int is_id, const void *slot, int names) {
   switch (f->type) {
     case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
     case PROTOBUF_C_TYPE_SFIXED32:
@@ -534,21 +572,21 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
     case PROTOBUF_C_TYPE_MESSAGE: {
       const ProtobufCMessage *m = *(const ProtobufCMessage *const *)slot;
       if (!m) return 0;
-      etcd3_push_message(L, m);
+      push_message(L, m, names);
       break;
     }
   }
   return 1;
 }
 
-/* The field names of message type d as Lua strings (stack: ..., names), so
- * a decoded table is filled without hashing a C string per field: kept
- * per Lua state in the registry, by descriptor. */
+/* The field names of every message type as Lua strings, so a decoded
+ * table is filled without hashing a C string per field: one table per Lua
+ * state (in the registry), indexed by a field's place in field_pool + 1,
+ * each name made on first use. Pushes it (stack: ..., names). */
 static char names_key;
-static void push_names(lua_State *L, const message_info *info) {
-  const ProtobufCMessageDescriptor *d = info->d;
+static void push_names(lua_State *L) {
   lua_pushlightuserdata(L, &names_key);
-  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., cache */
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., names */
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     lua_newtable(L);
@@ -556,32 +594,16 @@ static void push_names(lua_State *L, const message_info *info) {
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
   }
-  lua_pushlightuserdata(L, (void *)d);
-  lua_rawget(L, -2); /* stack: ..., cache, names */
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    lua_createtable(L, (int)d->n_fields, 0);
-    for (unsigned i = 0; i < d->n_fields; i++) {
-      lua_pushstring(L, info->fields[i].name);
-      lua_rawseti(L, -2, (int)i + 1);
-    }
-    lua_pushlightuserdata(L, (void *)d);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, -4);
-  }
-  lua_remove(L, -2); /* stack: ..., names */
 }
 
-/* Pushes msg as a table (the codec's rules); used for stream messages. */
-void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
+/* Pushes msg as a table; names: the stack index of push_names' table. */
+static void push_message(lua_State *L, const ProtobufCMessage *msg, int names) {
   const ProtobufCMessageDescriptor *d = msg->descriptor;
   const message_info *info = info_of(L, d);
   const char *base = (const char *)msg;
-  int names, table;
+  int first_name = (int)(info->fields - field_pool) + 1, table;
   luaL_checkstack(L, 8, "etcd3: response nested too deeply");
-  push_names(L, info);
-  names = lua_gettop(L);
-  lua_createtable(L, 0, (int)d->n_fields); /* stack: ..., names, table */
+  lua_createtable(L, 0, (int)d->n_fields); /* stack: ..., table */
   table = lua_gettop(L);
   for (unsigned i = 0; i < d->n_fields; i++) {
     const ProtobufCFieldDescriptor *f = &d->fields[i];
@@ -593,23 +615,35 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
         f->type != PROTOBUF_C_TYPE_MESSAGE && f->type != PROTOBUF_C_TYPE_STRING &&
         !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
       continue;
-    lua_rawgeti(L, names, (int)i + 1); /* stack: ..., names, table, name */
+    lua_rawgeti(L, names, first_name + (int)i); /* stack: ..., table, name */
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushstring(L, info->fields[i].name);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, names, first_name + (int)i);
+    }
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n = *(const size_t *)(base + f->quantifier_offset);
       size_t size = element_size(f->type);
       const char *elems = *(const char *const *)(base + f->offset);
       lua_createtable(L, (int)n, 0); /* stack: ..., name, array */
       for (size_t k = 0; k < n; k++) {
-        if (push_value(L, f, is_id, elems + k * size))
+        if (push_value(L, f, is_id, elems + k * size, names))
           lua_rawseti(L, -2, (int)k + 1);
       }
-    } else if (!push_value(L, f, is_id, base + f->offset)) {
+    } else if (!push_value(L, f, is_id, base + f->offset, names)) {
       lua_pop(L, 1); /* the name: an ID of 0 is left out */
       continue;
     }
     lua_rawset(L, table);
   }
-  lua_remove(L, names);
+}
+
+/* Pushes msg as a table (the codec's rules); used for stream messages. */
+void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
+  push_names(L);
+  push_message(L, msg, lua_gettop(L)); /* stack: ..., names, table */
+  lua_remove(L, -2);
 }
 
 static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
@@ -656,22 +690,52 @@ static int nesting_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p,
   return 1;
 }
 
+static ProtobufCMessage *unpack_with(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
+                                     ProtobufCAllocator *allocator);
+
+/* One box per Lua state is reused, kept in the registry between decodes
+ * and taken out of it during one: a decode nested in another (a finalizer
+ * the GC runs half-way) makes a box of its own, and a box a raise leaves
+ * behind is collected (its __gc frees what it holds). Pushes the box. */
+static char box_key;
+static decoded *take_box(lua_State *L) {
+  decoded *box;
+  lua_pushlightuserdata(L, &box_key);
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., box or nil */
+  box = (decoded *)lua_touserdata(L, -1);
+  if (box) {
+    lua_pushlightuserdata(L, &box_key);
+    lua_pushnil(L);
+    lua_rawset(L, LUA_REGISTRYINDEX);
+    return box;
+  }
+  lua_pop(L, 1);
+  box = (decoded *)lua_newuserdata(L, sizeof(decoded));
+  box->msg = NULL;
+  box->allocator.alloc = box_alloc;
+  box->allocator.free = box_free;
+  box->allocator.allocator_data = box;
+  box->used = 0;
+  box->spilled = 0;
+  luaL_setmetatable(L, ETCD3_DECODED_MT);
+  return box;
+}
+
 /* Pushes the message in buf, decoded as type d, as a table; on a message
  * that does not parse (or nests too deeply), pushes nothing and returns 0. */
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
                  grpc_byte_buffer *buf) {
-  decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
-  box->msg = NULL;
-  luaL_setmetatable(L, ETCD3_DECODED_MT);
-  box->msg = etcd3_unpack(d, buf);
-  if (!box->msg) {
-    lua_pop(L, 1);
-    return 0;
-  }
-  etcd3_push_message(L, box->msg); /* stack: box, table */
+  decoded *box = take_box(L); /* stack: box */
+  int ok;
+  box->msg = unpack_with(d, buf, &box->allocator);
+  ok = box->msg != NULL;
+  if (ok) etcd3_push_message(L, box->msg); /* stack: box, table */
   decoded_free(box);
-  lua_remove(L, -2);
-  return 1;
+  lua_pushlightuserdata(L, &box_key);
+  lua_pushvalue(L, -2 - ok);
+  lua_rawset(L, LUA_REGISTRYINDEX); /* given back */
+  lua_remove(L, -1 - ok);
+  return ok;
 }
 
 /* ---- byte buffers ----------------------------------------------------- */
@@ -690,18 +754,35 @@ grpc_byte_buffer *etcd3_pack(const ProtobufCMessage *msg) {
  * (protobuf-c and the codec recurse once per level): replies get two
  * levels more than requests, a response's header and key-values sitting
  * below what the request nested. */
-ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
+static ProtobufCMessage *unpack_slice(const ProtobufCMessageDescriptor *d, grpc_slice slice,
+                                      ProtobufCAllocator *allocator) {
+  if (!nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2))
+    return NULL;
+  return protobuf_c_message_unpack(d, allocator, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice));
+}
+
+/* allocator: NULL for malloc (the message is freed with
+ * protobuf_c_message_free_unpacked(msg, NULL)). An uncompressed reply in
+ * one slice (the usual small one) is read in place, without a copy. */
+static ProtobufCMessage *unpack_with(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
+                                     ProtobufCAllocator *allocator) {
   grpc_byte_buffer_reader reader;
   grpc_slice slice;
   ProtobufCMessage *msg;
-  if (!buf || !grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
+  if (!buf) return NULL;
+  if (buf->type == GRPC_BB_RAW && buf->data.raw.compression == GRPC_COMPRESS_NONE &&
+      buf->data.raw.slice_buffer.count == 1)
+    return unpack_slice(d, buf->data.raw.slice_buffer.slices[0], allocator);
+  if (!grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
   slice = grpc_byte_buffer_reader_readall(&reader);
   grpc_byte_buffer_reader_destroy(&reader);
-  msg = nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2)
-            ? protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice))
-            : NULL;
+  msg = unpack_slice(d, slice, allocator);
   grpc_slice_unref(slice);
   return msg;
+}
+
+ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
+  return unpack_with(d, buf, NULL);
 }
 
 /* ---- methods and status codes ----------------------------------------- */
