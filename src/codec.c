@@ -170,7 +170,54 @@ static int field_by_name(const message_info *m, const char *name) {
   return -1;
 }
 
+/* ---- kept userdata ----------------------------------------------------- */
+
+/* The encoding arena and the decode box are made once per Lua state and
+ * reused: kept in the registry between uses, and taken out of it during
+ * one. A use nested in another (a finalizer the GC runs half-way) makes
+ * one of its own; one a raise leaves behind is collected, its __gc
+ * freeing what it holds. */
+
+/* Pushes the userdata kept under key and takes it out of the registry;
+ * returns NULL, pushing nothing, when none is kept. */
+static void *take_kept(lua_State *L, void *key) {
+  void *u;
+  lua_pushlightuserdata(L, key);
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., userdata or nil */
+  u = lua_touserdata(L, -1);
+  if (!u) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  lua_pushlightuserdata(L, key);
+  lua_pushnil(L);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  return u;
+}
+
+/* Keeps the userdata at idx under key for the next use. */
+static void keep(lua_State *L, void *key, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_pushlightuserdata(L, key);
+  lua_pushvalue(L, idx);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* The arena and the box hand out memory from a buffer of their own while
+ * it lasts: `size` bytes at the next 8-byte boundary past *used (as much
+ * alignment as protobuf-c's fields need), or NULL when they do not fit. */
+static void *bump(char *buffer, size_t capacity, size_t *used, size_t size) {
+  size_t at = (*used + 7) & ~(size_t)7;
+  if (size > capacity || at > capacity - size) return NULL;
+  *used = at + size;
+  return buffer + at;
+}
+
 /* ---- arena ------------------------------------------------------------ */
+
+/* A request's messages fit in the arena's own buffer (a get or a put
+ * takes about a hundred bytes); what does not goes in calloc'd blocks. */
+#define ARENA_BUFFER 1024
 
 typedef struct arena_block {
   struct arena_block *next;
@@ -179,18 +226,38 @@ typedef struct arena_block {
 
 typedef struct arena {
   arena_block *blocks;
+  size_t used; /* bytes of buffer handed out */
+  union {
+    uint64_t align; /* 8-byte aligned, like what bump() hands out */
+    void *pointer;
+    double number;
+    char bytes[ARENA_BUFFER];
+  } buffer;
 } arena;
 
+static void arena_release(arena *a) {
+  while (a->blocks) {
+    arena_block *next = a->blocks->next;
+    free(a->blocks);
+    a->blocks = next;
+  }
+  a->used = 0;
+}
+
 static int arena_gc(lua_State *L) {
-  etcd3_arena_free(L, 1);
+  arena_release((arena *)luaL_checkudata(L, 1, ETCD3_ARENA_MT));
   return 0;
 }
 
-/* Pushes a new, empty arena userdata. */
+/* Pushes an empty arena userdata (the state's kept one when it is free). */
+static char arena_key;
 int etcd3_arena_new(lua_State *L) {
-  arena *a = (arena *)lua_newuserdata(L, sizeof(arena));
-  a->blocks = NULL;
-  luaL_setmetatable(L, ETCD3_ARENA_MT);
+  if (!take_kept(L, &arena_key)) {
+    arena *a = (arena *)lua_newuserdata(L, sizeof(arena));
+    a->blocks = NULL;
+    a->used = 0;
+    luaL_setmetatable(L, ETCD3_ARENA_MT);
+  }
   return lua_gettop(L);
 }
 
@@ -198,20 +265,21 @@ int etcd3_arena_new(lua_State *L) {
 void *etcd3_arena_alloc(lua_State *L, int arena_idx, size_t size) {
   arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
   size_t head = (sizeof(arena_block) + 15) & ~(size_t)15;
-  arena_block *b = (arena_block *)calloc(1, head + size);
+  void *p = bump(a->buffer.bytes, ARENA_BUFFER, &a->used, size);
+  arena_block *b;
+  if (p) return memset(p, 0, size);
+  b = (arena_block *)calloc(1, head + size);
   if (!b) luaL_error(L, "etcd3: out of memory");
   b->next = a->blocks;
   a->blocks = b;
   return (char *)b + head;
 }
 
+/* Frees what the arena holds and keeps it for the next encoding (the
+ * caller only pops it after this). */
 void etcd3_arena_free(lua_State *L, int arena_idx) {
-  arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
-  while (a->blocks) {
-    arena_block *next = a->blocks->next;
-    free(a->blocks);
-    a->blocks = next;
-  }
+  arena_release((arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT));
+  keep(L, &arena_key, arena_idx);
 }
 
 /* ---- encoding --------------------------------------------------------- */
@@ -454,7 +522,7 @@ typedef struct decoded {
   size_t used;                  /* bytes of buffer handed out */
   int spilled;                  /* a part of msg is malloc'd */
   union {
-    uint64_t align; /* protobuf-c's fields need at most 8-byte alignment */
+    uint64_t align; /* 8-byte aligned, like what bump() hands out */
     void *pointer;
     double number;
     char bytes[DECODE_BUFFER];
@@ -463,11 +531,8 @@ typedef struct decoded {
 
 static void *box_alloc(void *data, size_t size) {
   decoded *box = (decoded *)data;
-  size_t at = (box->used + 7) & ~(size_t)7;
-  if (size <= DECODE_BUFFER && at <= DECODE_BUFFER - size) {
-    box->used = at + size;
-    return box->buffer.bytes + at;
-  }
+  void *p = bump(box->buffer.bytes, DECODE_BUFFER, &box->used, size);
+  if (p) return p;
   box->spilled = 1;
   return malloc(size);
 }
@@ -693,23 +758,11 @@ static int nesting_ok(const ProtobufCMessageDescriptor *d, const uint8_t *p,
 static ProtobufCMessage *unpack_with(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
                                      ProtobufCAllocator *allocator);
 
-/* One box per Lua state is reused, kept in the registry between decodes
- * and taken out of it during one: a decode nested in another (a finalizer
- * the GC runs half-way) makes a box of its own, and a box a raise leaves
- * behind is collected (its __gc frees what it holds). Pushes the box. */
+/* Pushes the state's kept box, or a new one (see take_kept). */
 static char box_key;
 static decoded *take_box(lua_State *L) {
-  decoded *box;
-  lua_pushlightuserdata(L, &box_key);
-  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., box or nil */
-  box = (decoded *)lua_touserdata(L, -1);
-  if (box) {
-    lua_pushlightuserdata(L, &box_key);
-    lua_pushnil(L);
-    lua_rawset(L, LUA_REGISTRYINDEX);
-    return box;
-  }
-  lua_pop(L, 1);
+  decoded *box = (decoded *)take_kept(L, &box_key);
+  if (box) return box;
   box = (decoded *)lua_newuserdata(L, sizeof(decoded));
   box->msg = NULL;
   box->allocator.alloc = box_alloc;
@@ -731,9 +784,7 @@ int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
   ok = box->msg != NULL;
   if (ok) etcd3_push_message(L, box->msg); /* stack: box, table */
   decoded_free(box);
-  lua_pushlightuserdata(L, &box_key);
-  lua_pushvalue(L, -2 - ok);
-  lua_rawset(L, LUA_REGISTRYINDEX); /* given back */
+  keep(L, &box_key, -1 - ok);
   lua_remove(L, -1 - ok);
   return ok;
 }
@@ -756,7 +807,10 @@ grpc_byte_buffer *etcd3_pack(const ProtobufCMessage *msg) {
  * below what the request nested. */
 static ProtobufCMessage *unpack_slice(const ProtobufCMessageDescriptor *d, grpc_slice slice,
                                       ProtobufCAllocator *allocator) {
-  if (!nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2))
+  /* each level of nesting takes two bytes at least (a key, a length):
+   * fewer bytes than twice the levels allowed cannot nest too deeply */
+  if (GRPC_SLICE_LENGTH(slice) >= 2 * (MAX_DEPTH + 3) &&
+      !nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2))
     return NULL;
   return protobuf_c_message_unpack(d, allocator, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice));
 }
