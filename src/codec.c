@@ -18,7 +18,9 @@
  * Memory: encoding allocates from an arena userdata on the Lua stack, so a
  * luaL_error raised half-way (a wrong type deep in a table) leaks nothing:
  * the arena's __gc frees it. Decoding keeps the unpacked message in a boxed
- * userdata for the same reason.
+ * userdata for the same reason. Both are made once per Lua state and
+ * reused, and serve a small message from a buffer of their own (a get
+ * costs no malloc on either side; "kept userdata" below).
  *
  * The same file packs and unpacks messages to and from gRPC byte buffers
  * for every call and stream (etcd3_pack, etcd3_unpack).
