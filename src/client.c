@@ -229,11 +229,21 @@ static int client_forked(lua_State *L) {
   return 1;
 }
 
+/* client:unusable() -> nil | "closed" | "forked": closed() and forked() in
+ * one call, which the Lua layer makes before every request. */
+static int client_unusable(lua_State *L) {
+  client_ud *u = to_client(L);
+  if (!u->engine) lua_pushliteral(L, "closed");
+  else if (etcd3_engine_forked(u->engine)) lua_pushliteral(L, "forked");
+  else lua_pushnil(L);
+  return 1;
+}
+
 int etcd3_client_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"call", client_call}, {"state", client_state}, {"pollfd", client_pollfd},
     {"wait", client_wait}, {"close", client_close}, {"closed", client_closed},
-    {"forked", client_forked}, {"lease", client_lease}, {"watch", client_watch},
+    {"forked", client_forked}, {"unusable", client_unusable}, {"lease", client_lease}, {"watch", client_watch},
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
     {"authenticate", client_authenticate}, {"add_endpoint", client_add_endpoint},
     {"snapshot", client_snapshot}, {"token", client_token},

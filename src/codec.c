@@ -18,7 +18,9 @@
  * Memory: encoding allocates from an arena userdata on the Lua stack, so a
  * luaL_error raised half-way (a wrong type deep in a table) leaks nothing:
  * the arena's __gc frees it. Decoding keeps the unpacked message in a boxed
- * userdata for the same reason.
+ * userdata for the same reason. Both are made once per Lua state and
+ * reused, and serve a small message from a buffer of their own (a get
+ * costs no malloc on either side; "kept userdata" below).
  *
  * The same file packs and unpacks messages to and from gRPC byte buffers
  * for every call and stream (etcd3_pack, etcd3_unpack).
@@ -170,7 +172,54 @@ static int field_by_name(const message_info *m, const char *name) {
   return -1;
 }
 
+/* ---- kept userdata ----------------------------------------------------- */
+
+/* The encoding arena and the decode box are made once per Lua state and
+ * reused: kept in the registry between uses, and taken out of it during
+ * one. A use nested in another (a finalizer the GC runs half-way) makes
+ * one of its own; one a raise leaves behind is collected, its __gc
+ * freeing what it holds. */
+
+/* Pushes the userdata kept under key and takes it out of the registry;
+ * returns NULL, pushing nothing, when none is kept. */
+static void *take_kept(lua_State *L, void *key) {
+  void *u;
+  lua_pushlightuserdata(L, key);
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., userdata or nil */
+  u = lua_touserdata(L, -1);
+  if (!u) {
+    lua_pop(L, 1);
+    return NULL;
+  }
+  lua_pushlightuserdata(L, key);
+  lua_pushnil(L);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+  return u;
+}
+
+/* Keeps the userdata at idx under key for the next use. */
+static void keep(lua_State *L, void *key, int idx) {
+  idx = lua_absindex(L, idx);
+  lua_pushlightuserdata(L, key);
+  lua_pushvalue(L, idx);
+  lua_rawset(L, LUA_REGISTRYINDEX);
+}
+
+/* The arena and the box hand out memory from a buffer of their own while
+ * it lasts: `size` bytes at the next 8-byte boundary past *used (as much
+ * alignment as protobuf-c's fields need), or NULL when they do not fit. */
+static void *bump(char *buffer, size_t capacity, size_t *used, size_t size) {
+  size_t at = (*used + 7) & ~(size_t)7;
+  if (size > capacity || at > capacity - size) return NULL;
+  *used = at + size;
+  return buffer + at;
+}
+
 /* ---- arena ------------------------------------------------------------ */
+
+/* A request's messages fit in the arena's own buffer (a get or a put
+ * takes about a hundred bytes); what does not goes in calloc'd blocks. */
+#define ARENA_BUFFER 1024
 
 typedef struct arena_block {
   struct arena_block *next;
@@ -179,18 +228,38 @@ typedef struct arena_block {
 
 typedef struct arena {
   arena_block *blocks;
+  size_t used; /* bytes of buffer handed out */
+  union {
+    uint64_t align; /* 8-byte aligned, like what bump() hands out */
+    void *pointer;
+    double number;
+    char bytes[ARENA_BUFFER];
+  } buffer;
 } arena;
 
+static void arena_release(arena *a) {
+  while (a->blocks) {
+    arena_block *next = a->blocks->next;
+    free(a->blocks);
+    a->blocks = next;
+  }
+  a->used = 0;
+}
+
 static int arena_gc(lua_State *L) {
-  etcd3_arena_free(L, 1);
+  arena_release((arena *)luaL_checkudata(L, 1, ETCD3_ARENA_MT));
   return 0;
 }
 
-/* Pushes a new, empty arena userdata. */
+/* Pushes an empty arena userdata (the state's kept one when it is free). */
+static char arena_key;
 int etcd3_arena_new(lua_State *L) {
-  arena *a = (arena *)lua_newuserdata(L, sizeof(arena));
-  a->blocks = NULL;
-  luaL_setmetatable(L, ETCD3_ARENA_MT);
+  if (!take_kept(L, &arena_key)) {
+    arena *a = (arena *)lua_newuserdata(L, sizeof(arena));
+    a->blocks = NULL;
+    a->used = 0;
+    luaL_setmetatable(L, ETCD3_ARENA_MT);
+  }
   return lua_gettop(L);
 }
 
@@ -198,20 +267,21 @@ int etcd3_arena_new(lua_State *L) {
 void *etcd3_arena_alloc(lua_State *L, int arena_idx, size_t size) {
   arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
   size_t head = (sizeof(arena_block) + 15) & ~(size_t)15;
-  arena_block *b = (arena_block *)calloc(1, head + size);
+  void *p = bump(a->buffer.bytes, ARENA_BUFFER, &a->used, size);
+  arena_block *b;
+  if (p) return memset(p, 0, size);
+  b = (arena_block *)calloc(1, head + size);
   if (!b) luaL_error(L, "etcd3: out of memory");
   b->next = a->blocks;
   a->blocks = b;
   return (char *)b + head;
 }
 
+/* Frees what the arena holds and keeps it for the next encoding (the
+ * caller only pops it after this). */
 void etcd3_arena_free(lua_State *L, int arena_idx) {
-  arena *a = (arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT);
-  while (a->blocks) {
-    arena_block *next = a->blocks->next;
-    free(a->blocks);
-    a->blocks = next;
-  }
+  arena_release((arena *)luaL_checkudata(L, arena_idx, ETCD3_ARENA_MT));
+  keep(L, &arena_key, arena_idx);
 }
 
 /* ---- encoding --------------------------------------------------------- */
@@ -440,15 +510,47 @@ ProtobufCMessage *etcd3_encode(lua_State *L, int idx,
 
 /* ---- decoding --------------------------------------------------------- */
 
+/* Bytes of an unpacked reply kept inside its box: a get's reply and its
+ * key-value take a few hundred; larger replies go on in malloc'd memory. */
+#define DECODE_BUFFER 2048
+
 /* A decoded message on the Lua stack while it is turned into a table: a
- * raise half-way (out of memory, stack overflow) frees it in __gc. */
+ * raise half-way (out of memory, stack overflow) frees it in __gc.
+ * protobuf-c allocates the message from the box's buffer while it fits
+ * (no malloc, no free_unpacked walk), and past it from malloc ("spilled"). */
 typedef struct decoded {
   ProtobufCMessage *msg;
+  ProtobufCAllocator allocator; /* allocator_data: the box */
+  size_t used;                  /* bytes of buffer handed out */
+  int spilled;                  /* a part of msg is malloc'd */
+  union {
+    uint64_t align; /* 8-byte aligned, like what bump() hands out */
+    void *pointer;
+    double number;
+    char bytes[DECODE_BUFFER];
+  } buffer;
 } decoded;
 
+static void *box_alloc(void *data, size_t size) {
+  decoded *box = (decoded *)data;
+  void *p = bump(box->buffer.bytes, DECODE_BUFFER, &box->used, size);
+  if (p) return p;
+  box->spilled = 1;
+  return malloc(size);
+}
+
+static void box_free(void *data, void *pointer) {
+  decoded *box = (decoded *)data;
+  uintptr_t p = (uintptr_t)pointer, start = (uintptr_t)box->buffer.bytes;
+  if (p < start || p >= start + DECODE_BUFFER) free(pointer);
+}
+
 static void decoded_free(decoded *box) {
-  if (box->msg) protobuf_c_message_free_unpacked(box->msg, NULL);
+  /* only what spilled needs the walk: the buffer is reused as it is */
+  if (box->msg && box->spilled) protobuf_c_message_free_unpacked(box->msg, &box->allocator);
   box->msg = NULL;
+  box->used = 0;
+  box->spilled = 0;
 }
 
 static int decoded_gc(lua_State *L) {
@@ -481,10 +583,13 @@ static void push_hex(lua_State *L, uint64_t v, int sixteen) {
   lua_pushlstring(L, hex + first, (size_t)(16 - first));
 }
 
+static void push_message(lua_State *L, const ProtobufCMessage *msg, int names);
+
 /* Pushes the value in slot; returns 0 (pushing nothing) for an ID of 0.
- * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently). */
+ * is_id: an id_kind (MEMBER_ID or LEASE_ID print differently); names: the
+ * stack index of the field names (push_names). */
 static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
-                      int is_id, const void *slot) {
+                      int is_id, const void *slot, int names) {
   switch (f->type) {
     case PROTOBUF_C_TYPE_INT32: case PROTOBUF_C_TYPE_SINT32:
     case PROTOBUF_C_TYPE_SFIXED32:
@@ -534,21 +639,21 @@ static int push_value(lua_State *L, const ProtobufCFieldDescriptor *f,
     case PROTOBUF_C_TYPE_MESSAGE: {
       const ProtobufCMessage *m = *(const ProtobufCMessage *const *)slot;
       if (!m) return 0;
-      etcd3_push_message(L, m);
+      push_message(L, m, names);
       break;
     }
   }
   return 1;
 }
 
-/* The field names of message type d as Lua strings (stack: ..., names), so
- * a decoded table is filled without hashing a C string per field: kept
- * per Lua state in the registry, by descriptor. */
+/* The field names of every message type as Lua strings, so a decoded
+ * table is filled without hashing a C string per field: one table per Lua
+ * state (in the registry), indexed by a field's place in field_pool + 1,
+ * each name made on first use. Pushes it (stack: ..., names). */
 static char names_key;
-static void push_names(lua_State *L, const message_info *info) {
-  const ProtobufCMessageDescriptor *d = info->d;
+static void push_names(lua_State *L) {
   lua_pushlightuserdata(L, &names_key);
-  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., cache */
+  lua_rawget(L, LUA_REGISTRYINDEX); /* stack: ..., names */
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
     lua_newtable(L);
@@ -556,32 +661,16 @@ static void push_names(lua_State *L, const message_info *info) {
     lua_pushvalue(L, -2);
     lua_rawset(L, LUA_REGISTRYINDEX);
   }
-  lua_pushlightuserdata(L, (void *)d);
-  lua_rawget(L, -2); /* stack: ..., cache, names */
-  if (lua_isnil(L, -1)) {
-    lua_pop(L, 1);
-    lua_createtable(L, (int)d->n_fields, 0);
-    for (unsigned i = 0; i < d->n_fields; i++) {
-      lua_pushstring(L, info->fields[i].name);
-      lua_rawseti(L, -2, (int)i + 1);
-    }
-    lua_pushlightuserdata(L, (void *)d);
-    lua_pushvalue(L, -2);
-    lua_rawset(L, -4);
-  }
-  lua_remove(L, -2); /* stack: ..., names */
 }
 
-/* Pushes msg as a table (the codec's rules); used for stream messages. */
-void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
+/* Pushes msg as a table; names: the stack index of push_names' table. */
+static void push_message(lua_State *L, const ProtobufCMessage *msg, int names) {
   const ProtobufCMessageDescriptor *d = msg->descriptor;
   const message_info *info = info_of(L, d);
   const char *base = (const char *)msg;
-  int names, table;
+  int first_name = (int)(info->fields - field_pool) + 1, table;
   luaL_checkstack(L, 8, "etcd3: response nested too deeply");
-  push_names(L, info);
-  names = lua_gettop(L);
-  lua_createtable(L, 0, (int)d->n_fields); /* stack: ..., names, table */
+  lua_createtable(L, 0, (int)d->n_fields); /* stack: ..., table */
   table = lua_gettop(L);
   for (unsigned i = 0; i < d->n_fields; i++) {
     const ProtobufCFieldDescriptor *f = &d->fields[i];
@@ -593,23 +682,35 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
         f->type != PROTOBUF_C_TYPE_MESSAGE && f->type != PROTOBUF_C_TYPE_STRING &&
         !*(const protobuf_c_boolean *)(base + f->quantifier_offset))
       continue;
-    lua_rawgeti(L, names, (int)i + 1); /* stack: ..., names, table, name */
+    lua_rawgeti(L, names, first_name + (int)i); /* stack: ..., table, name */
+    if (lua_isnil(L, -1)) {
+      lua_pop(L, 1);
+      lua_pushstring(L, info->fields[i].name);
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, names, first_name + (int)i);
+    }
     if (f->label == PROTOBUF_C_LABEL_REPEATED) {
       size_t n = *(const size_t *)(base + f->quantifier_offset);
       size_t size = element_size(f->type);
       const char *elems = *(const char *const *)(base + f->offset);
       lua_createtable(L, (int)n, 0); /* stack: ..., name, array */
       for (size_t k = 0; k < n; k++) {
-        if (push_value(L, f, is_id, elems + k * size))
+        if (push_value(L, f, is_id, elems + k * size, names))
           lua_rawseti(L, -2, (int)k + 1);
       }
-    } else if (!push_value(L, f, is_id, base + f->offset)) {
+    } else if (!push_value(L, f, is_id, base + f->offset, names)) {
       lua_pop(L, 1); /* the name: an ID of 0 is left out */
       continue;
     }
     lua_rawset(L, table);
   }
-  lua_remove(L, names);
+}
+
+/* Pushes msg as a table (the codec's rules); used for stream messages. */
+void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg) {
+  push_names(L);
+  push_message(L, msg, lua_gettop(L)); /* stack: ..., names, table */
+  lua_remove(L, -2);
 }
 
 static int read_varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
@@ -668,23 +769,41 @@ static int64_t header_revision_of(const ProtobufCMessage *msg) {
   return h ? h->revision : 0;
 }
 
+static ProtobufCMessage *unpack_with(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
+                                     ProtobufCAllocator *allocator);
+
+/* Pushes the state's kept box, or a new one (see take_kept). */
+static char box_key;
+static decoded *take_box(lua_State *L) {
+  decoded *box = (decoded *)take_kept(L, &box_key);
+  if (box) return box;
+  box = (decoded *)lua_newuserdata(L, sizeof(decoded));
+  box->msg = NULL;
+  box->allocator.alloc = box_alloc;
+  box->allocator.free = box_free;
+  box->allocator.allocator_data = box;
+  box->used = 0;
+  box->spilled = 0;
+  luaL_setmetatable(L, ETCD3_DECODED_MT);
+  return box;
+}
+
 /* Pushes the message in buf, decoded as type d, as a table; on a message
  * that does not parse (or nests too deeply), pushes nothing and returns 0. */
 int etcd3_decode(lua_State *L, const ProtobufCMessageDescriptor *d,
                  grpc_byte_buffer *buf, int64_t *header_revision) {
-  decoded *box = (decoded *)lua_newuserdata(L, sizeof(decoded));
-  box->msg = NULL;
-  luaL_setmetatable(L, ETCD3_DECODED_MT);
-  box->msg = etcd3_unpack(d, buf);
-  if (!box->msg) {
-    lua_pop(L, 1);
-    return 0;
+  decoded *box = take_box(L); /* stack: box */
+  int ok;
+  box->msg = unpack_with(d, buf, &box->allocator);
+  ok = box->msg != NULL;
+  if (ok) {
+    *header_revision = header_revision_of(box->msg);
+    etcd3_push_message(L, box->msg); /* stack: box, table */
   }
-  *header_revision = header_revision_of(box->msg);
-  etcd3_push_message(L, box->msg); /* stack: box, table */
   decoded_free(box);
-  lua_remove(L, -2);
-  return 1;
+  keep(L, &box_key, -1 - ok);
+  lua_remove(L, -1 - ok);
+  return ok;
 }
 
 /* ---- byte buffers ----------------------------------------------------- */
@@ -703,18 +822,38 @@ grpc_byte_buffer *etcd3_pack(const ProtobufCMessage *msg) {
  * (protobuf-c and the codec recurse once per level): replies get two
  * levels more than requests, a response's header and key-values sitting
  * below what the request nested. */
-ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
+static ProtobufCMessage *unpack_slice(const ProtobufCMessageDescriptor *d, grpc_slice slice,
+                                      ProtobufCAllocator *allocator) {
+  /* each level of nesting takes two bytes at least (a key, a length):
+   * fewer bytes than twice the levels allowed cannot nest too deeply */
+  if (GRPC_SLICE_LENGTH(slice) >= 2 * (MAX_DEPTH + 3) &&
+      !nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2))
+    return NULL;
+  return protobuf_c_message_unpack(d, allocator, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice));
+}
+
+/* allocator: NULL for malloc (the message is freed with
+ * protobuf_c_message_free_unpacked(msg, NULL)). An uncompressed reply in
+ * one slice (the usual small one) is read in place, without a copy. */
+static ProtobufCMessage *unpack_with(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf,
+                                     ProtobufCAllocator *allocator) {
   grpc_byte_buffer_reader reader;
   grpc_slice slice;
   ProtobufCMessage *msg;
-  if (!buf || !grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
+  if (!buf) return NULL;
+  if (buf->type == GRPC_BB_RAW && buf->data.raw.compression == GRPC_COMPRESS_NONE &&
+      buf->data.raw.slice_buffer.count == 1)
+    return unpack_slice(d, buf->data.raw.slice_buffer.slices[0], allocator);
+  if (!grpc_byte_buffer_reader_init(&reader, buf)) return NULL;
   slice = grpc_byte_buffer_reader_readall(&reader);
   grpc_byte_buffer_reader_destroy(&reader);
-  msg = nesting_ok(d, GRPC_SLICE_START_PTR(slice), GRPC_SLICE_END_PTR(slice), MAX_DEPTH + 2)
-            ? protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(slice), GRPC_SLICE_START_PTR(slice))
-            : NULL;
+  msg = unpack_slice(d, slice, allocator);
   grpc_slice_unref(slice);
   return msg;
+}
+
+ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *buf) {
+  return unpack_with(d, buf, NULL);
 }
 
 /* ---- methods and status codes ----------------------------------------- */

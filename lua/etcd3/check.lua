@@ -79,7 +79,8 @@ end
 ---@param value T
 ---@return T
 function _M.arg(fname, position, value, kind, level)
-  if not kind_ok(kind, value) then
+  -- a plain type name that matches needs no test (the common case, cheap)
+  if (type(value) ~= kind or kinds[kind]) and not kind_ok(kind, value) then
     error(("bad argument #%d to 'etcd3.%s' (%s expected, got %s)"):format(
       position, fname, kind_name(kind), value == nil and "nil" or type(value) == "number" and tostring(value) or type(value)),
       level or USER)
@@ -102,7 +103,7 @@ function _M.options(fname, opts, spec, level)
     if kind == nil then
       error(("etcd3.%s: unknown option '%s'"):format(fname, tostring(name)), level)
     end
-    if not kind_ok(kind, value) then
+    if (type(value) ~= kind or kinds[kind]) and not kind_ok(kind, value) then
       error(("etcd3.%s: option '%s': %s expected, got %s"):format(
         fname, name, kind_name(kind), type(value) == "string" and ("%q"):format(value) or type(value)), level)
     end

@@ -150,8 +150,10 @@ end
 function Client:_handle(fname)
   check.self(fname, self, "Client", 4)
   local handle = self._core
-  if handle:closed() then check.fail(fname, "client is closed", 4) end
-  if handle:forked() then
+  -- one question to C for both (closed, then forked), asked at every request
+  local unusable = handle:unusable()
+  if unusable == "closed" then check.fail(fname, "client is closed", 4) end
+  if unusable then
     check.fail(fname, "client used in a forked child (create a new client after fork)", 4)
   end
   return handle
@@ -165,22 +167,24 @@ end
 -- Returns the response table or nil, err.
 function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   local handle = self:_handle(fname)
-  endpoints.auto_sync(self)
+  local set = self._endpoints
+  if set.sync_interval then endpoints.auto_sync(self) end
   if self._precheck then
     local err = self._precheck()
     if err then return nil, err end
   end
-  local deadline = now() + (timeout or self.timeout)
+  local started = now()
+  local deadline = started + (timeout or self.timeout)
   local prefix = self._namespace
   if prefix then req = namespace.wrap_request(prefix, rpc, req) end
-  local set = self._endpoints
   local err
   local reauthenticated = false
   local attempt, attempts = 0, idempotent and #set.list or 1
   while attempt < attempts do
     attempt = attempt + 1
     local i = endpoint or set:pick(handle)
-    local left = deadline - now()
+    -- the first attempt has the whole timeout (no second clock reading)
+    local left = attempt == 1 and deadline - started or deadline - now()
     if left <= 0 then break end
     local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
     local res, call_err, completed = wait.for_response(self, call, deadline, rpc)

@@ -95,8 +95,6 @@ end
 -- Every function here that raises takes `level`: the error level of the
 -- user's call as seen from that function (what it passes to check.*).
 
-local RANGE_OPTIONS = { "prefix", "range_end", "from_key" }
-
 --- The range end asked for by the options prefix, range_end and (where the
 -- call's `spec` accepts it) from_key: at most one of them; nil for a
 -- single key.
@@ -107,17 +105,16 @@ local RANGE_OPTIONS = { "prefix", "range_end", "from_key" }
 ---@param level integer
 ---@return string? range_end
 function _M.range_end(fname, key, opts, spec, level)
-  local given = 0
-  for _, name in ipairs(RANGE_OPTIONS) do
-    if opts[name] then given = given + 1 end
-  end
-  if given > 1 then
+  local prefix, range_end, from_key = opts.prefix, opts.range_end, opts.from_key
+  -- a single key, the common case: nothing to count
+  if not (prefix or range_end or from_key) then return nil end
+  if (prefix and 1 or 0) + (range_end and 1 or 0) + (from_key and 1 or 0) > 1 then
     check.fail(fname, spec.from_key and "options 'prefix', 'range_end' and 'from_key' exclude each other"
       or "options 'prefix' and 'range_end' exclude each other", level)
   end
-  if opts.prefix then return _M.prefix_end(key) end
-  if opts.from_key then return "\0" end
-  return opts.range_end
+  if prefix then return _M.prefix_end(key) end
+  if from_key then return "\0" end
+  return range_end
 end
 
 --- etcd refuses an empty key: a prefix or from_key range over "" means

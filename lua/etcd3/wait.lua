@@ -32,16 +32,16 @@ local function plain(_, op, deadline)
   while not op:ready() do
     local left = deadline - now()
     if left <= 0 then return false end
-    op:wait(math_min(left, SLICE))
+    -- a call's wait answers true once it is done: no need to ask again
+    if op:wait(math_min(left, SLICE)) == true then return true end
   end
   return true
 end
 _M.plain = plain
 
---- Whether this runs under OpenResty (whatever the phase).
-local function in_nginx()
-  return ngx ~= nil and ngx.get_phase ~= nil
-end
+--- Whether this runs under OpenResty (whatever the phase): known at load,
+-- as `ngx` above is (asked at every request, it cost a call each time).
+local IN_NGINX = ngx ~= nil and ngx.get_phase ~= nil
 
 --- Whether this runs inside a running cqueues controller.
 local function in_cqueues()
@@ -300,7 +300,7 @@ end
 --- The automatic strategy's check before a call is sent: nil, or the
 -- error for a context where the call could not be waited for.
 function _M.precheck()
-  if in_nginx() then return ngx_phase_error() end
+  if IN_NGINX then return ngx_phase_error() end
   return nil
 end
 
@@ -337,7 +337,7 @@ end
 --- The automatic strategy, decided at each wait (a client created in
 -- init_worker is used later from content handlers and timers).
 local function auto(client, op, deadline)
-  if in_nginx() then return ngx_wait(client, op, deadline) end
+  if IN_NGINX then return ngx_wait(client, op, deadline) end
   if in_cqueues() then return cqueues_wait(client, op, deadline) end
   return plain(client, op, deadline)
 end
@@ -346,7 +346,7 @@ end
 -- then a call waits on a completion queue of its own, which the calling
 -- thread drives itself (no hand-off to the engine thread).
 function _M.blocking()
-  return not (in_nginx() or in_cqueues())
+  return not (IN_NGINX or in_cqueues())
 end
 
 --- The strategy for a client config's `wait` field (nil: automatic).
@@ -382,8 +382,10 @@ end
 ---@return etcd3.Error? err
 ---@return true? completed
 function _M.for_response(client, call, deadline, rpc)
-  local ready, err = _M.until_ready(client, call, deadline, rpc)
+  -- (until_ready inlined: one call less per request)
+  local ready, err = client._wait(client, call, deadline)
   if not ready then
+    err = err or errors.new("DEADLINE_EXCEEDED", "deadline exceeded", rpc)
     call:cancel()
     return nil, err
   end
