@@ -87,8 +87,9 @@ static inline int fuzz_push(lua_State *L) {
 
 /* (descriptor, byte buffer) -> etcd3_decode's table, or nil */
 static inline int fuzz_decode_call(lua_State *L) {
+  int64_t header_revision;
   if (!etcd3_decode(L, (const ProtobufCMessageDescriptor *)lua_touserdata(L, 1),
-                    (grpc_byte_buffer *)lua_touserdata(L, 2)))
+                    (grpc_byte_buffer *)lua_touserdata(L, 2), &header_revision))
     lua_pushnil(L);
   return 1;
 }
