@@ -201,9 +201,9 @@ local function run_lua(chunk, env, tmp, timeout)
   local vars = { "DOCTEST_TMP=" .. q(tmp) }
   for k, v in pairs(env) do vars[#vars + 1] = k .. "=" .. q(v) end
   -- the sanitizer run's LD_PRELOAD is for the Lua process only, never the shell tools
-  local cmd = ("unset LD_PRELOAD; LUA_PATH=%s LUA_CPATH=%s %s timeout -k 5 %d env LD_PRELOAD=%s %s %s 2>&1; "
+  local cmd = ("unset LD_PRELOAD; LUA_PATH=%s LUA_CPATH=%s %s timeout -k 5 %d env %s %s %s 2>&1; "
     .. "echo \"exit $?\""):format(q(package.path), q(package.cpath), table.concat(vars, " "), timeout,
-    q(os.getenv("LD_PRELOAD") or ""), INTERP, q(tmp .. "/README.md"))
+    helper.child_env, INTERP, q(tmp .. "/README.md"))
   local p = assert(io.popen(cmd))
   local out = p:read("*a")
   p:close()

@@ -85,7 +85,9 @@ if [ "$build_ok" = 1 ]; then
     ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:log_path=$LOG/asan:suppressions=$(pwd)/tools/asan.supp" \
     LSAN_OPTIONS="suppressions=$(pwd)/tools/lsan.supp:print_suppressions=0" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$LOG/ubsan"
-  if ls "$LOG"/asan.* "$LOG"/ubsan.* > /dev/null 2>&1; then
+  # (ls of both patterns failed whenever one matched nothing: an ASan report
+  # without a UBSan one went unnoticed)
+  if ls "$LOG"/asan.* "$LOG"/ubsan.* 2>/dev/null | grep -q .; then
     echo "== sanitizer reports:"; cat "$LOG"/asan.* "$LOG"/ubsan.* 2>/dev/null | head -n 80
     failed=$((failed + 1))
   else
