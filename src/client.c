@@ -223,14 +223,8 @@ static int client_closed(lua_State *L) {
   return 1;
 }
 
-static int client_forked(lua_State *L) {
-  client_ud *u = to_client(L);
-  lua_pushboolean(L, u->engine && etcd3_engine_forked(u->engine));
-  return 1;
-}
-
-/* client:unusable() -> nil | "closed" | "forked": closed() and forked() in
- * one call, which the Lua layer makes before every request. */
+/* client:unusable() -> nil | "closed" | "forked": asked by the Lua layer
+ * before every request (one call for both). */
 static int client_unusable(lua_State *L) {
   client_ud *u = to_client(L);
   if (!u->engine) lua_pushliteral(L, "closed");
@@ -243,7 +237,7 @@ int etcd3_client_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"call", client_call}, {"state", client_state}, {"pollfd", client_pollfd},
     {"wait", client_wait}, {"close", client_close}, {"closed", client_closed},
-    {"forked", client_forked}, {"unusable", client_unusable}, {"lease", client_lease}, {"watch", client_watch},
+    {"unusable", client_unusable}, {"lease", client_lease}, {"watch", client_watch},
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
     {"authenticate", client_authenticate}, {"add_endpoint", client_add_endpoint},
     {"snapshot", client_snapshot}, {"token", client_token},

@@ -367,10 +367,14 @@ end
 -- `rpc` with `message` (default "deadline exceeded").
 ---@return true|nil ready
 ---@return etcd3.Error? err
+local function deadline_error(rpc, message)
+  return errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
+end
+
 function _M.until_ready(client, op, deadline, rpc, message)
   local ready, err = client._wait(client, op, deadline)
   if ready then return true end
-  return nil, err or errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
+  return nil, err or deadline_error(rpc, message)
 end
 
 --- Waits for a started unary call (etcd3.core's call object) and returns
@@ -385,7 +389,7 @@ function _M.for_response(client, call, deadline, rpc)
   -- (until_ready inlined: one call less per request)
   local ready, err = client._wait(client, call, deadline)
   if not ready then
-    err = err or errors.new("DEADLINE_EXCEEDED", "deadline exceeded", rpc)
+    err = err or deadline_error(rpc)
     call:cancel()
     return nil, err
   end
