@@ -172,10 +172,26 @@ local NAMES = {
 -- table compares; `higher` tells whether more of it is better.
 local workloads = {}
 
+-- etcd's own CPU time in µs, all its threads (the first field of each
+-- thread's schedstat is its time on a CPU in ns; Go keeps its threads).
+local function etcd_cpu_us(etcd)
+  local total = 0
+  for ns in capture(("cat /proc/%d/task/*/schedstat 2>/dev/null"):format(etcd.pid)):gmatch("(%d+) %d+ %d+") do
+    total = total + tonumber(ns)
+  end
+  return total / 1000
+end
+
+-- A-D also record etcd's CPU per operation: what serving this client cost
+-- the server (bench/README.md: a second write per call costs etcd too).
 local function simple(id, mode, extra)
   workloads[#workloads + 1] = { id = id, value = "ops", higher = true, run = function(peer, etcd, tag)
-    local args = ("-mode %s -n %d -prefix %s %s"):format(mode, scaled(SIZES[id]), id:lower() .. tag .. "/", extra or "")
-    return run_json(CLIENT_CPU .. peer.command(etcd.endpoint, args))
+    local n = scaled(SIZES[id])
+    local args = ("-mode %s -n %d -prefix %s %s"):format(mode, n, id:lower() .. tag .. "/", extra or "")
+    local before = etcd_cpu_us(etcd)
+    local r = run_json(CLIENT_CPU .. peer.command(etcd.endpoint, args))
+    if r then r.etcd_cpu_us_per_op = (etcd_cpu_us(etcd) - before) / n end
+    return r
   end }
 end
 
@@ -440,6 +456,10 @@ for _, w in ipairs(workloads) do
       local pa, pb = column(list, "p50_ms")
       local note = {}
       if #list < opts.pairs then note[#note + 1] = ("%d/%d pairs"):format(#list, opts.pairs) end
+      local ea, eb, er = column(list, "etcd_cpu_us_per_op")
+      if #er > 0 then
+        note[#note + 1] = ("etcd CPU µs/op %.0f vs %.0f, ratio %s"):format(median(ea), median(eb), fmt_ratio(er))
+      end
       if w.id == "E" then
         local kept = { 0, 0 }
         for _, pr in ipairs(list) do
