@@ -67,6 +67,48 @@ describe("client", function()
     cli:close()
   end)
 
+  -- Blocking calls do their own I/O once the channel is connected: the
+  -- engine thread rests. It used to keep polling for a client's whole first
+  -- second (a 1 s poll begun while the channel connected), read every
+  -- response itself and hand it over with a wake-up: one context switch
+  -- of a thread of ours per call. Counted in a process of its own, over
+  -- calls made between 0.3 s and (well before) 1 s after connecting.
+  it("leaves a blocking call's I/O to the caller from the client's first second", function()
+    local script = [[
+      local etcd3 = require "etcd3"
+      local now = require("etcd3.core").now
+      local f = assert(io.open("/proc/self/stat"))
+      local pid = f:read("*l"):match("^(%d+)")
+      f:close()
+      -- voluntary context switches of every thread but the main one
+      local function others()
+        local total = 0
+        local ls = assert(io.popen("ls /proc/" .. pid .. "/task"))
+        for tid in ls:lines() do
+          local st = tid ~= pid and io.open("/proc/" .. pid .. "/task/" .. tid .. "/status")
+          if st then
+            total = total + tonumber(st:read("*a"):match("voluntary_ctxt_switches:%s*(%d+)"))
+            st:close()
+          end
+        end
+        ls:close()
+        return total
+      end
+      local t0 = now()
+      local cli = assert(etcd3.new { endpoints = os.getenv("EP") })
+      assert(cli:put("/client/rest", "x"))
+      while now() - t0 < 0.3 do assert(cli:get("/client/rest", { serializable = true })) end
+      local before, n = others(), 200
+      for _ = 1, n do assert(cli:get("/client/rest", { serializable = true })) end
+      io.write(("%d %d %.3f"):format(n, others() - before, now() - t0))
+    ]]
+    local out = helper.capture("EP=" .. member.endpoint .. " " .. helper.lua_command(script))
+    local n, switches, took = out:match("^(%d+) (%d+) ([%d.]+)$")
+    assert(n, "child said: " .. out)
+    assert(tonumber(switches) < tonumber(n) / 4,
+      ("%s switches of other threads for %s calls, the last %.3f s after connecting"):format(switches, n, took))
+  end)
+
   it("makes error objects readable", function()
     local cli = assert(etcd3.new { endpoints = member.endpoint })
     local res, err = cli:get("/x", { revision = 1000000 })
