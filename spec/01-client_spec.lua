@@ -67,6 +67,30 @@ describe("client", function()
     cli:close()
   end)
 
+  -- A finaliser may run inside any Lua allocation, and call and watcher
+  -- finalisers take the engine's lock: no method may push a string while
+  -- it holds that lock (reg:lease_id() did, and hung a game node now and
+  -- then). With the collector made to run all the time, every push is a
+  -- chance for a dropped call's finaliser to run.
+  it("runs finalisers inside methods that read engine state without deadlocking", function()
+    local script = [[
+      local etcd3 = require "etcd3"
+      local cli = assert(etcd3.new { endpoints = os.getenv("EP") })
+      local reg = assert(cli:register("/client/gc-reg", "v", { ttl = 10 }))
+      local lease = assert(cli:grant(10))
+      if not pcall(collectgarbage, "setpause", 0) then collectgarbage("incremental", 0, 100) end
+      for _ = 1, 2000 do
+        assert(cli:get("/client/gc-key")) -- leaves a call object to finalise
+        assert(reg:lease_id())
+        assert(lease:alive())
+      end
+      reg:close()
+      io.write("ok")
+    ]]
+    local out = helper.capture("EP=" .. member.endpoint .. " timeout 120 env " .. helper.lua_command(script) .. " 2>&1")
+    assert.are.equal("ok", out)
+  end)
+
   -- Blocking calls do their own I/O once the channel is connected: the
   -- engine thread rests. It used to keep polling for a client's whole first
   -- second (a 1 s poll begun while the channel connected), read every

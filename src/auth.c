@@ -123,12 +123,31 @@ ETCD3_LOCKED void etcd3_auth_refresh(etcd3_engine *e) {
 /* client:token() -> the current auth token or nil (for a sibling client
  * aimed at one member) */
 int etcd3_auth_token(lua_State *L, etcd3_engine *e) {
-  auth_state *a;
-  pthread_mutex_lock(&e->mu);
-  a = (auth_state *)etcd3_engine_service(e, &auth_service);
-  if (a && a->token) lua_pushstring(L, a->token);
-  else lua_pushnil(L);
-  pthread_mutex_unlock(&e->mu);
+  /* Copied under the lock into Lua-owned memory, pushed after it: a push
+   * may run finalisers that take the lock, and may raise (nothing held). */
+  char *copy = NULL;
+  size_t room = 0;
+  for (;;) {
+    auth_state *a;
+    size_t need;
+    pthread_mutex_lock(&e->mu);
+    a = (auth_state *)etcd3_engine_service(e, &auth_service);
+    if (!a || !a->token) {
+      pthread_mutex_unlock(&e->mu);
+      lua_pushnil(L);
+      return 1;
+    }
+    need = strlen(a->token) + 1;
+    if (need <= room) {
+      memcpy(copy, a->token, need);
+      pthread_mutex_unlock(&e->mu);
+      break;
+    }
+    pthread_mutex_unlock(&e->mu);
+    room = need; /* the token may change meanwhile: looked at again */
+    copy = (char *)lua_newuserdata(L, room);
+  }
+  lua_pushstring(L, copy);
   return 1;
 }
 

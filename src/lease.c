@@ -298,19 +298,23 @@ static int lease_lose(lua_State *L) {
 static int lease_status(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   double now = etcd3_now();
-  int alive;
+  int alive, keepalive;
   double remaining;
+  const char *lost;
   pthread_mutex_lock(&l->engine->mu);
   if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
   alive = !l->lost;
   remaining = alive ? l->expires_at - now : 0;
   if (!alive) etcd3_news_seen(l->engine, &l->news);
+  lost = l->lost; /* one of lose()'s fixed texts: outlives the lock */
+  keepalive = l->keepalive;
+  /* pushed after the lock: a push may run finalisers that take it */
+  pthread_mutex_unlock(&l->engine->mu);
   lua_pushboolean(L, alive);
   lua_pushnumber(L, remaining);
-  if (l->lost) lua_pushstring(L, l->lost);
+  if (lost) lua_pushstring(L, lost);
   else lua_pushnil(L);
-  lua_pushboolean(L, l->keepalive);
-  pthread_mutex_unlock(&l->engine->mu);
+  lua_pushboolean(L, keepalive);
   return 4;
 }
 

@@ -306,23 +306,28 @@ static int registration_set(lua_State *L) {
   return 1;
 }
 
-/* reg:status() -> alive, lease_id | nil, generation put, last error | nil */
+/* reg:status() -> alive, lease_id | nil, generation put, last error | nil
+ * Read under the lock, pushed after it: a push may run the garbage
+ * collector, whose finalisers (a call's, a watcher's) take the lock too. */
 static int registration_status(lua_State *L) {
   registration *r = check_registration(L);
+  char hex[17] = "";
+  char last_error[sizeof r->last_error];
+  int alive;
+  lua_Number generation;
   pthread_mutex_lock(&r->engine->mu);
   etcd3_news_seen(r->engine, &r->news);
-  lua_pushboolean(L, r->alive && r->lease && etcd3_lease_alive(r->lease, etcd3_now()));
-  if (r->lease_id) {
-    char hex[17];
-    snprintf(hex, sizeof hex, "%016llx", (unsigned long long)r->lease_id);
-    lua_pushstring(L, hex);
-  } else {
-    lua_pushnil(L);
-  }
-  lua_pushnumber(L, (lua_Number)(r->lease ? r->put_generation : 0));
-  if (r->last_error[0]) lua_pushstring(L, r->last_error);
-  else lua_pushnil(L);
+  alive = r->alive && r->lease && etcd3_lease_alive(r->lease, etcd3_now());
+  if (r->lease_id) snprintf(hex, sizeof hex, "%016llx", (unsigned long long)r->lease_id);
+  generation = (lua_Number)(r->lease ? r->put_generation : 0);
+  memcpy(last_error, r->last_error, sizeof last_error);
   pthread_mutex_unlock(&r->engine->mu);
+  lua_pushboolean(L, alive);
+  if (hex[0]) lua_pushstring(L, hex);
+  else lua_pushnil(L);
+  lua_pushnumber(L, generation);
+  if (last_error[0]) lua_pushstring(L, last_error);
+  else lua_pushnil(L);
   return 4;
 }
 
