@@ -183,7 +183,7 @@ local function etcd_cpu_us(etcd)
 end
 
 -- A-D also record etcd's CPU per operation: what serving this client cost
--- the server (bench/README.md: a second write per call costs etcd too).
+-- the server (bench/README.md, "Why serial throughput stops at parity").
 local function simple(id, mode, extra)
   workloads[#workloads + 1] = { id = id, value = "ops", higher = true, run = function(peer, etcd, tag)
     local n = scaled(SIZES[id])

@@ -362,15 +362,16 @@ function _M.strategy(user_wait)
   end
 end
 
+-- The error of a wait that ran into its deadline.
+local function deadline_error(rpc, message)
+  return errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
+end
+
 --- Waits for `op` by the client's strategy until `deadline`: true once it
 -- is ready, or nil, err: the strategy's own error, or DEADLINE_EXCEEDED for
 -- `rpc` with `message` (default "deadline exceeded").
 ---@return true|nil ready
 ---@return etcd3.Error? err
-local function deadline_error(rpc, message)
-  return errors.new("DEADLINE_EXCEEDED", message or "deadline exceeded", rpc)
-end
-
 function _M.until_ready(client, op, deadline, rpc, message)
   local ready, err = client._wait(client, op, deadline)
   if ready then return true end
