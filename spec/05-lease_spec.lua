@@ -1,6 +1,7 @@
 -- Leases: grant, keepalive from the engine thread, liveness, by-ID calls.
 local etcd3 = require "etcd3"
 local helper = require "spec.helpers.etcd"
+local proxy = require "spec.helpers.proxy"
 local core = require "etcd3.core"
 
 local function busy(seconds)
@@ -171,21 +172,50 @@ describe("lease liveness with a frozen member", function()
   setup(function() member = helper.single() end)
   teardown(function() if member then member:stop() end end)
 
+  -- Freezes the member until `lease` is lost (at most `within` seconds):
+  -- lost, and how long after the freeze.
+  local function freeze_until_lost(lease, within)
+    member:signal("STOP")
+    local stopped = core.now()
+    local lost = lease:wait_lost(within)
+    local took = core.now() - stopped
+    member:signal("CONT")
+    return lost, took
+  end
+
   it("turns false within TTL + 1 s of the last renewal", function()
     local cli = assert(etcd3.new { endpoints = member.endpoint })
     local lease = assert(cli:grant(2))
     lease:keepalive()
     core.sleep(1)
     assert.is_true(lease:alive())
-    member:signal("STOP")
-    local stopped = core.now()
-    local lost = lease:wait_lost(4)
-    local took = core.now() - stopped
-    member:signal("CONT")
+    local lost, took = freeze_until_lost(lease, 4)
     assert.is_true(lost)
     -- the last renewal left at most ttl/3 before the stop
     assert.is_true(took <= 2 + 1, "took " .. took)
     cli:close()
+  end)
+
+  -- etcd's answers reach the client 1.5 s late, so each renewal (every
+  -- ttl/3 = 1 s) leaves before the one before it is answered. Every renewal
+  -- etcd answered was made before it froze, so its lease runs out at most
+  -- a TTL after the freeze; the client must say so by then, counting each
+  -- late answer from its own request's departure, not from a later
+  -- request's (which etcd never saw: that would add up to a second).
+  it("counts each renewal from its own request, when answers come late", function()
+    local p = proxy.start(member.endpoint, { delay = 1.5 })
+    local cli = assert(etcd3.new { endpoints = p.endpoint })
+    local lease = assert(cli:grant(3))
+    lease:keepalive()
+    -- a quarter of a second after a renewal left: the next one will not
+    -- reach etcd, the late answer to this one comes after it left
+    local _, err = lease:wait_lost(3.25)
+    assert.are.equal("TIMEOUT", err.code)
+    local lost, took = freeze_until_lost(lease, 6)
+    assert.is_true(lost)
+    assert.is_true(took <= 3 + 0.3, "took " .. took)
+    cli:close()
+    p:stop()
   end)
 end)
 
@@ -194,16 +224,58 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
   setup(function() cluster = helper.cluster(3) end)
   teardown(function() if cluster then cluster.stop() end end)
 
-  it("stays alive", function()
-    local cli = assert(etcd3.new { endpoints = cluster.endpoints })
-    local lease = assert(cli:grant(3))
+  -- The index of the leader among cluster.members, as the members say.
+  local function leader_index()
+    local index
+    helper.wait_for(function()
+      for i, m in ipairs(cluster.members) do
+        local c = assert(etcd3.new { endpoints = m.endpoint })
+        local st = c:status()
+        c:close()
+        if st and st.leader == st.header.member_id then index = i end
+      end
+      return index ~= nil
+    end, 20, "a leader")
+    return index
+  end
+
+  -- Kills member `victim` while a lease under keepalive carries a key; the
+  -- keepalive stream starts on `endpoints[1]`. The lease must stay alive
+  -- for TTL + 2 s (so a renewal after the kill was answered), and the key
+  -- with it; then the member comes back if `restart`.
+  local function survives(victim, endpoints, ttl, restart)
+    local cli = assert(etcd3.new { endpoints = endpoints })
+    local lease = assert(cli:grant(ttl))
     lease:keepalive()
     assert(cli:put("/ka/node", "up", { lease = lease.id }))
-    cluster.members[1]:kill()
-    core.sleep(7)
+    local member = cluster.members[victim]
+    member:kill()
+    local lost, err = lease:wait_lost(ttl + 2)
+    assert.is_nil(lost, "lost: " .. tostring(err))
+    assert.are.equal("TIMEOUT", err.code)
     assert.is_true(lease:alive())
     local res = assert(cli:get("/ka/node"))
     assert.are.equal(1, res.count)
+    lease:revoke()
     cli:close()
+    if restart then member:start():wait_healthy() end
+  end
+
+  it("stays alive when the member carrying its stream dies", function()
+    local leader = leader_index()
+    local follower = leader % 3 + 1
+    local endpoints = { cluster.members[follower].endpoint }
+    for i, m in ipairs(cluster.members) do
+      if i ~= follower then endpoints[#endpoints + 1] = m.endpoint end
+    end
+    survives(follower, endpoints, 3, true)
+  end)
+
+  -- With no leader, no member can renew: etcd's election takes one to two
+  -- election timeouts (1 s by default) after the last heartbeat, and the
+  -- new leader extends every lease. A lease whose TTL covers that keeps
+  -- its key, and this client keeps calling it alive.
+  it("stays alive through the leader's death", function()
+    survives(leader_index(), cluster.endpoints, 6)
   end)
 end)

@@ -27,6 +27,8 @@
 #include "stream.h"
 #include "rpc.pb-c.h"
 
+#define MAX_PENDING 4
+
 struct etcd3_lease {
   etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   int refs;
@@ -34,6 +36,13 @@ struct etcd3_lease {
   int64_t ttl;            /* last TTL etcd granted or acknowledged */
   double expires_at;      /* monotonic: when it runs out without renewal */
   double last_send;       /* when the last renewal request left */
+  /* Send times of the renewals on the stream not yet answered, oldest
+   * first: etcd answers a stream's requests in order, so an answer counts
+   * from its own request's departure (not the latest one's, which would
+   * overstate the lease's life by up to a renewal interval). */
+  double pending[MAX_PENDING];
+  int n_pending;
+  unsigned pending_gen;   /* the stream generation they were sent on */
   double next_renew;
   int keepalive;          /* in the engine's keepalive list */
   const char *lost;       /* why it is lost, or NULL while alive */
@@ -47,6 +56,7 @@ struct etcd3_lease {
 typedef struct keepalive_set {
   etcd3_engine *engine;
   etcd3_restream keepalive;
+  unsigned gen;           /* bumped whenever a stream ends */
   etcd3_lease *leases;
 } keepalive_set;
 
@@ -110,12 +120,17 @@ ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMes
   (void)s;
   etcd3_restream_healthy(&k->keepalive);
   for (etcd3_lease *l = k->leases; l; l = l->next) {
+    double sent;
     if (l->id != r->id) continue;
     if (r->ttl <= 0) {
       lose(l, "etcd says the lease expired or was revoked");
     } else if (!l->lost) {
       l->ttl = r->ttl;
-      l->expires_at = l->last_send + (double)r->ttl;
+      /* an answer with no request of ours on this stream extends nothing */
+      if (l->pending_gen != k->gen || l->n_pending == 0) continue;
+      sent = l->pending[0];
+      memmove(l->pending, l->pending + 1, (size_t)--l->n_pending * sizeof *l->pending);
+      if (sent + (double)r->ttl > l->expires_at) l->expires_at = sent + (double)r->ttl;
       l->next_renew = l->last_send + (l->renew_every > 0 ? l->renew_every : (double)r->ttl / 3.0);
     }
   }
@@ -128,6 +143,7 @@ ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_
   (void)s; (void)status; (void)details;
   /* the next endpoint, after a short backoff; renew at once there */
   etcd3_restream_broken(k->engine, &k->keepalive);
+  k->gen++;
   for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
 }
 
@@ -149,6 +165,7 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (l->lost) unlink_lease(k, l, 0);
   }
   if (!k->leases) {
+    if (k->keepalive.stream) k->gen++;
     etcd3_restream_close(&k->keepalive);
     return 0;
   }
@@ -157,7 +174,13 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (stream && now >= l->next_renew) {
       Etcdserverpb__LeaseKeepAliveRequest req = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
       req.id = l->id;
-      if (etcd3_stream_send(stream, &req.base)) {
+      if (l->pending_gen != k->gen) {
+        l->pending_gen = k->gen;
+        l->n_pending = 0;
+      }
+      /* full: the oldest unanswered renewal left about a TTL ago */
+      if (l->n_pending < MAX_PENDING && etcd3_stream_send(stream, &req.base)) {
+        l->pending[l->n_pending++] = now;
         l->last_send = now;
         /* ask again after a third of the TTL even if no answer comes */
         l->next_renew = now + renew_interval(l);
