@@ -27,8 +27,6 @@
 #include "stream.h"
 #include "rpc.pb-c.h"
 
-#define MAX_PENDING 4
-
 struct etcd3_lease {
   etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
   int refs;
@@ -36,13 +34,6 @@ struct etcd3_lease {
   int64_t ttl;            /* last TTL etcd granted or acknowledged */
   double expires_at;      /* monotonic: when it runs out without renewal */
   double last_send;       /* when the last renewal request left */
-  /* Send times of the renewals on the stream not yet answered, oldest
-   * first: etcd answers a stream's requests in order, so an answer counts
-   * from its own request's departure (not the latest one's, which would
-   * overstate the lease's life by up to a renewal interval). */
-  double pending[MAX_PENDING];
-  int n_pending;
-  unsigned pending_gen;   /* the stream generation they were sent on */
   double next_renew;
   int keepalive;          /* in the engine's keepalive list */
   const char *lost;       /* why it is lost, or NULL while alive */
@@ -52,21 +43,36 @@ struct etcd3_lease {
   struct etcd3_lease *next;
 };
 
-/* The leases the engine renews, over one stream. */
+/* A renewal on the stream, not yet answered. */
+typedef struct renewal {
+  int64_t id;
+  double sent;
+} renewal;
+
+/* The leases the engine renews, over one stream. etcd answers a stream's
+ * renewals one by one, in order, so the renewals in flight form a queue
+ * (a ring) and each answer counts from its own request's departure: the
+ * latest request's, which etcd may never have seen, would overstate the
+ * lease's life by up to a renewal interval. The queue belongs to the
+ * stream, not to the leases, so answers for a lease taken off the list
+ * (and maybe put back) still leave it in step. */
 typedef struct keepalive_set {
   etcd3_engine *engine;
   etcd3_restream keepalive;
-  unsigned gen;           /* bumped whenever a stream ends */
   etcd3_lease *leases;
+  renewal *ring;
+  size_t head, count, room;
+  int astray;             /* an answer matched no renewal: count none until the next stream */
 } keepalive_set;
 
 ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double now);
 ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state);
+static void keepalive_free(void *state);
 
 /* token_changed is NULL on purpose: etcd 3.4 checks no token on
  * LeaseKeepAlive, so the open stream keeps renewing with the old one. */
 static const etcd3_service_ops keepalive_service = {
-  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, free, NULL,
+  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, keepalive_free, NULL,
 };
 
 static const etcd3_stream_ops keepalive_ops;
@@ -86,6 +92,23 @@ ETCD3_LOCKED static keepalive_set *keepalive_of(etcd3_engine *e) {
  * in __gc); the keepalive list never outlives the engine. */
 static void lease_unref(etcd3_lease *l) {
   if (--l->refs == 0) free(l);
+}
+
+/* Queues a renewal about to leave; 0 when out of memory (it must not
+ * leave then: its answer would be counted from another's departure). */
+ETCD3_LOCKED static int renewal_push(keepalive_set *k, int64_t id, double sent) {
+  if (k->count == k->room) {
+    size_t room = k->room ? k->room * 2 : 16;
+    renewal *ring = (renewal *)malloc(room * sizeof *ring);
+    if (!ring) return 0;
+    for (size_t i = 0; i < k->count; i++) ring[i] = k->ring[(k->head + i) % k->room];
+    free(k->ring);
+    k->ring = ring;
+    k->head = 0;
+    k->room = room;
+  }
+  k->ring[(k->head + k->count++) % k->room] = (renewal){ id, sent };
+  return 1;
 }
 
 /* A third of the TTL (at least a second), unless the owner chose. */
@@ -117,19 +140,22 @@ ETCD3_LOCKED static void unlink_lease(keepalive_set *k, etcd3_lease *l, int keep
 ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   keepalive_set *k = (keepalive_set *)owner;
   Etcdserverpb__LeaseKeepAliveResponse *r = (Etcdserverpb__LeaseKeepAliveResponse *)msg;
+  double sent = 0;
   (void)s;
   etcd3_restream_healthy(&k->keepalive);
+  if (!k->astray && k->count > 0 && k->ring[k->head].id == r->id) {
+    sent = k->ring[k->head].sent;
+    k->head = (k->head + 1) % k->room;
+    k->count--;
+  } else {
+    k->astray = 1; /* never seen; an answer then extends nothing */
+  }
   for (etcd3_lease *l = k->leases; l; l = l->next) {
-    double sent;
     if (l->id != r->id) continue;
     if (r->ttl <= 0) {
       lose(l, "etcd says the lease expired or was revoked");
     } else if (!l->lost) {
       l->ttl = r->ttl;
-      /* an answer with no request of ours on this stream extends nothing */
-      if (l->pending_gen != k->gen || l->n_pending == 0) continue;
-      sent = l->pending[0];
-      memmove(l->pending, l->pending + 1, (size_t)--l->n_pending * sizeof *l->pending);
       if (sent + (double)r->ttl > l->expires_at) l->expires_at = sent + (double)r->ttl;
       l->next_renew = l->last_send + (l->renew_every > 0 ? l->renew_every : (double)r->ttl / 3.0);
     }
@@ -143,7 +169,8 @@ ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_
   (void)s; (void)status; (void)details;
   /* the next endpoint, after a short backoff; renew at once there */
   etcd3_restream_broken(k->engine, &k->keepalive);
-  k->gen++;
+  k->count = 0;
+  k->astray = 0;
   for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
 }
 
@@ -164,26 +191,27 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
     if (l->lost) unlink_lease(k, l, 0);
   }
-  if (!k->leases) {
-    if (k->keepalive.stream) k->gen++;
+  /* no leases, or out of step with etcd's answers: this stream ends */
+  if (!k->leases || k->astray) {
     etcd3_restream_close(&k->keepalive);
-    return 0;
+    k->count = 0;
+    k->astray = 0;
+    for (l = k->leases; l; l = l->next) l->next_renew = 0;
+    if (!k->leases) return 0;
   }
   stream = etcd3_restream_open(e, &k->keepalive, k, now);
   for (l = k->leases; l; l = l->next) {
     if (stream && now >= l->next_renew) {
       Etcdserverpb__LeaseKeepAliveRequest req = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
       req.id = l->id;
-      if (l->pending_gen != k->gen) {
-        l->pending_gen = k->gen;
-        l->n_pending = 0;
-      }
-      /* full: the oldest unanswered renewal left about a TTL ago */
-      if (l->n_pending < MAX_PENDING && etcd3_stream_send(stream, &req.base)) {
-        l->pending[l->n_pending++] = now;
-        l->last_send = now;
-        /* ask again after a third of the TTL even if no answer comes */
-        l->next_renew = now + renew_interval(l);
+      if (renewal_push(k, l->id, now)) {
+        if (etcd3_stream_send(stream, &req.base)) {
+          l->last_send = now;
+          /* ask again after a third of the TTL even if no answer comes */
+          l->next_renew = now + renew_interval(l);
+        } else {
+          k->count--; /* it did not leave */
+        }
       }
     }
     if (next == 0 || l->next_renew < next) next = l->next_renew;
@@ -198,7 +226,14 @@ ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state) {
   keepalive_set *k = (keepalive_set *)state;
   (void)e;
   etcd3_restream_close(&k->keepalive);
+  k->count = 0;
   while (k->leases) unlink_lease(k, k->leases, 0);
+}
+
+static void keepalive_free(void *state) {
+  keepalive_set *k = (keepalive_set *)state;
+  free(k->ring);
+  free(k);
 }
 
 /* ---- the engine's own leases ------------------------------------------ */
