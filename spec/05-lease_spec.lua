@@ -4,6 +4,17 @@ local helper = require "spec.helpers.etcd"
 local proxy = require "spec.helpers.proxy"
 local core = require "etcd3.core"
 
+-- Freezes `member` until `lease` is lost (at most `within` seconds): lost,
+-- and how long after the freeze.
+local function freeze_until_lost(member, lease, within)
+  member:signal("STOP")
+  local stopped = core.now()
+  local lost = lease:wait_lost(within)
+  local took = core.now() - stopped
+  member:signal("CONT")
+  return lost, took
+end
+
 local function busy(seconds)
   local stop, n = core.now() + seconds, 0
   while core.now() < stop do n = n + 1 end
@@ -63,23 +74,6 @@ describe("lease", function()
     local closed_at = core.now()
     helper.wait_for(function() return assert(cli:get("/lease/busy")).count == 0 end, 2 + 1 + 1.5, "the key to expire")
     assert.is_true(core.now() - closed_at <= 3 + 1, "took " .. (core.now() - closed_at))
-  end)
-
-  it("renews again after close and keepalive, beside a lease that never stopped", function()
-    local a, b = assert(cli:grant(3)), assert(cli:grant(3))
-    assert.is_true(a:keepalive())
-    assert.is_true(b:keepalive())
-    assert(cli:put("/lease/again", "x", { lease = a.id }))
-    a:close()
-    local _, err = b:wait_lost(1) -- a is off the list while its last answers come
-    assert.are.equal("TIMEOUT", err.code)
-    assert.is_true(a:keepalive())
-    _, err = a:wait_lost(3 + 2)
-    assert.are.equal("TIMEOUT", err.code)
-    assert.is_true(b:alive())
-    assert.are.equal(1, assert(cli:get("/lease/again")).count)
-    assert(a:revoke())
-    assert(b:revoke())
   end)
 
   it("keeps a key alive while Lua blocks in os.execute", function()
@@ -189,50 +183,70 @@ describe("lease liveness with a frozen member", function()
   setup(function() member = helper.single() end)
   teardown(function() if member then member:stop() end end)
 
-  -- Freezes the member until `lease` is lost (at most `within` seconds):
-  -- lost, and how long after the freeze.
-  local function freeze_until_lost(lease, within)
-    member:signal("STOP")
-    local stopped = core.now()
-    local lost = lease:wait_lost(within)
-    local took = core.now() - stopped
-    member:signal("CONT")
-    return lost, took
-  end
-
   it("turns false within TTL + 1 s of the last renewal", function()
     local cli = assert(etcd3.new { endpoints = member.endpoint })
     local lease = assert(cli:grant(2))
     lease:keepalive()
     core.sleep(1)
     assert.is_true(lease:alive())
-    local lost, took = freeze_until_lost(lease, 4)
+    local lost, took = freeze_until_lost(member, lease, 4)
     assert.is_true(lost)
     -- the last renewal left at most ttl/3 before the stop
     assert.is_true(took <= 2 + 1, "took " .. took)
     cli:close()
   end)
+end)
 
-  -- etcd's answers reach the client 1.5 s late, so each renewal (every
-  -- ttl/3 = 1 s) leaves before the one before it is answered. Every renewal
-  -- etcd answered was made before it froze, so its lease runs out at most
-  -- a TTL after the freeze; the client must say so by then, counting each
-  -- late answer from its own request's departure, not from a later
-  -- request's (which etcd never saw: that would add up to a second).
-  it("counts each renewal from its own request, when answers come late", function()
-    local p = proxy.start(member.endpoint, { delay = 1.5 })
-    local cli = assert(etcd3.new { endpoints = p.endpoint })
-    local lease = assert(cli:grant(3))
-    lease:keepalive()
-    -- a quarter of a second after a renewal left: the next one will not
-    -- reach etcd, the late answer to this one comes after it left
-    local _, err = lease:wait_lost(3.25)
+-- etcd's answers reach the client 2.5 s late (a proxy holds them), longer
+-- than a renewal interval: each renewal leaves before the one before it is
+-- answered, so an answer must be counted from its own request's departure.
+-- Counted from a later request's, which etcd may never see, the lease would
+-- outlast etcd's by up to an interval.
+describe("lease renewals answered late", function()
+  local member, p, cli
+  setup(function()
+    member = helper.single()
+    p = proxy.start(member.endpoint, { delay = 2.5 })
+    cli = assert(etcd3.new { endpoints = p.endpoint })
+    assert(cli:get("/late")) -- connected
+  end)
+  teardown(function()
+    if cli then cli:close() end
+    if p then p:stop() end
+    if member then member:stop() end
+  end)
+
+  -- b's renewals and a's share the stream while a is off the list (close)
+  -- and its answer still comes; after keepalive again, each answer for a
+  -- counts from the renewal it answers: 15 s - 2.5 s after it, the lease
+  -- has 12.5 s left (one answer behind, it would be 9.5 s at the most).
+  it("stay in step for a lease closed and kept alive again", function()
+    local a, b = assert(cli:grant(15)), assert(cli:grant(15)) -- 2.5 s each
+    assert.is_true(a:keepalive())
+    assert.is_true(b:keepalive())
+    a:close() -- its first renewal is under way
+    local _, err = b:wait_lost(3) -- a's answer comes meanwhile
     assert.are.equal("TIMEOUT", err.code)
-    local lost, took = freeze_until_lost(lease, 6)
+    assert.is_true(a:keepalive())
+    helper.wait_for(function() return a:remaining() > 11 end, 6, "a renewal counted from its own departure")
+    assert.is_true(b:alive())
+    assert(a:revoke())
+    assert(b:revoke())
+  end)
+
+  -- TTL 6 s, a renewal every 2 s. The member freezes half a second after
+  -- a renewal left: that renewal was made, the next one never reaches etcd,
+  -- and the late answer to the first comes after the second left. etcd's
+  -- lease runs out at most a TTL after the freeze: the client must say
+  -- lost by then (5.5 s here; counted from the later request, 7.5 s).
+  it("never outlast etcd's lease", function()
+    local lease = assert(cli:grant(6))
+    lease:keepalive()
+    local _, err = lease:wait_lost(4.5)
+    assert.are.equal("TIMEOUT", err.code)
+    local lost, took = freeze_until_lost(member, lease, 10)
     assert.is_true(lost)
-    assert.is_true(took <= 3 + 0.3, "took " .. took)
-    cli:close()
-    p:stop()
+    assert.is_true(took <= 6 + 0.5, "took " .. took)
   end)
 end)
 
@@ -267,6 +281,7 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
     assert(cli:put("/ka/node", "up", { lease = lease.id }))
     local member = cluster.members[victim]
     member:kill()
+    if restart then finally(function() member:start():wait_healthy() end) end
     local lost, err = lease:wait_lost(ttl + 2)
     assert.is_nil(lost, "lost: " .. tostring(err))
     assert.are.equal("TIMEOUT", err.code)
@@ -275,7 +290,6 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
     assert.are.equal(1, res.count)
     lease:revoke()
     cli:close()
-    if restart then member:start():wait_healthy() end
   end
 
   it("stays alive when the member carrying its stream dies", function()

@@ -113,12 +113,12 @@ static int client_call(lua_State *L) {
   return etcd3_call_start(L, e, channel, m, path, 4, timeout, lua_toboolean(L, 6));
 }
 
-/* client:lease(id, ttl) -> lease state (lease.c) */
+/* client:lease(id, ttl, since) -> lease state (lease.c) */
 static int client_lease(lua_State *L) {
   etcd3_engine *e = check_open(L);
   int64_t id = (int64_t)etcd3_check_id(L, 2);
   int64_t ttl = (int64_t)luaL_checknumber(L, 3);
-  return etcd3_lease_new(L, e, id, ttl);
+  return etcd3_lease_new(L, e, id, ttl, luaL_checknumber(L, 4));
 }
 
 /* client:watch(spec) -> watch state (watch.c) */

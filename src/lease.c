@@ -62,7 +62,7 @@ typedef struct keepalive_set {
   etcd3_lease *leases;
   renewal *ring;
   size_t head, count, room;
-  int astray;             /* an answer matched no renewal: count none until the next stream */
+  int astray;             /* an answer matched no renewal: this stream must end */
 } keepalive_set;
 
 ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double now);
@@ -137,18 +137,29 @@ ETCD3_LOCKED static void unlink_lease(keepalive_set *k, etcd3_lease *l, int keep
   else lease_unref(l);
 }
 
+/* The stream ended: no answer comes for the renewals in flight; on the
+ * next stream (the next endpoint, after a short backoff) every lease
+ * renews at once. */
+ETCD3_LOCKED static void renewals_forgotten(keepalive_set *k) {
+  k->count = 0;
+  k->astray = 0;
+  for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
+}
+
 ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   keepalive_set *k = (keepalive_set *)owner;
   Etcdserverpb__LeaseKeepAliveResponse *r = (Etcdserverpb__LeaseKeepAliveResponse *)msg;
   double sent = 0;
+  int counted = 0;
   (void)s;
-  etcd3_restream_healthy(&k->keepalive);
   if (!k->astray && k->count > 0 && k->ring[k->head].id == r->id) {
     sent = k->ring[k->head].sent;
     k->head = (k->head + 1) % k->room;
     k->count--;
+    counted = 1;
+    etcd3_restream_healthy(&k->keepalive);
   } else {
-    k->astray = 1; /* never seen; an answer then extends nothing */
+    k->astray = 1; /* never seen: it extends nothing, and the next tick ends the stream */
   }
   for (etcd3_lease *l = k->leases; l; l = l->next) {
     if (l->id != r->id) continue;
@@ -156,7 +167,7 @@ ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMes
       lose(l, "etcd says the lease expired or was revoked");
     } else if (!l->lost) {
       l->ttl = r->ttl;
-      if (sent + (double)r->ttl > l->expires_at) l->expires_at = sent + (double)r->ttl;
+      if (counted && sent + (double)r->ttl > l->expires_at) l->expires_at = sent + (double)r->ttl;
       l->next_renew = l->last_send + (l->renew_every > 0 ? l->renew_every : (double)r->ttl / 3.0);
     }
   }
@@ -167,11 +178,8 @@ ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_
                                              const char *details) {
   keepalive_set *k = (keepalive_set *)owner;
   (void)s; (void)status; (void)details;
-  /* the next endpoint, after a short backoff; renew at once there */
   etcd3_restream_broken(k->engine, &k->keepalive);
-  k->count = 0;
-  k->astray = 0;
-  for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
+  renewals_forgotten(k);
 }
 
 static const etcd3_stream_ops keepalive_ops = {
@@ -191,13 +199,15 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
     if (l->lost) unlink_lease(k, l, 0);
   }
-  /* no leases, or out of step with etcd's answers: this stream ends */
-  if (!k->leases || k->astray) {
+  if (k->astray) { /* out of step with etcd's answers: as if it broke */
     etcd3_restream_close(&k->keepalive);
-    k->count = 0;
-    k->astray = 0;
-    for (l = k->leases; l; l = l->next) l->next_renew = 0;
-    if (!k->leases) return 0;
+    etcd3_restream_broken(e, &k->keepalive);
+    renewals_forgotten(k);
+  }
+  if (!k->leases) {
+    etcd3_restream_close(&k->keepalive);
+    renewals_forgotten(k);
+    return 0;
   }
   stream = etcd3_restream_open(e, &k->keepalive, k, now);
   for (l = k->leases; l; l = l->next) {
@@ -226,7 +236,7 @@ ETCD3_LOCKED static void keepalive_shutdown(etcd3_engine *e, void *state) {
   keepalive_set *k = (keepalive_set *)state;
   (void)e;
   etcd3_restream_close(&k->keepalive);
-  k->count = 0;
+  renewals_forgotten(k);
   while (k->leases) unlink_lease(k, k->leases, 0);
 }
 
@@ -239,7 +249,7 @@ static void keepalive_free(void *state) {
 /* ---- the engine's own leases ------------------------------------------ */
 
 ETCD3_LOCKED etcd3_lease *etcd3_lease_keep(etcd3_engine *e, int64_t id, int64_t ttl,
-                                           double renew_every) {
+                                           double renew_every, double since) {
   keepalive_set *k = keepalive_of(e);
   etcd3_lease *l;
   if (!k || e->closed) return NULL;
@@ -251,12 +261,12 @@ ETCD3_LOCKED etcd3_lease *etcd3_lease_keep(etcd3_engine *e, int64_t id, int64_t 
   l->ttl = ttl;
   l->internal = 1;
   l->renew_every = renew_every;
-  l->last_send = etcd3_now();
-  l->expires_at = l->last_send + (double)ttl;
+  l->last_send = since;
+  l->expires_at = since + (double)ttl;
   l->keepalive = 1;
   l->next = k->leases;
   k->leases = l;
-  keepalive_tick(e, k, l->last_send); /* the first renewal leaves now */
+  keepalive_tick(e, k, etcd3_now()); /* the first renewal leaves now */
   return l;
 }
 
@@ -278,15 +288,15 @@ static etcd3_lease *check_lease(lua_State *L) {
   return (etcd3_lease *)etcd3_bound_check(L, ETCD3_LEASE_MT, "lease");
 }
 
-/* core client:lease(id, ttl) -> state: liveness of a granted lease, counted
- * from now. */
-int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl) {
+/* core client:lease(id, ttl, since) -> state: liveness of a granted lease,
+ * counted from when its grant left. */
+int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl, double since) {
   etcd3_lease *l = (etcd3_lease *)etcd3_bound_new(L, ETCD3_LEASE_MT, sizeof *l, e);
   l->refs = 1;
   l->id = id;
   l->ttl = ttl;
-  l->last_send = etcd3_now();
-  l->expires_at = l->last_send + (double)ttl;
+  l->last_send = since;
+  l->expires_at = since + (double)ttl;
   etcd3_engine_ref(e);
   return 1;
 }

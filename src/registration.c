@@ -50,6 +50,7 @@ typedef struct registration {
   unsigned long put_generation;   /* the generation under the current lease */
   unsigned long sending_generation;
   int granting, putting;       /* a background call is in flight */
+  double grant_sent;           /* when the last LeaseGrant left */
   int stopped;                 /* out of the service: Lua let go */
   int alive;                   /* the key is put under a live lease */
   double retry_at, backoff;
@@ -122,7 +123,7 @@ static void granted(etcd3_engine *e, void *arg, grpc_status_code status,
       etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseRevoke",
                             etcd3_pack(&revoke.base), CALL_TIMEOUT, NULL, NULL);
   } else if (!e->closed) {
-    r->lease = etcd3_lease_keep(e, g->id, g->ttl, RENEW_EVERY);
+    r->lease = etcd3_lease_keep(e, g->id, g->ttl, RENEW_EVERY, r->grant_sent);
     if (r->lease) {
       r->lease_id = g->id;
       r->put_generation = 0; /* a new lease: the key goes under it */
@@ -161,6 +162,7 @@ ETCD3_LOCKED static void start_grant(etcd3_engine *e, registration *r) {
   Etcdserverpb__LeaseGrantRequest req = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
   req.ttl = r->ttl;
   r->refs++;
+  r->grant_sent = etcd3_now();
   r->granting = etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseGrant",
                                       etcd3_pack(&req.base), CALL_TIMEOUT, granted, r);
   if (!r->granting) {

@@ -53,8 +53,10 @@ local TIMEOUT_ONLY = check.TIMEOUT_ONLY
 
 local WEAK_KEYS = { __mode = "k" }
 
-local function new_lease(client, id, ttl)
-  local state = client:_handle("grant"):lease(id, ttl)
+-- `since`: when the request that granted or renewed it left (its life is
+-- counted from then, never from the answer).
+local function new_lease(client, id, ttl, since)
+  local state = client:_handle("grant"):lease(id, ttl, since)
   local lease = setmetatable({ client = client, id = id, ttl = ttl, _state = state }, Lease)
   -- the client's live lease objects (weak: a dropped lease is not kept),
   -- so that a revoke by ID ends their liveness at once, as lease:revoke() does
@@ -220,12 +222,13 @@ function Client:grant(ttl, opts)
   check.self("grant", self, "Client")
   check.arg("grant", 1, ttl, "integer")
   opts = check.options("grant", opts, { id = "id", timeout = "number" })
+  local sent_at = now()
   local res, err = self:_request("grant", "Lease.LeaseGrant", { ttl = ttl, id = opts.id }, opts.timeout, false)
   if not res then return nil, err end
   if res.error and res.error ~= "" then
     return nil, errors.new("UNKNOWN", res.error, "Lease.LeaseGrant")
   end
-  local lease = new_lease(self, res.id, res.ttl)
+  local lease = new_lease(self, res.id, res.ttl, sent_at)
   lease.header = res.header
   return lease
 end
@@ -274,8 +277,7 @@ function Client:keepalive(id, opts)
   check.arg("keepalive", 1, id, "id")
   local res, err, sent_at = keepalive_once(self, "keepalive", id, opts)
   if not res then return nil, err end
-  local lease = new_lease(self, res.id, res.ttl)
-  lease._state:renewed(res.ttl, sent_at)
+  local lease = new_lease(self, res.id, res.ttl, sent_at)
   lease._state:keepalive()
   return lease
 end
