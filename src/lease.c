@@ -246,6 +246,15 @@ static void keepalive_free(void *state) {
   free(k);
 }
 
+/* A granted lease's liveness: `ttl` seconds from `since`, when the request
+ * that granted (or renewed) it left. */
+static void lease_start(etcd3_lease *l, int64_t id, int64_t ttl, double since) {
+  l->id = id;
+  l->ttl = ttl;
+  l->last_send = since;
+  l->expires_at = since + (double)ttl;
+}
+
 /* ---- the engine's own leases ------------------------------------------ */
 
 ETCD3_LOCKED etcd3_lease *etcd3_lease_keep(etcd3_engine *e, int64_t id, int64_t ttl,
@@ -257,12 +266,9 @@ ETCD3_LOCKED etcd3_lease *etcd3_lease_keep(etcd3_engine *e, int64_t id, int64_t 
   if (!l) return NULL;
   l->engine = e;
   l->refs = 2; /* the caller's and the keepalive list's */
-  l->id = id;
-  l->ttl = ttl;
+  lease_start(l, id, ttl, since);
   l->internal = 1;
   l->renew_every = renew_every;
-  l->last_send = since;
-  l->expires_at = since + (double)ttl;
   l->keepalive = 1;
   l->next = k->leases;
   k->leases = l;
@@ -293,10 +299,7 @@ static etcd3_lease *check_lease(lua_State *L) {
 int etcd3_lease_new(lua_State *L, etcd3_engine *e, int64_t id, int64_t ttl, double since) {
   etcd3_lease *l = (etcd3_lease *)etcd3_bound_new(L, ETCD3_LEASE_MT, sizeof *l, e);
   l->refs = 1;
-  l->id = id;
-  l->ttl = ttl;
-  l->last_send = since;
-  l->expires_at = since + (double)ttl;
+  lease_start(l, id, ttl, since);
   etcd3_engine_ref(e);
   return 1;
 }
