@@ -18,6 +18,7 @@ export ETCD3_SPEC_PIDFILE="$LOG/pids"
 : > "$ETCD3_SPEC_PIDFILE"
 passed=0
 failed=0
+failed_steps=
 
 cleanup() {
   while read -r pid; do
@@ -47,7 +48,8 @@ step() {
   if "$@" > "$LOG/$name.log" 2>&1; then
     passed=$((passed + 1)); echo "== $name: ok"
   else
-    failed=$((failed + 1)); echo "== $name: FAILED"; tail -n 40 "$LOG/$name.log"
+    failed=$((failed + 1)); failed_steps="$failed_steps $name"
+    echo "== $name: FAILED"; tail -n 40 "$LOG/$name.log"
   fi
 }
 
@@ -122,6 +124,11 @@ done
 # valgrind's memcheck over the KV, lease and watch specs
 step memcheck $MAKE -s memcheck
 
+# what failed, by name, beside the total (a CI log may keep only its tail)
+for f in "$LOG"/*.log; do
+  grep -aE -A2 '^(Failure|Error) → ' "$f" 2>/dev/null | grep -av '^--$' | sed "s|^|!! $(basename "$f" .log): |"
+done
+[ -z "$failed_steps" ] || echo "!! steps that failed:$failed_steps"
 echo "logs: $LOG"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ] && [ "$passed" -gt 0 ]
