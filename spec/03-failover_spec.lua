@@ -87,13 +87,18 @@ describe("waiting", function()
   setup(function() member = helper.single() end)
   teardown(function() if member then member:stop() end end)
 
+  -- The member stays frozen until the wait function is first called, so
+  -- the put cannot be answered before it is asked to wait.
   it("calls the client's wait function with the time left and the op", function()
     local seen = {}
     local cli = assert(etcd3.new { endpoints = member.endpoint, dial_timeout = 0, timeout = 3,
       wait = function(client, timeout, op)
         seen[#seen + 1] = { client = client, timeout = timeout, ready = op:ready() }
+        if #seen == 1 then member:signal("CONT") end
         require("etcd3.core").sleep(0.001)
       end })
+    member:signal("STOP")
+    finally(function() member:signal("CONT") end)
     assert(cli:put("/w", "1"))
     assert.is_true(#seen >= 1)
     assert.are.equal(cli, seen[1].client)
