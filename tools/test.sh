@@ -34,7 +34,7 @@ count_busted() {
   line=$(grep -E '^[0-9]+ successes? / [0-9]+ failures? / [0-9]+ errors? / [0-9]+ pending' "$1" | tail -n 1)
   if [ -z "$line" ]; then
     echo "!! no busted summary in $1 (the run crashed)"
-    failed=$((failed + 1))
+    failed=$((failed + 1)); failed_steps="$failed_steps $(basename "$1" .log)(crashed)"
     return
   fi
   s=$(echo "$line" | awk '{print $1}'); f=$(echo "$line" | awk '{print $4}'); e=$(echo "$line" | awk '{print $7}')
@@ -91,12 +91,12 @@ if [ "$build_ok" = 1 ]; then
   # without a UBSan one went unnoticed)
   if ls "$LOG"/asan.* "$LOG"/ubsan.* 2>/dev/null | grep -q .; then
     echo "== sanitizer reports:"; cat "$LOG"/asan.* "$LOG"/ubsan.* 2>/dev/null | head -n 80
-    failed=$((failed + 1))
+    failed=$((failed + 1)); failed_steps="$failed_steps sanitizers"
   else
     echo "== sanitizers: no reports"; passed=$((passed + 1))
   fi
 else
-  echo "== build FAILED"; failed=$((failed + 1))
+  echo "== build FAILED"; failed=$((failed + 1)); failed_steps="$failed_steps build"
 fi
 
 # the folders to check are the Makefile's (`make lint`)
@@ -128,7 +128,7 @@ step memcheck $MAKE -s memcheck
 for f in "$LOG"/*.log; do
   grep -aE -A2 '^(Failure|Error) → ' "$f" 2>/dev/null | grep -av '^--$' | sed "s|^|!! $(basename "$f" .log): |"
 done
-[ -z "$failed_steps" ] || echo "!! steps that failed:$failed_steps"
+[ -z "$failed_steps" ] || echo "!! steps and runs that failed:$failed_steps"
 echo "logs: $LOG"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ] && [ "$passed" -gt 0 ]
