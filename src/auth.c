@@ -1,19 +1,25 @@
 /*
- * auth.c - the auth token every call and stream carries, and
- * re-authentication in the background for the streams.
+ * auth.c - the auth token every call and stream carries, and the one
+ * Authenticate that renews it (the re-authentication part of policy.h).
  *
- * The Lua layer authenticates on connect and again when a unary call is
- * refused for its token (lua/etcd3/auth.lua), and hands the token to the
- * engine. Streams have no Lua call to retry them, so when etcd refuses a
- * stream or a watch create for its token, the engine authenticates by
- * itself with the credentials it keeps (a background call), then tells its
- * services of the new token (they re-open their streams; watchers resume
- * from their last revision + 1).
+ * Whoever finds the token refused asks etcd3_auth_refresh with the time
+ * its request left: a Lua call (client:reauth, for signing in and for a
+ * unary call refused for its token), a background call (a registration's
+ * grant or put) or a stream (a watch create, a broken stream). When the
+ * token was renewed since, the request is simply tried again; else one
+ * Authenticate is started, or the one under way is joined. It is a
+ * background call with the credentials kept here; when it ends, the
+ * engine's services hear of it (token_changed): they try again, and the
+ * watch re-opens its stream for the watchers that were refused (resuming
+ * from their last revision + 1). A refusal of the credentials themselves
+ * (a wrong password) is kept and returned to everyone who asks, without
+ * asking etcd again, until new credentials are set.
  *
  * The state is the engine's "auth" service, registered on the first token
  * or credentials. The password lives only there (zeroed when freed); it
  * never appears in an error, a log line, or tostring of anything.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -22,6 +28,7 @@
 #include "auth.h"
 #include "call.h"
 #include "codec.h"
+#include "policy.h"
 #include "rpc.pb-c.h"
 
 #define AUTHENTICATE_PATH "/etcdserverpb.Auth/Authenticate"
@@ -30,8 +37,15 @@
 typedef struct auth_state {
   char *token;                  /* carried by every call and stream */
   char *user, *password;        /* for re-authenticating by itself */
-  unsigned generation;          /* bumped on every new token */
-  int refreshing;               /* a background Authenticate is under way */
+  double token_at;              /* when the token was set (etcd3_now) */
+  int refreshing;               /* the shared Authenticate is under way */
+  double refresh_started;       /* when it (or the last one) left */
+  size_t refresh_channel;       /* where it went */
+  /* how the last one failed (status OK: it did not); `refused`: etcd
+   * refused the credentials, not asked again until new ones are set */
+  grpc_status_code failure;
+  char failure_message[160];
+  int refused;
 } auth_state;
 
 static void free_secret(char **s) {
@@ -75,47 +89,61 @@ ETCD3_LOCKED static auth_state *auth_of(etcd3_engine *e) {
 ETCD3_LOCKED static void set_token(auth_state *a, const char *token) {
   free_secret(&a->token);
   a->token = token && *token ? strdup(token) : NULL;
-  a->generation++;
+  a->token_at = etcd3_now();
 }
 
-ETCD3_LOCKED int etcd3_auth_can_refresh(etcd3_engine *e, unsigned *generation) {
-  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
-  if (!a || !a->user || !a->password) return 0;
-  *generation = a->generation;
-  return 1;
-}
-
-/* Engine thread: the background Authenticate finished. */
+/* Engine thread: the shared Authenticate finished. */
 static void authenticated(etcd3_engine *e, void *arg, grpc_status_code status,
-                          grpc_byte_buffer *response) {
+                          const char *details, grpc_byte_buffer *response) {
   auth_state *a = (auth_state *)arg;
   Etcdserverpb__AuthenticateResponse *r = NULL;
-  (void)status;
   if (response)
     r = (Etcdserverpb__AuthenticateResponse *)etcd3_unpack(
         &etcdserverpb__authenticate_response__descriptor, response);
   pthread_mutex_lock(&e->mu);
   a->refreshing = 0;
-  if (!e->closed) {
-    if (r) set_token(a, r->token);
-    /* streams carry the token from their start: they re-open (after a
-     * failure too: what etcd refuses again then ends with its error) */
-    etcd3_engine_token_changed(e);
+  if (r) {
+    set_token(a, r->token);
+    a->failure = GRPC_STATUS_OK;
+  } else {
+    a->failure = status == GRPC_STATUS_OK ? GRPC_STATUS_INTERNAL : status;
+    snprintf(a->failure_message, sizeof a->failure_message, "%s",
+             details && *details ? details : etcd3_status_name((int)a->failure));
+    /* etcd looked at the credentials and said no: asking again cannot help */
+    a->refused = a->failure == GRPC_STATUS_INVALID_ARGUMENT ||
+                 a->failure == GRPC_STATUS_PERMISSION_DENIED ||
+                 a->failure == GRPC_STATUS_FAILED_PRECONDITION;
+    if (etcd3_policy_verdict(status, details, 1, 0) == ETCD3_NEXT)
+      etcd3_policy_failed(e, a->refresh_channel);
   }
+  /* everyone waiting tries again (after a failure too: a stream refused
+   * again then ends with etcd's error, a background call backs off) */
+  if (!e->closed) etcd3_engine_token_changed(e);
   pthread_mutex_unlock(&e->mu);
   if (r) protobuf_c_message_free_unpacked(&r->base, NULL);
 }
 
-ETCD3_LOCKED void etcd3_auth_refresh(etcd3_engine *e) {
+ETCD3_LOCKED int etcd3_auth_refresh(etcd3_engine *e, double since) {
   Etcdserverpb__AuthenticateRequest req = ETCDSERVERPB__AUTHENTICATE_REQUEST__INIT;
   auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
-  size_t channel;
-  if (!a || !a->user || !a->password || a->refreshing || e->closed) return;
+  if (!a || !a->user || !a->password || e->closed) return ETCD3_AUTH_CANNOT;
+  if (a->token && a->token_at >= since) return ETCD3_AUTH_RENEWED;
+  if (a->refreshing) return ETCD3_AUTH_PENDING;
+  if (a->refused) return ETCD3_AUTH_CANNOT;
   req.name = a->user;
   req.password = a->password;
-  channel = etcd3_engine_next_channel(e, e->n_channels - 1);
-  a->refreshing = etcd3_call_background(e, channel, AUTHENTICATE_PATH, etcd3_pack(&req.base),
-                                        BACKGROUND_TIMEOUT, authenticated, a);
+  a->refresh_channel = etcd3_policy_pick(e);
+  a->refresh_started = etcd3_now();
+  a->refreshing = etcd3_call_background(e, a->refresh_channel, AUTHENTICATE_PATH,
+                                        etcd3_pack(&req.base), BACKGROUND_TIMEOUT, authenticated, a);
+  return a->refreshing ? ETCD3_AUTH_PENDING : ETCD3_AUTH_CANNOT;
+}
+
+ETCD3_LOCKED const char *etcd3_auth_failure(etcd3_engine *e) {
+  auth_state *a = (auth_state *)etcd3_engine_service(e, &auth_service);
+  if (!a || !a->user) return "no credentials to authenticate with";
+  if (a->failure != GRPC_STATUS_OK) return a->failure_message;
+  return "could not start Authenticate";
 }
 
 /* ---- Lua: methods of the core client ----------------------------------- */
@@ -188,24 +216,40 @@ int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e) {
   return 0;
 }
 
-/* client:authenticate(endpoint_index, timeout) -> call: an Authenticate
- * call with the stored credentials, so the Lua client object never holds
- * the password after new(). */
-int etcd3_auth_start(lua_State *L, etcd3_engine *e, size_t channel, double timeout) {
-  const char *path;
-  const ProtobufCMethodDescriptor *m = etcd3_find_method("Auth.Authenticate", &path);
+/* client:reauth(since) -> "ok" | "pending" | nil, code, message
+ * The token renewed at or after `since` (core.now() when the refused
+ * request left)? "ok": try again. Else joins or starts the shared
+ * Authenticate ("pending": ask again once it may have ended), or says why
+ * there is none (the last one failed after `since`, or the credentials were
+ * refused). Values are read under the lock and pushed after it. */
+int etcd3_auth_reauth(lua_State *L, etcd3_engine *e) {
+  double since = luaL_checknumber(L, 2);
+  char message[160];
+  const char *state = NULL;
+  grpc_status_code code = GRPC_STATUS_UNAUTHENTICATED;
   auth_state *a;
   pthread_mutex_lock(&e->mu);
   a = (auth_state *)etcd3_engine_service(e, &auth_service);
-  if (!a || !a->user || !a->password) {
-    pthread_mutex_unlock(&e->mu);
-    return luaL_error(L, "etcd3: no credentials to authenticate with");
+  if (a && a->token && a->token_at >= since) {
+    state = "ok";
+  } else if (a && a->refreshing) {
+    state = "pending";
+  } else if (a && a->failure != GRPC_STATUS_OK && (a->refused || a->refresh_started >= since)) {
+    code = a->failure;
+  } else if (etcd3_auth_refresh(e, since) != ETCD3_AUTH_CANNOT) {
+    state = "pending";
   }
-  lua_createtable(L, 0, 2); /* stack: request */
-  lua_pushstring(L, a->user);
-  lua_setfield(L, -2, "name");
-  lua_pushstring(L, a->password);
-  lua_setfield(L, -2, "password");
+  if (!state) {
+    if (a && a->failure != GRPC_STATUS_OK) code = a->failure;
+    snprintf(message, sizeof message, "%s", etcd3_auth_failure(e));
+  }
   pthread_mutex_unlock(&e->mu);
-  return etcd3_call_start(L, e, channel, m, path, lua_gettop(L), timeout, 0);
+  if (state) {
+    lua_pushstring(L, state);
+    return 1;
+  }
+  lua_pushnil(L);
+  lua_pushstring(L, etcd3_status_name((int)code));
+  lua_pushstring(L, message);
+  return 3;
 }

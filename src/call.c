@@ -21,6 +21,7 @@
 
 #include <grpc/byte_buffer.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 
 #include "auxiliar.h"
 #include "call.h"
@@ -119,8 +120,12 @@ static void call_done(etcd3_tag *tag, int ok) {
   grpc_call *call;
   int last;
   if (!ok && c->status == GRPC_STATUS_OK) c->status = GRPC_STATUS_UNKNOWN;
-  if (c->background)
-    c->background(e, c->background_arg, c->status, c->status == GRPC_STATUS_OK ? c->recv : NULL);
+  if (c->background) {
+    char *details = c->status == GRPC_STATUS_OK ? NULL : grpc_slice_to_c_string(c->details);
+    c->background(e, c->background_arg, c->status, details,
+                  c->status == GRPC_STATUS_OK ? c->recv : NULL);
+    gpr_free(details);
+  }
   pthread_mutex_lock(&e->mu);
   call = c->call; /* unreferenced below, once nobody can cancel it */
   c->call = NULL;

@@ -20,12 +20,13 @@ int etcd3_call_start(lua_State *L, etcd3_engine *e, size_t channel,
                      int req_idx, double timeout, int pluck);
 
 /* A background call: runs `done` (if not NULL) on the engine thread, mutex
- * not held, with the status and the response (NULL unless OK), then frees
+ * not held, with the status, gRPC's or etcd's message (NULL when OK; valid
+ * during the callback only) and the response (NULL unless OK), then frees
  * itself.
  * Takes ownership of `request`. Returns 0 (and frees request) when the
  * call could not start; the caller then retries later or gives up. */
 typedef void (*etcd3_call_done)(etcd3_engine *e, void *arg, grpc_status_code status,
-                                grpc_byte_buffer *response);
+                                const char *details, grpc_byte_buffer *response);
 ETCD3_LOCKED int etcd3_call_background(etcd3_engine *e, size_t channel, const char *path,
                                        grpc_byte_buffer *request, double timeout,
                                        etcd3_call_done done, void *arg);

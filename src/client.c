@@ -12,6 +12,7 @@
  * destroyed there (DESIGN.md, "fork").
  */
 #include <poll.h>
+#include <string.h>
 
 #include "auth.h"
 #include "auxiliar.h"
@@ -20,6 +21,7 @@
 #include "codec.h"
 #include "lease.h"
 #include "notifier.h"
+#include "policy.h"
 #include "registration.h"
 #include "server_stream.h"
 #include "watch.h"
@@ -166,10 +168,74 @@ static int client_set_credentials(lua_State *L) {
   return etcd3_auth_set_credentials(L, check_open(L));
 }
 
-static int client_authenticate(lua_State *L) {
+/* client:reauth(since) -> "ok" | "pending" | nil, code, message (auth.c) */
+static int client_reauth(lua_State *L) {
+  return etcd3_auth_reauth(L, check_open(L));
+}
+
+/* ---- the request policy (policy.h), as Lua's unary calls ask it ------- */
+
+/* client:pick() -> the endpoint index a request goes to */
+static int client_pick(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel;
+  pthread_mutex_lock(&e->mu);
+  channel = etcd3_policy_pick(e);
+  pthread_mutex_unlock(&e->mu);
+  lua_pushinteger(L, (lua_Integer)channel + 1);
+  return 1;
+}
+
+/* client:failed(i): a request on endpoint i failed for the member's sake.
+ * client:prefer(i): endpoint i is the current one from now on.
+ * client:retire(i, removed): auto_sync found the member removed (or back). */
+static int client_failed(lua_State *L) {
   etcd3_engine *e = check_open(L);
   size_t channel = check_channel(L, e, 2);
-  return etcd3_auth_start(L, e, channel, luaL_checknumber(L, 3));
+  pthread_mutex_lock(&e->mu);
+  etcd3_policy_failed(e, channel);
+  pthread_mutex_unlock(&e->mu);
+  return 0;
+}
+
+static int client_prefer(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel = check_channel(L, e, 2);
+  pthread_mutex_lock(&e->mu);
+  etcd3_policy_prefer(e, channel);
+  pthread_mutex_unlock(&e->mu);
+  return 0;
+}
+
+static int client_retire(lua_State *L) {
+  etcd3_engine *e = check_open(L);
+  size_t channel = check_channel(L, e, 2);
+  int retired = lua_toboolean(L, 3);
+  pthread_mutex_lock(&e->mu);
+  etcd3_policy_retire(e, channel, retired);
+  pthread_mutex_unlock(&e->mu);
+  return 0;
+}
+
+/* client:verdict(code, message, idempotent, can_reauth) -> "next" | "reauth" | nil:
+ * what to do after a unary call failed with the gRPC code named `code`. */
+static int client_verdict(lua_State *L) {
+  const char *code = luaL_checkstring(L, 2);
+  const char *message = luaL_optstring(L, 3, NULL);
+  int status = GRPC_STATUS_UNKNOWN;
+  for (int i = 0; i <= GRPC_STATUS_UNAUTHENTICATED; i++) {
+    if (strcmp(etcd3_status_name(i), code) == 0) {
+      status = i;
+      break;
+    }
+  }
+  switch (etcd3_policy_verdict((grpc_status_code)status, message, lua_toboolean(L, 4),
+                               lua_toboolean(L, 5))) {
+  case ETCD3_NEXT: lua_pushliteral(L, "next"); break;
+  case ETCD3_REAUTH: lua_pushliteral(L, "reauth"); break;
+  default: lua_pushnil(L); break;
+  }
+  return 1;
 }
 
 static const char *const state_names[] = {
@@ -239,7 +305,9 @@ int etcd3_client_open(lua_State *L) {
     {"wait", client_wait}, {"close", client_close}, {"closed", client_closed},
     {"unusable", client_unusable}, {"lease", client_lease}, {"watch", client_watch},
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
-    {"authenticate", client_authenticate}, {"add_endpoint", client_add_endpoint},
+    {"reauth", client_reauth}, {"add_endpoint", client_add_endpoint},
+    {"pick", client_pick}, {"failed", client_failed}, {"prefer", client_prefer},
+    {"retire", client_retire}, {"verdict", client_verdict},
     {"snapshot", client_snapshot}, {"token", client_token},
     {"register", client_register}, {"notifier", client_notifier}, {NULL, NULL},
   };

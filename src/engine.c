@@ -265,19 +265,6 @@ int etcd3_engine_add_channel(etcd3_engine *e, const char *target) {
   return index;
 }
 
-/* The channel after `after` that is not known to be failing (the one after
- * it when all are). */
-ETCD3_LOCKED size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after) {
-  for (size_t k = 1; k <= e->n_channels; k++) {
-    size_t i = (after + k) % e->n_channels;
-    if (!e->channels[i].channel) continue;
-    if (grpc_channel_check_connectivity_state(e->channels[i].channel, 1) !=
-        GRPC_CHANNEL_TRANSIENT_FAILURE)
-      return i;
-  }
-  return (after + 1) % e->n_channels;
-}
-
 ETCD3_LOCKED void etcd3_engine_cond_wait(etcd3_engine *e, double seconds) {
   struct timespec until;
   long long ns;

@@ -42,6 +42,7 @@ typedef struct etcd3_tag {
 typedef struct etcd3_channel {
   char *target;       /* host:port as handed to gRPC */
   grpc_channel *channel;
+  int retired;        /* auto_sync found the member removed: never picked */
 } etcd3_channel;
 
 typedef struct etcd3_channel_options {
@@ -97,6 +98,7 @@ struct etcd3_engine {
   unsigned long news;           /* posted news Lua has not seen */
   unsigned fork_generation;     /* forks seen when the engine was made */
   size_t n_channels;            /* grows (auto_sync), never shrinks */
+  size_t current;               /* where requests start (policy.c) */
   etcd3_channel *channels;      /* ETCD3_MAX_ENDPOINTS slots */
   etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
   size_t n_services;
@@ -139,8 +141,7 @@ ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room);
 ETCD3_LOCKED void etcd3_engine_token_changed(etcd3_engine *e);
 
-/* Channels */
-ETCD3_LOCKED size_t etcd3_engine_next_channel(etcd3_engine *e, size_t after);
+/* Channels (which one a request takes is policy.h's) */
 int etcd3_engine_add_channel(etcd3_engine *e, const char *target);
 ETCD3_LOCKED grpc_completion_queue *etcd3_engine_pluck_queue(etcd3_engine *e);
 

@@ -177,8 +177,8 @@ ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMes
 ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_status_code status,
                                              const char *details) {
   keepalive_set *k = (keepalive_set *)owner;
-  (void)s; (void)status; (void)details;
-  etcd3_restream_broken(k->engine, &k->keepalive);
+  (void)s;
+  etcd3_restream_broken(k->engine, &k->keepalive, status, details);
   renewals_forgotten(k);
 }
 
@@ -201,7 +201,7 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
   }
   if (k->astray) { /* out of step with etcd's answers: as if it broke */
     etcd3_restream_close(&k->keepalive);
-    etcd3_restream_broken(e, &k->keepalive);
+    etcd3_restream_broken(e, &k->keepalive, GRPC_STATUS_UNAVAILABLE, NULL);
     renewals_forgotten(k);
   }
   if (!k->leases) {

@@ -9,8 +9,12 @@
  * or expired while no member answered; or its TTL ran out here, e.g. after
  * the process was stopped), the engine grants a new lease and puts the key
  * again as soon as a member answers: no Lua call is needed, so a process
- * stuck in a long computation stays registered. A failed grant or put is
- * tried again on the next endpoint after a backoff (0.1 s doubling to 1 s).
+ * stuck in a long computation stays registered. Grant and put follow the
+ * client's request policy (policy.h): they go to the client's current
+ * endpoint; both are safe to repeat, so a failed one is tried again after
+ * the policy's backoff (on the next endpoint when the member failed); one
+ * refused for its token renews it (the shared Authenticate) and is tried
+ * again as soon as the new token is there.
  *
  * reg:set(value) replaces the value and the engine puts it under the same
  * lease; every value has a generation, and Lua can wait until the
@@ -30,12 +34,12 @@
 #include "call.h"
 #include "codec.h"
 #include "lease.h"
+#include "auth.h"
+#include "policy.h"
 #include "registration.h"
 #include "rpc.pb-c.h"
 
 #define RENEW_EVERY 0.5
-#define MIN_BACKOFF 0.1
-#define MAX_BACKOFF 1.0
 #define CALL_TIMEOUT 5.0
 
 typedef struct registration {
@@ -51,10 +55,12 @@ typedef struct registration {
   unsigned long sending_generation;
   int granting, putting;       /* a background call is in flight */
   double grant_sent;           /* when the last LeaseGrant left */
+  double put_sent;             /* when the last Put left */
   int stopped;                 /* out of the service: Lua let go */
   int alive;                   /* the key is put under a live lease */
-  double retry_at, backoff;
-  size_t channel;
+  double retry_at;
+  etcd3_backoff backoff;
+  size_t channel;              /* where the call in flight went */
   char last_error[160];
   int news;
   struct registration *next;
@@ -65,12 +71,14 @@ typedef struct registration_list {
 } registration_list;
 
 ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, double now);
+ETCD3_LOCKED static void registrations_token_changed(etcd3_engine *e, void *state);
 ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state);
 
-/* token_changed is NULL: each grant and put is a call that carries the
- * token current when it starts. */
+/* Each grant and put carries the token current when it starts; a new
+ * token lets those that waited for it go at once. */
 static const etcd3_service_ops registration_service = {
-  "registration", registrations_tick, NULL, NULL, registrations_shutdown, free, NULL,
+  "registration", registrations_tick, NULL, registrations_token_changed, registrations_shutdown,
+  free, NULL,
 };
 
 static void registration_unref(registration *r) {
@@ -86,13 +94,33 @@ ETCD3_LOCKED static void set_alive(registration *r, int alive) {
   etcd3_news_post(r->engine, &r->news);
 }
 
-/* A grant or put failed: try again on the next endpoint after a backoff. */
-ETCD3_LOCKED static void failed(registration *r, const char *what, grpc_status_code status) {
-  snprintf(r->last_error, sizeof r->last_error, "%s failed: %s", what,
-           etcd3_status_name((int)status));
-  r->channel = etcd3_engine_next_channel(r->engine, r->channel);
-  r->retry_at = etcd3_now() + r->backoff;
-  r->backoff = r->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : r->backoff * 2;
+/* A grant or put that left at `sent` failed: the policy says when and
+ * where it goes again (both are safe to repeat). */
+ETCD3_LOCKED static void failed(registration *r, const char *what, grpc_status_code status,
+                                const char *details, double sent) {
+  etcd3_engine *e = r->engine;
+  snprintf(r->last_error, sizeof r->last_error, "%s failed: %s%s%s", what,
+           etcd3_status_name((int)status), details && *details ? ": " : "",
+           details ? details : "");
+  if (etcd3_policy_verdict(status, details, 1, 1) == ETCD3_REAUTH) {
+    switch (etcd3_auth_refresh(e, sent)) {
+    case ETCD3_AUTH_RENEWED:
+      r->retry_at = 0; /* a newer token is there already */
+      return;
+    case ETCD3_AUTH_PENDING:
+      r->retry_at = etcd3_now() + CALL_TIMEOUT; /* token_changed lets it go */
+      return;
+    default:
+      snprintf(r->last_error, sizeof r->last_error, "%s failed: %s; Authenticate: %s", what,
+               etcd3_status_name((int)status), etcd3_auth_failure(e));
+      break;
+    }
+  } else {
+    /* a member that failed, timed out or said no: the next one, as a
+     * read would (the engine repeats these calls, whatever the error) */
+    etcd3_policy_failed(e, r->channel);
+  }
+  r->retry_at = etcd3_now() + etcd3_backoff_next(&r->backoff);
 }
 
 ETCD3_LOCKED static void drop_lease(registration *r) {
@@ -104,7 +132,7 @@ ETCD3_LOCKED static void drop_lease(registration *r) {
 }
 
 /* Engine thread, unlocked: a LeaseGrant answered. */
-static void granted(etcd3_engine *e, void *arg, grpc_status_code status,
+static void granted(etcd3_engine *e, void *arg, grpc_status_code status, const char *details,
                     grpc_byte_buffer *response) {
   registration *r = (registration *)arg;
   Etcdserverpb__LeaseGrantResponse *g = NULL;
@@ -114,7 +142,9 @@ static void granted(etcd3_engine *e, void *arg, grpc_status_code status,
   pthread_mutex_lock(&e->mu);
   r->granting = 0;
   if (!g || g->id == 0 || (g->error && *g->error)) {
-    failed(r, "LeaseGrant", status == GRPC_STATUS_OK ? GRPC_STATUS_INTERNAL : status);
+    if (g && g->error && *g->error) details = g->error;
+    failed(r, "LeaseGrant", status == GRPC_STATUS_OK ? GRPC_STATUS_INTERNAL : status, details,
+           r->grant_sent);
   } else if (r->stopped) {
     /* let go while the grant was under way: nothing may stay behind */
     Etcdserverpb__LeaseRevokeRequest revoke = ETCDSERVERPB__LEASE_REVOKE_REQUEST__INIT;
@@ -137,7 +167,7 @@ static void granted(etcd3_engine *e, void *arg, grpc_status_code status,
 }
 
 /* Engine thread, unlocked: a Put answered. */
-static void put_done(etcd3_engine *e, void *arg, grpc_status_code status,
+static void put_done(etcd3_engine *e, void *arg, grpc_status_code status, const char *details,
                      grpc_byte_buffer *response) {
   registration *r = (registration *)arg;
   (void)response;
@@ -145,14 +175,14 @@ static void put_done(etcd3_engine *e, void *arg, grpc_status_code status,
   r->putting = 0;
   if (status == GRPC_STATUS_OK) {
     r->put_generation = r->sending_generation;
-    r->backoff = MIN_BACKOFF;
+    etcd3_backoff_reset(&r->backoff);
     r->last_error[0] = '\0';
     if (r->lease && etcd3_lease_alive(r->lease, etcd3_now())) set_alive(r, 1);
     etcd3_news_post(e, &r->news); /* a set() may wait for this generation */
   } else if (status == GRPC_STATUS_NOT_FOUND) {
     drop_lease(r); /* the lease went before the key got under it */
   } else {
-    failed(r, "Put", status);
+    failed(r, "Put", status, details, r->put_sent);
   }
   registration_unref(r);
   pthread_mutex_unlock(&e->mu);
@@ -163,11 +193,12 @@ ETCD3_LOCKED static void start_grant(etcd3_engine *e, registration *r) {
   req.ttl = r->ttl;
   r->refs++;
   r->grant_sent = etcd3_now();
+  r->channel = etcd3_policy_pick(e);
   r->granting = etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseGrant",
                                       etcd3_pack(&req.base), CALL_TIMEOUT, granted, r);
   if (!r->granting) {
     r->refs--;
-    failed(r, "LeaseGrant", GRPC_STATUS_UNAVAILABLE);
+    failed(r, "LeaseGrant", GRPC_STATUS_UNAVAILABLE, NULL, r->grant_sent);
   }
 }
 
@@ -180,11 +211,13 @@ ETCD3_LOCKED static void start_put(etcd3_engine *e, registration *r) {
   req.lease = r->lease_id;
   r->sending_generation = r->value_generation;
   r->refs++;
+  r->put_sent = etcd3_now();
+  r->channel = etcd3_policy_pick(e);
   r->putting = etcd3_call_background(e, r->channel, "/etcdserverpb.KV/Put",
                                      etcd3_pack(&req.base), CALL_TIMEOUT, put_done, r);
   if (!r->putting) {
     r->refs--;
-    failed(r, "Put", GRPC_STATUS_UNAVAILABLE);
+    failed(r, "Put", GRPC_STATUS_UNAVAILABLE, NULL, r->put_sent);
   }
 }
 
@@ -208,6 +241,19 @@ ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, doub
     }
   }
   return next;
+}
+
+/* A new token (or the shared Authenticate failed): those waiting for it
+ * go now. */
+ETCD3_LOCKED static void registrations_token_changed(etcd3_engine *e, void *state) {
+  registration_list *list = (registration_list *)state;
+  int any = 0;
+  for (registration *r = list->head; r; r = r->next) {
+    if (r->granting || r->putting || r->retry_at == 0) continue;
+    r->retry_at = 0;
+    any = 1;
+  }
+  if (any) registrations_tick(e, list, etcd3_now());
 }
 
 ETCD3_LOCKED static void unlink_registration(registration_list *list, registration *r) {
@@ -265,7 +311,7 @@ int etcd3_registration_new(lua_State *L, etcd3_engine *e) {
   r = (registration *)etcd3_bound_new(L, ETCD3_REGISTRATION_MT, sizeof *r, e);
   r->refs = 1;
   r->ttl = ttl;
-  r->backoff = MIN_BACKOFF;
+  etcd3_backoff_reset(&r->backoff);
   r->value_generation = 1;
   r->stopped = 1; /* until it is listed */
   etcd3_engine_ref(e);
@@ -276,7 +322,6 @@ int etcd3_registration_new(lua_State *L, etcd3_engine *e) {
   if (list && !e->closed) {
     r->stopped = 0;
     r->refs++;
-    r->channel = etcd3_engine_next_channel(e, e->n_channels - 1);
     r->next = list->head;
     list->head = r;
     registrations_tick(e, list, etcd3_now()); /* the grant leaves now */

@@ -21,6 +21,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/slice.h>
 
+#include "auth.h"
 #include "codec.h"
 #include "stream.h"
 
@@ -244,15 +245,13 @@ ETCD3_LOCKED void etcd3_stream_close(etcd3_stream *s) {
 
 /* ---- the re-opening stream -------------------------------------------- */
 
-#define MIN_BACKOFF 0.1
-#define MAX_BACKOFF 1.0
-
 void etcd3_restream_init(etcd3_restream *r, const char *path, int hasleader,
                          const etcd3_stream_ops *ops) {
   r->stream = NULL;
   r->channel = 0;
+  r->opened_at = 0;
   r->reopen_at = 0;
-  r->backoff = MIN_BACKOFF;
+  etcd3_backoff_reset(&r->backoff);
   r->path = path;
   r->hasleader = hasleader;
   r->ops = ops;
@@ -261,18 +260,24 @@ void etcd3_restream_init(etcd3_restream *r, const char *path, int hasleader,
 ETCD3_LOCKED etcd3_stream *etcd3_restream_open(etcd3_engine *e, etcd3_restream *r, void *owner,
                                                double now) {
   if (r->stream || now < r->reopen_at) return r->stream;
+  r->channel = etcd3_policy_pick(e);
+  r->opened_at = now;
   r->stream = etcd3_stream_start(e, r->channel, r->path, r->hasleader, r->ops, owner);
-  if (!r->stream) r->reopen_at = now + r->backoff;
+  if (!r->stream) r->reopen_at = now + etcd3_backoff_next(&r->backoff);
   return r->stream;
 }
 
-ETCD3_LOCKED void etcd3_restream_healthy(etcd3_restream *r) { r->backoff = MIN_BACKOFF; }
+ETCD3_LOCKED void etcd3_restream_healthy(etcd3_restream *r) { etcd3_backoff_reset(&r->backoff); }
 
-ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r) {
+ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r,
+                                        grpc_status_code status, const char *details) {
   r->stream = NULL;
-  r->channel = etcd3_engine_next_channel(e, r->channel);
-  r->reopen_at = etcd3_now() + r->backoff;
-  r->backoff = r->backoff * 2 > MAX_BACKOFF ? MAX_BACKOFF : r->backoff * 2;
+  /* refused for its token: renewed (or being renewed) before it re-opens;
+   * the member is fine. Anything else: the next member. */
+  if (etcd3_policy_verdict(status, details, 1, 1) != ETCD3_REAUTH ||
+      etcd3_auth_refresh(e, r->opened_at) == ETCD3_AUTH_CANNOT)
+    etcd3_policy_failed(e, r->channel);
+  r->reopen_at = etcd3_now() + etcd3_backoff_next(&r->backoff);
 }
 
 ETCD3_LOCKED void etcd3_restream_close(etcd3_restream *r) {

@@ -9,6 +9,7 @@
 #include <protobuf-c/protobuf-c.h>
 
 #include "engine.h"
+#include "policy.h"
 
 typedef struct etcd3_stream etcd3_stream;
 
@@ -31,14 +32,17 @@ ETCD3_LOCKED int etcd3_stream_send(etcd3_stream *s, const ProtobufCMessage *msg)
 /* The owner lets go: cancelled, frees itself; no callback follows. */
 ETCD3_LOCKED void etcd3_stream_close(etcd3_stream *s);
 
-/* A stream a service keeps open while it needs one: when it breaks, the
- * next one opens on the next endpoint, after a backoff that doubles from
- * 0.1 s up to 1 s and starts over once a message arrives. */
+/* A stream a service keeps open while it needs one, under the client's
+ * request policy (policy.h): it opens on the current endpoint; when it
+ * breaks, that endpoint is marked failed and the next one opens after the
+ * policy's backoff (which starts over once a message arrives). A break for
+ * the stream's token renews it first (the shared Authenticate). */
 typedef struct etcd3_restream {
   etcd3_stream *stream;   /* NULL while none is open */
-  size_t channel;         /* where the next one opens */
+  size_t channel;         /* where the open (or last) one went */
+  double opened_at;       /* when it opened (its token is from then) */
   double reopen_at;       /* not before (monotonic) */
-  double backoff;
+  etcd3_backoff backoff;
   const char *path;
   int hasleader;
   const etcd3_stream_ops *ops;
@@ -50,7 +54,10 @@ void etcd3_restream_init(etcd3_restream *r, const char *path, int hasleader,
 ETCD3_LOCKED etcd3_stream *etcd3_restream_open(etcd3_engine *e, etcd3_restream *r, void *owner,
                                                double now);
 ETCD3_LOCKED void etcd3_restream_healthy(etcd3_restream *r); /* a message came */
-ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r); /* on_closed */
+/* The stream ended with `status` and `details` (on_closed), or its owner
+ * found it out of step (UNAVAILABLE, NULL). */
+ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r,
+                                        grpc_status_code status, const char *details);
 ETCD3_LOCKED void etcd3_restream_close(etcd3_restream *r);   /* no longer needed */
 
 #endif

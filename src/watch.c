@@ -110,7 +110,7 @@ struct watch_wire {
   int created, on_stream, cancel_wanted, ended;
   int confirmed;               /* etcd answered the create on this stream */
   uint64_t create_seq;         /* order of the create on this stream */
-  unsigned auth_generation;    /* token generation of the last auth retry */
+  int auth_retried;            /* refused for its token: renewed once */
   int awaiting_auth;           /* not re-created until the new token is in */
   response_list fragments;
   etcd3_watcher *watchers;     /* its subscribers, doubly linked */
@@ -509,15 +509,20 @@ ETCD3_LOCKED static void advance(watch_wire *wire, int64_t revision) {
     if (w->created && revision > w->revision) w->revision = revision;
 }
 
+/* etcd 3.4 refuses a create whose stream's token expired with "permission
+ * denied" (it cannot tell an expired token from a missing permission
+ * there): renewing the token once tells them apart. */
 static int is_auth_refusal(const char *reason) {
-  return reason && (strstr(reason, "permission denied") || strstr(reason, "auth token") ||
-                    strstr(reason, "user name is empty"));
+  return reason && (strstr(reason, "permission denied") ||
+                    etcd3_policy_token_refused(GRPC_STATUS_OK, reason));
 }
+
+ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
 
 ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   watch_mux *m = (watch_mux *)owner;
   etcd3_engine *e = m->engine;
-  unsigned generation;
+  int renewal;
   Etcdserverpb__WatchResponse *r = (Etcdserverpb__WatchResponse *)msg;
   int64_t header_rev = r->header ? r->header->revision : 0;
   watch_wire *w;
@@ -558,6 +563,7 @@ ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, Protobu
       w->knows_revision = 1;
     }
     w->created = 1;
+    w->auth_retried = 0;
     for (etcd3_watcher *sub = w->watchers; sub; sub = sub->next) {
       /* from here on, what the wire delivers is the watcher's */
       if (sub->floor < w->revision) sub->floor = w->revision;
@@ -575,14 +581,14 @@ ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, Protobu
       end_wire(w, "COMPACTED", m, r->compact_revision);
     } else if (w->cancel_wanted) {
       end_wire(w, NULL, NULL, 0);
-    } else if (is_auth_refusal(r->cancel_reason) && etcd3_auth_can_refresh(e, &generation) &&
-               w->auth_generation != generation) {
-      /* the token expired: authenticate again, then create it once more
-       * (from its last revision + 1) on a stream with the new token */
-      w->auth_generation = generation;
+    } else if (is_auth_refusal(r->cancel_reason) && !w->auth_retried &&
+               (renewal = etcd3_auth_refresh(e, m->watch.opened_at)) != ETCD3_AUTH_CANNOT) {
+      /* the stream's token expired: once a new one is there, create it
+       * once more (from its last revision + 1) on a stream carrying it */
+      w->auth_retried = 1;
       w->awaiting_auth = 1;
-      etcd3_auth_refresh(e);
       protobuf_c_message_free_unpacked(msg, NULL);
+      if (renewal == ETCD3_AUTH_RENEWED) watch_restart(e, m);
       return;
     } else if (is_auth_refusal(r->cancel_reason)) {
       end_wire(w, "PERMISSION_DENIED", r->cancel_reason, 0);
@@ -641,18 +647,23 @@ ETCD3_LOCKED static void detach_stream(watch_mux *m) {
 ETCD3_LOCKED static void on_watch_closed(void *owner, etcd3_stream *s, grpc_status_code status,
                                          const char *details) {
   watch_mux *m = (watch_mux *)owner;
-  (void)s; (void)details;
-  /* the next endpoint, after a short backoff */
-  etcd3_restream_broken(m->engine, &m->watch);
+  (void)s;
+  /* the next endpoint after a short backoff, or a new token (policy.h) */
+  etcd3_restream_broken(m->engine, &m->watch, status, details);
   detach_stream(m);
-  if (status == GRPC_STATUS_UNAUTHENTICATED) etcd3_auth_refresh(m->engine);
 }
 
-/* A new token: streams carry theirs from the start, so re-open. */
+/* A new token (or the shared Authenticate ended without one): a stream
+ * carries its token from its start, so the stream re-opens when wires
+ * were refused for theirs; it is left alone otherwise. */
 ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state) {
   watch_mux *m = (watch_mux *)state;
-  for (watch_wire *w = m->wires; w; w = w->next) w->awaiting_auth = 0;
-  if (!m->watch.stream) return;
+  int refused = 0;
+  for (watch_wire *w = m->wires; w; w = w->next) {
+    refused |= w->awaiting_auth;
+    w->awaiting_auth = 0;
+  }
+  if (!refused || !m->watch.stream) return;
   etcd3_restream_close(&m->watch);
   detach_stream(m);
   m->watch.reopen_at = 0;

@@ -290,7 +290,7 @@ function Client:snapshot(path, opts)
   local part = path .. ".part"
   local file, open_err = io_open(part, "wb")
   if not file then return nil, snapshot_error("cannot write the snapshot: " .. open_err) end
-  local stream = handle:snapshot(index or self._endpoints:pick(handle))
+  local stream = handle:snapshot(index or handle:pick())
   local deadline = now() + (opts.timeout or math_max(self.timeout, 60))
   local size, revision = 0, nil
   local err

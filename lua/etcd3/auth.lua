@@ -1,58 +1,59 @@
 --- Authentication of a client: signing in with user and password, and
--- signing in again when etcd rejects an expired token.
+-- signing in again when etcd refuses a token.
 --
 -- The password is handed to the C module once and kept there only (the
--- client object never holds it); the token C receives rides on every call
--- and stream. Auth administration (users, roles) is in admin.lua.
+-- client object never holds it); the token rides on every call and stream.
+-- Signing in (again) is the engine's shared Authenticate (src/auth.c):
+-- a Lua call refused for its token, a background service and a watch
+-- whose token expired at the same moment all wait for the same one. Auth
+-- administration (users, roles) is in admin.lua.
 local core = require "etcd3.core"
+local errors = require "etcd3.error"
 local wait = require "etcd3.wait"
 
-local math_max = math.max
 local now = core.now
 
 local _M = {}
 
---- Authenticates with the credentials kept in C, trying the endpoints in
--- turn while they are UNAVAILABLE. true | nil, err
+--- Waits until the client holds a token newer than `since` (core.now()
+-- when the refused request left): joins or starts the shared
+-- Authenticate, and tries the next endpoint while members are
+-- UNAVAILABLE, within `deadline`. true | nil, err (etcd's refusal of the
+-- credentials comes back as it is, never retried).
 ---@param client etcd3.Client
----@param timeout number seconds
----@return true|nil ok
+---@param since number
+---@param deadline number
+---@return boolean|nil ok
 ---@return etcd3.Error? err
-function _M.authenticate(client, timeout)
-  local handle, set = client._core, client._endpoints
-  local deadline = now() + timeout
-  local err
-  for _ = 1, #set.list do
-    local i = set:pick(handle)
-    local call = handle:authenticate(i, math_max(deadline - now(), 0))
-    local res, call_err, completed = wait.for_response(client, call, deadline, "Auth.Authenticate")
-    if res then
-      handle:set_token(res.token)
-      return true
+function _M.renew(client, since, deadline)
+  local handle = client._core
+  local pending = wait.polling_op(function() return handle:reauth(since) ~= "pending" end)
+  for _ = 1, #client._endpoints.list do
+    local state, code, message = handle:reauth(since)
+    if state == "pending" then
+      local ready, err = wait.until_ready(client, pending, deadline, "Auth.Authenticate",
+        "no answer to Authenticate in time")
+      if not ready then return nil, err end
+      state, code, message = handle:reauth(since)
     end
-    if not completed then return nil, call_err end
-    err = call_err
-    if err.code ~= "UNAVAILABLE" then break end
-    set:failed(i)
+    if state == "ok" then return true end
+    -- the engine moved on to the next member: a new Authenticate goes there
+    if code ~= "UNAVAILABLE" or now() >= deadline then
+      return nil, errors.new(code, message, "Auth.Authenticate")
+    end
+    since = now()
   end
-  return nil, err
+  return nil, errors.new("UNAVAILABLE", "no member answered Authenticate", "Auth.Authenticate")
 end
 
 --- Hands user and password to C and authenticates (etcd3.new's `user`).
 ---@param client etcd3.Client
----@return true|nil ok
+---@return boolean|nil ok
 ---@return etcd3.Error? err
 function _M.sign_in(client, user, password, timeout)
   client._core:set_credentials(user, password)
-  return _M.authenticate(client, timeout)
-end
-
---- Whether an error with `code` may go away by signing in again: etcd's
--- simple tokens live --auth-token-ttl seconds, then it answers
--- UNAUTHENTICATED. Repeating the request afterwards is safe for writes
--- too: etcd refused it before applying it.
-function _M.token_expired(client, code)
-  return code == "UNAUTHENTICATED" and client._user ~= nil
+  local started = now()
+  return _M.renew(client, started, started + timeout)
 end
 
 --- Gives `to` the token `from` holds (a sibling client for one member).

@@ -1,9 +1,10 @@
 --- The client: its configuration, and how one request is run.
 --
 -- The C module (etcd3.core) starts calls and reports connectivity; this
--- file holds the policy of a request: what is retried, how the caller
--- waits, and how failures become error objects. Which endpoint a request
--- goes to is endpoints.lua's; signing in is auth.lua's; the methods users
+-- file runs a request's loop: how the caller waits, and how failures
+-- become error objects. Which endpoint, what is retried and when the
+-- token is renewed is the engine's request policy (src/policy.h), shared
+-- with its background services; signing in is auth.lua's; the methods users
 -- call live in the file of their service (kv, txn, lease, watch, admin).
 local core = require "etcd3.core"
 local check = require "etcd3.check"
@@ -14,7 +15,7 @@ local endpoints = require "etcd3.endpoints"
 local auth = require "etcd3.auth"
 
 local setmetatable, tostring, io_open = setmetatable, tostring, io.open
-local math_floor, math_max = math.floor, math.max
+local math_floor = math.floor
 local now = core.now
 
 ---@alias etcd3.WaitFunction fun(client: etcd3.Client, timeout: number, op: { ready: fun(self: table): boolean })
@@ -160,10 +161,10 @@ function Client:_handle(fname)
 end
 
 --- Runs one unary RPC: `req` is the request table, `timeout` the seconds
--- allowed (nil: the client's), `idempotent` whether a failure with
--- UNAVAILABLE may be retried on the next endpoint (reads: yes; writes:
--- never, once they may have reached a member); `endpoint` (an index)
--- aims the call at one member, without retries elsewhere.
+-- allowed (nil: the client's), `idempotent` whether it is a read;
+-- `endpoint` (an index) aims the call at one member, without retries
+-- elsewhere. What is retried, where, and when the token is renewed is the
+-- engine's request policy (src/policy.h), asked only after a failure.
 -- Returns the response table or nil, err.
 function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   local handle = self:_handle(fname)
@@ -179,13 +180,15 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   if prefix then req = namespace.wrap_request(prefix, rpc, req) end
   local err
   local reauthenticated = false
-  local attempt, attempts = 0, idempotent and #set.list or 1
+  local sent = started
+  local attempt, attempts = 0, #set.list
   while attempt < attempts do
     attempt = attempt + 1
-    local i = endpoint or set:pick(handle)
+    local i = endpoint or handle:pick()
     -- the first attempt has the whole timeout (no second clock reading)
     local left = attempt == 1 and deadline - started or deadline - now()
     if left <= 0 then break end
+    if attempt > 1 then sent = now() end
     local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
     local res, call_err, completed = wait.for_response(self, call, deadline, rpc)
     if res then
@@ -195,17 +198,17 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
     if not completed then return nil, call_err end
     err = call_err
     err.message = endpoints.explain(self, err.message)
-    local code = err.code
-    if not reauthenticated and auth.token_expired(self, code) then
+    local verdict = handle:verdict(err.code, err.message, idempotent, self._user ~= nil and not reauthenticated)
+    if verdict == "reauth" then
       -- once per request: a second refusal is etcd's answer
       reauthenticated = true
-      local ok, auth_err = auth.authenticate(self, math_max(deadline - now(), 0.1))
+      local ok, auth_err = auth.renew(self, sent, deadline)
       if not ok then return nil, auth_err end
       attempts = attempts + 1
-    elseif code ~= "UNAVAILABLE" or endpoint then
+    elseif verdict ~= "next" or endpoint then
       return nil, err
     else
-      set:failed(i)
+      handle:failed(i)
     end
   end
   return nil, err or errors.new("DEADLINE_EXCEEDED", "deadline exceeded", rpc)

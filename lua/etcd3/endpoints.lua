@@ -1,10 +1,12 @@
---- Endpoints: the one reader of endpoint URLs, and the policy of which
--- member a request goes to.
+--- Endpoints: the one reader of endpoint URLs, dialing, and auto_sync.
 --
 -- A client's endpoint set holds its "host:port" list in the order of the
--- core handle's channels (index i is channel i), the current one, and the
--- ones auto_sync found removed from the cluster (kept in the list, because
--- channel indexes never move, but never picked).
+-- core handle's channels (index i is channel i) and the ones auto_sync
+-- found removed from the cluster (kept in the list, because channel
+-- indexes never move). Which member a request goes to is the engine's
+-- request policy (src/policy.h), the same for Lua's calls and the
+-- engine's background services: pick/failed here only ask it, and a
+-- removed member is handed to it (retire) so nobody picks it.
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
@@ -95,7 +97,6 @@ end
 
 ---@class etcd3.EndpointSet
 ---@field list string[] every "host:port", index = the core handle's channel
----@field current integer the index the next request starts on
 ---@field retired table<integer, true> indexes auto_sync found removed
 ---@field sync_interval number? auto_sync: seconds between refreshes
 ---@field next_sync number? auto_sync: when the next refresh is due
@@ -106,29 +107,7 @@ EndpointSet.__index = EndpointSet
 ---@param list string[]
 ---@return etcd3.EndpointSet
 function _M.new_set(list)
-  return setmetatable({ list = list, current = 1, retired = {} }, EndpointSet)
-end
-
---- The endpoint a request goes to: the current one unless it is known to
--- be failing (or was removed from the cluster) while another is not.
-function EndpointSet:pick(handle)
-  local current, count, retired = self.current, #self.list, self.retired
-  if count == 1 or (not retired[current] and handle:state(current) ~= "TRANSIENT_FAILURE") then
-    return current
-  end
-  for step = 1, count - 1 do
-    local i = (current + step - 1) % count + 1
-    if not retired[i] and handle:state(i, true) ~= "TRANSIENT_FAILURE" then
-      self.current = i
-      return i
-    end
-  end
-  return current
-end
-
---- Endpoint `i` failed: the next request starts on the next one.
-function EndpointSet:failed(i)
-  if self.current == i then self.current = i % #self.list + 1 end
+  return setmetatable({ list = list, retired = {} }, EndpointSet)
 end
 
 --- The index of an endpoint given as "host:port" or a URL, or nil when it
@@ -202,7 +181,7 @@ function _M.dial(client, dial_timeout)
   local op = wait.polling_op(function()
     for i = 1, #set.list do
       if handle:state(i, true) == "READY" then
-        set.current = i
+        handle:prefer(i)
         return true
       end
     end
@@ -213,7 +192,7 @@ function _M.dial(client, dial_timeout)
   if err then return nil, err end
   return nil, errors.new("UNAVAILABLE",
     ("no endpoint answered within dial_timeout (%gs): %s%s"):format(dial_timeout, tostring(set),
-      _M.why(client, set.current)), "new")
+      _M.why(client, handle:pick())), "new")
 end
 
 -- auto_sync ---------------------------------------------------------------
@@ -236,7 +215,7 @@ local function merge_members(set, handle, members)
       live[target] = true
       local known = false
       for i, host_port in ipairs(set.list) do
-        if host_port == target then known = true; set.retired[i] = nil end
+        if host_port == target then known = true; set.retired[i] = nil; handle:retire(i, false) end
       end
       if not known then
         local index = handle:add_endpoint(target)
@@ -245,7 +224,7 @@ local function merge_members(set, handle, members)
     end
   end
   for i, host_port in ipairs(set.list) do
-    if not live[host_port] then set.retired[i] = true end
+    if not live[host_port] then set.retired[i] = true; handle:retire(i, true) end
   end
 end
 

@@ -192,7 +192,7 @@ function Client:watch(key, opts)
   local deadline = now() + (opts.timeout or self.timeout)
   local ok, err = wait.until_ready(self, created, deadline, "Watch.Watch")
   if not ok and err.code == "DEADLINE_EXCEEDED" then
-    err.message = "etcd did not confirm the watch in time" .. endpoints.why(self, self._endpoints.current)
+    err.message = "etcd did not confirm the watch in time" .. endpoints.why(self, self._core:pick())
   end
   if not ok then
     state:cancel()
