@@ -189,33 +189,23 @@ static int client_pick(lua_State *L) {
 /* client:failed(i): a request on endpoint i failed for the member's sake.
  * client:prefer(i): endpoint i is the current one from now on.
  * client:retire(i, removed): auto_sync found the member removed (or back). */
-static int client_failed(lua_State *L) {
-  etcd3_engine *e = check_open(L);
-  size_t channel = check_channel(L, e, 2);
-  pthread_mutex_lock(&e->mu);
-  etcd3_policy_failed(e, channel);
-  pthread_mutex_unlock(&e->mu);
-  return 0;
-}
+enum { STEP_FAILED, STEP_PREFER, STEP_RETIRE };
 
-static int client_prefer(lua_State *L) {
-  etcd3_engine *e = check_open(L);
-  size_t channel = check_channel(L, e, 2);
-  pthread_mutex_lock(&e->mu);
-  etcd3_policy_prefer(e, channel);
-  pthread_mutex_unlock(&e->mu);
-  return 0;
-}
-
-static int client_retire(lua_State *L) {
+static int channel_step(lua_State *L, int step) {
   etcd3_engine *e = check_open(L);
   size_t channel = check_channel(L, e, 2);
   int retired = lua_toboolean(L, 3);
   pthread_mutex_lock(&e->mu);
-  etcd3_policy_retire(e, channel, retired);
+  if (step == STEP_FAILED) etcd3_policy_failed(e, channel);
+  else if (step == STEP_PREFER) etcd3_policy_prefer(e, channel);
+  else etcd3_policy_retire(e, channel, retired);
   pthread_mutex_unlock(&e->mu);
   return 0;
 }
+
+static int client_failed(lua_State *L) { return channel_step(L, STEP_FAILED); }
+static int client_prefer(lua_State *L) { return channel_step(L, STEP_PREFER); }
+static int client_retire(lua_State *L) { return channel_step(L, STEP_RETIRE); }
 
 /* client:verdict(code, message, idempotent, can_reauth) -> "next" | "reauth" | nil:
  * what to do after a unary call failed with the gRPC code named `code`. */

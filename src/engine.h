@@ -17,6 +17,13 @@
  *
  * Locking: a function or callback marked ETCD3_LOCKED is called with the
  * engine mutex (e->mu) held, and must not take it again.
+ *
+ * The lock rule: no Lua value is made while e->mu is held. Any Lua
+ * allocation (a pushed string, a new table or userdata) may run the garbage
+ * collector, whose finalisers (a dropped call's, a watcher's) take e->mu:
+ * the thread would wait on itself. And a Lua API call may raise, leaving
+ * the mutex locked. Read what is needed under the lock into C memory (or
+ * Lua-owned memory allocated before taking it), unlock, then push.
  */
 #ifndef ETCD3_ENGINE_H
 #define ETCD3_ENGINE_H
