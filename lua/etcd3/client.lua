@@ -4,7 +4,8 @@
 -- file holds the policy of a request: what is retried, how the caller
 -- waits, and how failures become error objects. Which endpoint a request
 -- goes to is endpoints.lua's; signing in is auth.lua's; the methods users
--- call live in the file of their service (kv, txn, lease, watch, admin).
+-- call live in the file of their service (kv, txn, lease, watch, admin,
+-- registration, concurrency, mirror).
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
@@ -42,7 +43,8 @@ local now = core.now
 ---@field server_name? string name to verify the server's certificate against
 
 --- A connection to an etcd cluster. Its methods are in the files of their
--- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua.
+-- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua,
+-- registration.lua, concurrency.lua, mirror.lua (init.lua hands them over).
 ---@class etcd3.Client
 ---@field timeout number default deadline of each request, seconds
 ---@field _core userdata the etcd3.core handle
