@@ -57,12 +57,16 @@ Client.__index = Client
 -- `local cli <close> = etcd3.new {...}` on Lua 5.4
 Client.__close = function(self) self:close() end
 
+-- etcd3.new's options (name -> kind, as check.options takes them): the one
+-- list of them. ngx.lua's mirror{} accepts each of these too and passes
+-- them on, so a field added here is taken there as well. Read-only.
 local CONFIG = {
   endpoints = "any", timeout = "number", dial_timeout = "number",
   keepalive_time = "number", max_recv_bytes = "integer", wait = "function",
   user = "string", password = "string", tls = "table", namespace = "string",
   auto_sync = "number",
 }
+Client.CONFIG = CONFIG
 local TLS = { ca = "string", cert = "string", key = "string", server_name = "string" }
 
 local DEFAULT_MAX_RECV = 2 ^ 31 - 1
