@@ -30,7 +30,8 @@ local PROBE = [[
     end))
 ]]
 
-local function config(endpoint, dict_size, prefix)
+--- `extra`: more fields of the mirror{} call (Lua text, ", name = value").
+local function config(endpoint, dict_size, prefix, extra)
   return [[
   lua_shared_dict etcd_cfg ]] .. dict_size .. [[;
   lua_shared_dict lat 1m;
@@ -40,7 +41,8 @@ local function config(endpoint, dict_size, prefix)
   }
   init_worker_by_lua_block {
     local ngxm = require "etcd3.ngx"
-    ngxm.mirror { dict = "etcd_cfg", prefix = "]] .. prefix .. [[", endpoints = "]] .. endpoint .. [[" }
+    ngxm.mirror { dict = "etcd_cfg", prefix = "]] .. prefix .. [[", endpoints = "]] .. endpoint .. [["]]
+      .. (extra or "") .. [[ }
 ]] .. PROBE .. [[
   }
   server {
@@ -93,6 +95,25 @@ local function config(endpoint, dict_size, prefix)
         e(function() return ngxm.view("etcd_cfg"):get(1) end)
         e(ngxm.mirror, { prefix = "/m/" })
         e(ngxm.mirror, { dict = "etcd_cfg", prefix = "/m/" })
+        e(ngxm.mirror, { dict = "etcd_cfg", prefix = "/m/", namespaces = "/x" })
+        e(ngxm.mirror, { dict = "etcd_cfg", prefix = "/m/", namespace = 5 })
+      }
+    }
+    location = /client_options {
+      content_by_lua_block {
+        -- each etcd3.new option, alone, with a value of its kind: mirror{}
+        -- takes it (the error is then the phase's, not the option's)
+        local ngxm = require "etcd3.ngx"
+        local sample = { any = "127.0.0.1:1", number = 5, integer = 5, string = "s",
+                         ["function"] = function() end, table = {} }
+        for name, kind in pairs(require("etcd3.client").CONFIG) do
+          if sample[kind] == nil then
+            ngx.say(name, " no sample value of kind ", tostring(kind), " in this spec")
+          else
+            local _, err = pcall(ngxm.mirror, { dict = "etcd_cfg", prefix = "/m/", [name] = sample[kind] })
+            ngx.say(name, " ", err)
+          end
+        end
       }
     }
     location = /wait {
@@ -413,7 +434,59 @@ describe("etcd3.ngx", function()
     assert.matches("bad argument #1 to 'etcd3.view:get' (string expected, got 1)", body, 1, true)
     assert.matches("etcd3.ngx.mirror: option 'dict' (a lua_shared_dict's name) is required", body, 1, true)
     assert.matches("etcd3.ngx.mirror: call it in init_worker_by_lua*", body, 1, true)
+    assert.matches("etcd3.ngx.mirror: unknown option 'namespaces'", body, 1, true)
+    assert.matches("etcd3.ngx.mirror: option 'namespace': string expected, got number", body, 1, true)
     assert.is_nil(body:find("no error", 1, true))
+  end)
+
+  it("takes every etcd3.new option", function()
+    local seen = {}
+    for name, err in server:get("/client_options"):gmatch("(%S+) ([^\n]*)") do
+      seen[name] = true
+      assert.matches("etcd3.ngx.mirror: call it in init_worker_by_lua*", err, 1, true)
+    end
+    for name in pairs(require("etcd3.client").CONFIG) do assert.is_true(seen[name], name) end
+    for _, name in ipairs { "namespace", "auto_sync", "max_recv_bytes", "wait" } do
+      assert.is_true(seen[name], name)
+    end
+  end)
+end)
+
+describe("etcd3.ngx with a namespace", function()
+  local member, cli, ns_cli, server
+
+  setup(function()
+    member = helper.single()
+    cli = assert(etcd3.new { endpoints = member.endpoint })
+    ns_cli = assert(etcd3.new { endpoints = member.endpoint, namespace = "/ns" })
+    assert(cli:put("/ns/m/a", "in"))
+    assert(cli:put("/m/a", "outside the namespace"))
+    assert(cli:put("/m/b", "outside the namespace"))
+    assert(cli:put("/ns/other", "outside the prefix"))
+    -- (auto_sync and max_recv_bytes: etcd3.new fields mirror{} passes on too)
+    server = nginx.start(config(member.endpoint, "1m", "/m/",
+      ', namespace = "/ns", auto_sync = 5, max_recv_bytes = 1048576'))
+  end)
+
+  teardown(function()
+    if server then server:stop() end
+    if ns_cli then ns_cli:close() end
+    if cli then cli:close() end
+    if member then member:stop() end
+  end)
+
+  it("keeps the keys under the namespace, stripped of it", function()
+    local last = assert(cli:put("/ns/m/c", "in too")).header.revision
+    exact(server, ns_cli, "/m/", last)
+    local _, _, kvs = dump(server)
+    assert.are.same({ ["/m/a"] = "in", ["/m/c"] = "in too" }, kvs)
+    assert.are.equal("0 in\n", (server:get("/get?k=/m/a")))
+    -- a change made through a namespaced client, and one outside it
+    assert(cli:put("/m/a", "still outside"))
+    last = assert(ns_cli:put("/m/a", "changed")).header.revision
+    exact(server, ns_cli, "/m/", last)
+    assert.are.equal("0 changed\n", (server:get("/get?k=/m/a")))
+    assert.are.equal("0 <nil>\n", (server:get("/get?k=/m/b")))
   end)
 end)
 

@@ -139,8 +139,9 @@ static void call_done(etcd3_tag *tag, int ok) {
 }
 
 /* The one batch of a unary call: send metadata, message and close, then
- * receive metadata, message and status (DESIGN.md: the batch reports
- * success even when the RPC failed; the status says how it went). */
+ * receive metadata, message and status. The batch reports success even
+ * when the RPC failed: the status says how it went (docs/grpc-facts.md,
+ * "Unary calls"). */
 static void call_ops(etcd3_call *c, grpc_op ops[6]) {
   memset(ops, 0, 6 * sizeof *ops);
   ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;

@@ -8,8 +8,8 @@
  *
  * The userdata holds a pointer and is emptied by the one idempotent
  * teardown that close, __close and __gc share. In a forked child the
- * inherited engine is leaked on purpose: gRPC hangs if its objects are
- * destroyed there (DESIGN.md, "fork").
+ * inherited engine is leaked on purpose: once grpc_init has run, a child
+ * hangs when it destroys an inherited channel (docs/grpc-facts.md, "Fork").
  */
 #include <poll.h>
 #include <string.h>

@@ -7,11 +7,14 @@
  * comes back as such a table. The pure-Lua layer shapes options into request
  * tables; the codec only moves data.
  *
- * Value rules (DESIGN.md "Lua values"):
+ * Value rules (README.md, "Conventions"):
  *  - bytes and strings are Lua strings, binary-safe;
  *  - 64-bit IDs (fields named id, *_id but watch_id, lease, leader) are
- *    16-hex-digit strings both ways (integers are accepted on 5.3+), and an
- *    ID of 0 is left out of a decoded table ("lease absent when none");
+ *    lower-case hex strings as etcdctl 3.4 prints them: lease IDs with 16
+ *    digits (%016x), member, cluster and leader IDs without leading zeros
+ *    (%x). Encoding takes 1 to 16 hex digits in any case, or an integer on
+ *    5.3+. An ID of 0 is left out of a decoded table ("lease absent when
+ *    none");
  *  - other integers are Lua integers on 5.3+, numbers on LuaJIT;
  *  - enums are their proto names ("PUT", "ASCEND"); numbers are accepted.
  *

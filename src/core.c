@@ -4,7 +4,8 @@
  * sleep, CPU time).
  *
  * Never initialises gRPC: that waits for the first client, so a process
- * may fork after require (DESIGN.md, "fork").
+ * may fork after require (a child of a process that ran grpc_init hangs
+ * on its first call: docs/grpc-facts.md, "Fork").
  */
 #include <errno.h>
 #include <time.h>

@@ -365,7 +365,10 @@ static int lease_lose(lua_State *L) {
   return 0;
 }
 
-/* state:alive() -> boolean, state:remaining() -> seconds, and why lost */
+/* state:status() -> alive, remaining, why_lost, keepalive: whether the
+ * lease is alive, the seconds left (0 once lost), why it was lost (nil
+ * while alive) and whether the engine renews it. A TTL found run out here
+ * loses the lease first; a loss, once reported, is no longer news. */
 static int lease_status(lua_State *L) {
   etcd3_lease *l = check_lease(L);
   double now = etcd3_now();

@@ -2,10 +2,11 @@
  * stream.c - a bidirectional gRPC stream on the engine (Watch,
  * LeaseKeepAlive, Snapshot), and the re-opening stream of the services.
  *
- * Measured facts this follows (DESIGN.md): start send-initial-metadata and
- * recv-status at once, never wait for response headers before sending (etcd
- * sends them with its first response), keep at most one send and one recv
- * outstanding, and end a Watch by cancelling (a half-close does not end it).
+ * Measured facts this follows (docs/grpc-facts.md, "Streams"): start
+ * send-initial-metadata and recv-status at once, never wait for response
+ * headers before sending (etcd sends them with its first response), keep
+ * at most one send and one recv outstanding, and end a Watch by cancelling
+ * (a half-close does not end it).
  *
  * Threads: the functions of stream.h are called locked, from a Lua thread
  * (starting, sending) or the engine thread; the completions (on_status,

@@ -15,7 +15,7 @@ local now = core.now
 local _M = {}
 
 ---@class etcd3.Member
----@field id string 16 hex digits
+---@field id string hex, without leading zeros (as `etcdctl member list` prints it)
 ---@field name string
 ---@field peer_urls string[]
 ---@field client_urls string[]

@@ -5,7 +5,8 @@
 -- become error objects. Which endpoint, what is retried and when the
 -- token is renewed is the engine's request policy (src/policy.h), shared
 -- with its background services; signing in is auth.lua's; the methods users
--- call live in the file of their service (kv, txn, lease, watch, admin).
+-- call live in the file of their service (kv, txn, lease, watch, admin,
+-- registration, concurrency, mirror).
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
@@ -43,7 +44,8 @@ local now = core.now
 ---@field server_name? string name to verify the server's certificate against
 
 --- A connection to an etcd cluster. Its methods are in the files of their
--- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua.
+-- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua,
+-- registration.lua, concurrency.lua, mirror.lua (init.lua hands them over).
 ---@class etcd3.Client
 ---@field timeout number default deadline of each request, seconds
 ---@field _core userdata the etcd3.core handle
@@ -56,12 +58,16 @@ Client.__index = Client
 -- `local cli <close> = etcd3.new {...}` on Lua 5.4
 Client.__close = function(self) self:close() end
 
+-- etcd3.new's options (name -> kind, as check.options takes them): the one
+-- list of them. ngx.lua's mirror{} accepts each of these too and passes
+-- them on, so a field added here is taken there as well. Read-only.
 local CONFIG = {
   endpoints = "any", timeout = "number", dial_timeout = "number",
   keepalive_time = "number", max_recv_bytes = "integer", wait = "function",
   user = "string", password = "string", tls = "table", namespace = "string",
   auto_sync = "number",
 }
+Client.CONFIG = CONFIG
 local TLS = { ca = "string", cert = "string", key = "string", server_name = "string" }
 
 local DEFAULT_MAX_RECV = 2 ^ 31 - 1

@@ -10,8 +10,8 @@ local NO_OPTIONS = check.NO_OPTIONS
 local _M = {}
 
 ---@class etcd3.Header
----@field cluster_id string 16 hex digits
----@field member_id string 16 hex digits: the member that answered
+---@field cluster_id string hex, without leading zeros (as etcdctl prints it)
+---@field member_id string hex, without leading zeros: the member that answered
 ---@field revision integer the store's revision when the request was served
 ---@field raft_term integer
 

@@ -117,8 +117,9 @@ local function revoke(client, fname, id, opts)
 end
 
 --- Renews the lease every ttl/3 in the background (in C) until
--- lease:close(), revoke, client close, or loss.
----@return true
+-- lease:close(), revoke, client close, or loss. false when the lease is
+-- already lost (nothing is renewed).
+---@return boolean
 function Lease:keepalive()
   check.self("lease:keepalive", self, "Lease")
   self.client:_handle("keepalive")

@@ -55,11 +55,27 @@ local PROBE_EVERY, PROBE_TIMEOUT = 5, 3
 -- doubling up to the maximum.
 local RETRY_MIN, RETRY_MAX = 0.5, 5
 
-local MIRROR_OPTS = {
-  dict = "string", prefix = "string", endpoints = "any", timeout = "number",
-  dial_timeout = "number", user = "string", password = "string", tls = "table",
-  keepalive_time = "number", page_size = "integer",
-}
+-- mirror{}'s own options; every other one it takes is an etcd3.new option
+-- (client.lua's CONFIG, the one list of them), passed to etcd3.new as it is.
+local OWN_OPTS = { dict = "string", prefix = "string", page_size = "integer" }
+
+-- OWN_OPTS and etcd3.new's options, made on first use (so requiring this
+-- module in init_by_lua* loads no more than before).
+local mirror_opts, client_opts
+
+local function options()
+  if not mirror_opts then
+    client_opts = require("etcd3.client").CONFIG
+    local all = {}
+    for name, kind in pairs(client_opts) do all[name] = kind end
+    for name, kind in pairs(OWN_OPTS) do
+      if all[name] ~= nil then error("etcd3.ngx: option '" .. name .. "' is both etcd3.new's and the mirror's", 0) end
+      all[name] = kind
+    end
+    mirror_opts = all
+  end
+  return mirror_opts
+end
 
 local function internal(key)
   return key:byte(1) == 0 and key:sub(1, 7) == "\0etcd3:"
@@ -263,8 +279,9 @@ end
 function Writer:session()
   local etcd3 = require "etcd3"
   local cfg = self.cfg
-  local cli, err = etcd3.new { endpoints = cfg.endpoints, timeout = cfg.timeout, dial_timeout = cfg.dial_timeout,
-    user = cfg.user, password = cfg.password, tls = cfg.tls, keepalive_time = cfg.keepalive_time }
+  local conf = {}
+  for name in pairs(client_opts) do conf[name] = cfg[name] end
+  local cli, err = etcd3.new(conf)
   if not cli then return nil, err end
   self.cli = cli
   local m
@@ -333,11 +350,11 @@ end
 
 --- mirror{ dict, prefix, endpoints, ... } in init_worker_by_lua* of every
 -- worker -> true (the calling process writes) | false (it only reads).
--- Client options (endpoints, timeout, dial_timeout, user, password, tls,
--- keepalive_time) and page_size are passed to etcd3.new / client:mirror.
+-- Every etcd3.new option (endpoints, namespace, auto_sync, tls, …) is passed
+-- to etcd3.new, page_size to client:mirror.
 function _M.mirror(cfg)
   check.arg("ngx.mirror", 1, cfg, "table")
-  cfg = check.options("ngx.mirror", cfg, MIRROR_OPTS)
+  cfg = check.options("ngx.mirror", cfg, options())
   if type(cfg.dict) ~= "string" then check.fail("ngx.mirror", "option 'dict' (a lua_shared_dict's name) is required") end
   if type(cfg.prefix) ~= "string" then check.fail("ngx.mirror", "option 'prefix' is required") end
   check_prefix("ngx.mirror", cfg.prefix)

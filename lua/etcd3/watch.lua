@@ -126,8 +126,9 @@ function Watcher:revision()
 end
 
 --- Asks etcd for a progress notification, which moves revision() forward
--- on a quiet watch.
----@return true
+-- on a quiet watch. false when nothing was sent (no watch stream is open,
+-- or out of memory).
+---@return boolean
 function Watcher:request_progress()
   check.self("watcher:request_progress", self, "Watcher")
   return self._state:progress()
