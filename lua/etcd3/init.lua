@@ -11,16 +11,23 @@ local lease = require "etcd3.lease"
 local watch = require "etcd3.watch"
 local admin = require "etcd3.admin"
 local registration = require "etcd3.registration"
-
-local concurrency = require "etcd3.concurrency"
+local session = require "etcd3.session"
+local mutex = require "etcd3.mutex"
+local election = require "etcd3.election"
 local mirror = require "etcd3.mirror"
 
 local ipairs, pairs = ipairs, pairs
 
 -- Each service's file holds its client methods; the client class gets
 -- them all here (client.lua names none of them).
-for _, service in ipairs { kv, txn, lease, watch, admin, registration, concurrency, mirror } do
+for _, service in ipairs { kv, txn, lease, watch, admin, registration, session, mirror } do
   for name, method in pairs(service.client_methods) do Client[name] = method end
+end
+
+-- Likewise each recipe's file holds its session methods (session:mutex,
+-- session:election); the session class gets them here.
+for _, recipe in ipairs { mutex, election } do
+  for name, method in pairs(recipe.session_methods) do session.Session[name] = method end
 end
 
 ---@class etcd3

@@ -1,0 +1,172 @@
+--- The shared base of the recipes on a session (mutex.lua, election.lua):
+-- the key layout of clientv3's concurrency package, so Lua, Go and
+-- `etcdctl lock` / `etcdctl elect` processes share the same locks and
+-- elections, and the waits on it (clientv3's key.go).
+--
+-- A mutex or a candidate is the key `prefix .. "/" .. hex(lease)` under
+-- its session's lease; the holder (or leader) is the key of the prefix
+-- with the lowest create revision, and a waiter waits, one key at a time,
+-- for every key created before its own to be deleted (clientv3's
+-- waitDeletes), so waiters queue in creation order.
+local core = require "etcd3.core"
+local check = require "etcd3.check"
+local errors = require "etcd3.error"
+local wait = require "etcd3.wait"
+
+local setmetatable, math_min, math_max = setmetatable, math.min, math.max
+local now = core.now
+
+local _M = {}
+
+-- Errors -----------------------------------------------------------------
+
+-- Local codes get the number of the gRPC status closest in meaning.
+
+--- The session's lease was lost (while waiting, or before the call).
+local function expired(rpc)
+  return errors.new("SESSION_EXPIRED", "the session's lease was lost", rpc)
+end
+_M.expired = expired
+
+local function timed_out(rpc)
+  return errors.new("TIMEOUT", "the timeout ran out while waiting", rpc)
+end
+
+-- Recipe objects -----------------------------------------------------------
+
+--- The session of a method's object, or a clear error once it was closed
+-- or orphaned (its locks and candidacies are no longer this process's).
+-- `level` as check's: 3 when the public method itself calls this.
+local function open_session(fname, session, level)
+  if session._closed then
+    check.fail(fname, ("the session was %s"):format(session._closed), (level or 3) + 1)
+  end
+  return session
+end
+
+--- The key of this session under `prefix`: the lease ID in lowercase hex
+-- without leading zeros, as Go's %x writes it.
+local function session_key(session, prefix)
+  local hex = session.lease.id:lower():gsub("^0+", "")
+  return prefix .. "/" .. (hex == "" and "0" or hex)
+end
+
+--- A recipe object (mutex, election) of `session` under `prefix`, of
+-- `class`; for the session method `fname`, which calls this directly (not
+-- as a tail call: the levels count its frame).
+function _M.new(session, fname, prefix, class)
+  check.self(fname, session, "Session", 4)
+  check.arg(fname, 1, prefix, "string", 4)
+  open_session(fname, session, 4)
+  return setmetatable({
+    session = session, client = session.client, prefix = prefix,
+    _pfx = prefix .. "/", _key = session_key(session, prefix),
+  }, class)
+end
+
+--- The session of a recipe object's method that uses it.
+function _M.method(self, fname, class)
+  check.self(fname, self, class.__class, 4)
+  return (open_session(fname, self.session, 4)) -- (not a tail call: levels count this frame)
+end
+
+-- Waits --------------------------------------------------------------------
+
+--- The deadline of one request made while waiting until `deadline`: the
+-- client's own timeout, shortened to what is left, but never so short
+-- that a request cannot complete (its failure would hide the TIMEOUT).
+local MIN_REQUEST = 1
+
+local function request_timeout(client, deadline)
+  return math_min(client.timeout, math_max(deadline - now(), MIN_REQUEST))
+end
+_M.request_timeout = request_timeout
+
+-- The read of a prefix's first-created key, the holder or leader
+-- (clientv3's WithFirstCreate).
+_M.FIRST_CREATE = { prefix = true, sort_target = "create", sort_order = "ascend", limit = 1 }
+
+--- Waits until the key of `kv` (read by the caller) is deleted, the
+-- deadline passes or the session's lease is lost. Returns true, or nil, err.
+local function wait_delete(session, rpc, kv, deadline)
+  local client = session.client
+  -- clientv3 watches from the revision of its read. Here the watch starts
+  -- from etcd's current revision and the key is read again after: etcd
+  -- serves such a watch at once, while one that starts in the past waits
+  -- for its sync loop (every 100 ms), which would delay hand-overs.
+  local w, err = client:watch(kv.key, { filters = { "noput" }, timeout = request_timeout(client, deadline) })
+  if not w then return nil, err end
+  local res, gerr = client:get(kv.key, { keys_only = true, timeout = request_timeout(client, deadline) })
+  if not res then
+    w:cancel()
+    return nil, gerr
+  end
+  local still = res.kvs[1]
+  if not still or still.create_revision ~= kv.create_revision then
+    w:cancel() -- deleted before the watch started
+    return true
+  end
+  while true do
+    if not session.lease:alive() then
+      w:cancel()
+      return nil, expired(rpc)
+    end
+    local left = deadline - now()
+    if left <= 0 then
+      w:cancel()
+      return nil, timed_out(rpc)
+    end
+    -- Slices, so that a lease lost while the key stays is noticed at once.
+    local ev, werr = w:next(math_min(left, wait.SLICE, session.lease:remaining()))
+    if ev then
+      if ev.type == "DELETE" then
+        w:cancel()
+        return true
+      end
+    elseif werr.code ~= "TIMEOUT" then
+      w:cancel()
+      return nil, werr
+    end
+  end
+end
+
+--- clientv3's waitDeletes: waits until every key of the prefix created at
+-- or before `max_revision` is gone, watching the newest of them each time.
+local function wait_deletes(session, rpc, prefix, max_revision, deadline)
+  local client = session.client
+  while true do
+    if not session.lease:alive() then return nil, expired(rpc) end
+    local res, err = client:get(prefix, {
+      prefix = true, max_create_revision = max_revision, sort_target = "create",
+      sort_order = "descend", limit = 1, timeout = request_timeout(client, deadline),
+    })
+    if not res then return nil, err end
+    if #res.kvs == 0 then return res.header end
+    local ok, werr = wait_delete(session, rpc, res.kvs[1], deadline)
+    if not ok then return nil, werr end
+  end
+end
+
+--- After the wait: true when `key` still has create revision `revision`
+-- (the lease may have run out meanwhile), or nil, err.
+local function still_ours(session, rpc, key, revision, deadline)
+  local res, err = session.client:get(key, { timeout = request_timeout(session.client, deadline) })
+  if not res then return nil, err end
+  local kv = res.kvs[1]
+  if not kv or kv.create_revision ~= revision then return nil, expired(rpc) end
+  return true
+end
+
+--- Waits until the recipe object's key, created at `revision`, is the
+-- first-created under its prefix (every key created before it is gone) and
+-- is still there: true, or nil, err (TIMEOUT at `deadline`; SESSION_EXPIRED
+-- once the lease is known to be lost).
+function _M.wait_turn(self, rpc, revision, deadline)
+  local session = self.session
+  local ok, err = wait_deletes(session, rpc, self._pfx, revision - 1, deadline)
+  if ok then ok, err = still_ours(session, rpc, self._key, revision, deadline) end
+  if ok then return true end
+  return nil, err
+end
+
+return _M
