@@ -205,6 +205,8 @@ int etcd3_auth_set_credentials(lua_State *L, etcd3_engine *e) {
       free_secret(&a->password);
       a->user = u;
       a->password = p;
+      a->refused = 0; /* new credentials: etcd is asked again */
+      a->failure = GRPC_STATUS_OK;
     }
     pthread_mutex_unlock(&e->mu);
   }

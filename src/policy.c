@@ -83,6 +83,11 @@ int etcd3_policy_never_sent(grpc_status_code status, const char *details) {
          strncmp(details, "failed to connect to all addresses", 34) == 0;
 }
 
+int etcd3_policy_member_failed(grpc_status_code status) {
+  return status == GRPC_STATUS_UNAVAILABLE || status == GRPC_STATUS_DEADLINE_EXCEEDED ||
+         status == GRPC_STATUS_UNKNOWN || status == GRPC_STATUS_INTERNAL;
+}
+
 etcd3_verdict etcd3_policy_verdict(grpc_status_code status, const char *details, int idempotent,
                                    int can_reauth) {
   if (can_reauth && etcd3_policy_token_refused(status, details)) return ETCD3_REAUTH;

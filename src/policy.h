@@ -64,6 +64,9 @@ typedef enum etcd3_verdict {
 int etcd3_policy_token_refused(grpc_status_code status, const char *details);
 /* Whether a failed request is known never to have left this process. */
 int etcd3_policy_never_sent(grpc_status_code status, const char *details);
+/* Whether a request failed for its member's sake (it did not answer, in
+ * time or at all), rather than for what it asked: a retry goes elsewhere. */
+int etcd3_policy_member_failed(grpc_status_code status);
 /* What to do after a failed request: `idempotent` for reads (and the
  * background services' own calls, which are safe to repeat), `can_reauth`
  * when credentials are kept. */

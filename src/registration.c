@@ -54,6 +54,7 @@ typedef struct registration {
   unsigned long put_generation;   /* the generation under the current lease */
   unsigned long sending_generation;
   int granting, putting;       /* a background call is in flight */
+  int awaiting_token;          /* refused for its token: waits for a new one */
   double grant_sent;           /* when the last LeaseGrant left */
   double put_sent;             /* when the last Put left */
   int stopped;                 /* out of the service: Lua let go */
@@ -104,20 +105,22 @@ ETCD3_LOCKED static void failed(registration *r, const char *what, grpc_status_c
            details ? details : "");
   if (etcd3_policy_verdict(status, details, 1, 1) == ETCD3_REAUTH) {
     switch (etcd3_auth_refresh(e, sent)) {
-    case ETCD3_AUTH_RENEWED:
-      r->retry_at = 0; /* a newer token is there already */
+    case ETCD3_AUTH_RENEWED: /* a newer token is there already: go now */
+      r->retry_at = 0;
+      registrations_tick(e, etcd3_engine_service(e, &registration_service), etcd3_now());
       return;
-    case ETCD3_AUTH_PENDING:
-      r->retry_at = etcd3_now() + CALL_TIMEOUT; /* token_changed lets it go */
+    case ETCD3_AUTH_PENDING: /* token_changed lets it go, after a backoff */
+      r->awaiting_token = 1;
+      r->retry_at = etcd3_now() + CALL_TIMEOUT;
       return;
     default:
       snprintf(r->last_error, sizeof r->last_error, "%s failed: %s; Authenticate: %s", what,
                etcd3_status_name((int)status), etcd3_auth_failure(e));
       break;
     }
-  } else {
-    /* a member that failed, timed out or said no: the next one, as a
-     * read would (the engine repeats these calls, whatever the error) */
+  } else if (etcd3_policy_member_failed(status)) {
+    /* the engine repeats these calls whatever the error, on the next
+     * member when this one failed them */
     etcd3_policy_failed(e, r->channel);
   }
   r->retry_at = etcd3_now() + etcd3_backoff_next(&r->backoff);
@@ -243,17 +246,19 @@ ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, doub
   return next;
 }
 
-/* A new token (or the shared Authenticate failed): those waiting for it
- * go now. */
+/* The shared Authenticate ended (with a new token or not): those waiting
+ * for it go after their backoff (which grows while it keeps failing). */
 ETCD3_LOCKED static void registrations_token_changed(etcd3_engine *e, void *state) {
   registration_list *list = (registration_list *)state;
+  double now = etcd3_now();
   int any = 0;
   for (registration *r = list->head; r; r = r->next) {
-    if (r->granting || r->putting || r->retry_at == 0) continue;
-    r->retry_at = 0;
+    if (!r->awaiting_token) continue;
+    r->awaiting_token = 0;
+    r->retry_at = now + etcd3_backoff_next(&r->backoff);
     any = 1;
   }
-  if (any) registrations_tick(e, list, etcd3_now());
+  if (any) registrations_tick(e, list, now);
 }
 
 ETCD3_LOCKED static void unlink_registration(registration_list *list, registration *r) {

@@ -274,9 +274,10 @@ ETCD3_LOCKED void etcd3_restream_broken(etcd3_engine *e, etcd3_restream *r,
                                         grpc_status_code status, const char *details) {
   r->stream = NULL;
   /* refused for its token: renewed (or being renewed) before it re-opens;
-   * the member is fine. Anything else: the next member. */
-  if (etcd3_policy_verdict(status, details, 1, 1) != ETCD3_REAUTH ||
-      etcd3_auth_refresh(e, r->opened_at) == ETCD3_AUTH_CANNOT)
+   * the member is fine. Any other break: the next member. */
+  if (etcd3_policy_verdict(status, details, 1, 1) == ETCD3_REAUTH)
+    etcd3_auth_refresh(e, r->opened_at);
+  else
     etcd3_policy_failed(e, r->channel);
   r->reopen_at = etcd3_now() + etcd3_backoff_next(&r->backoff);
 }

@@ -30,7 +30,8 @@ function _M.renew(client, since, deadline)
   local pending = wait.polling_op(function() return handle:reauth(since) ~= "pending" end)
   for _ = 1, #client._endpoints.list do
     local state, code, message = handle:reauth(since)
-    if state == "pending" then
+    -- (another Authenticate may start between the wait and the question)
+    while state == "pending" do
       local ready, err = wait.until_ready(client, pending, deadline, "Auth.Authenticate",
         "no answer to Authenticate in time")
       if not ready then return nil, err end
