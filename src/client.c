@@ -24,7 +24,7 @@
 #include "policy.h"
 #include "registration.h"
 #include "server_stream.h"
-#include "watch.h"
+#include "watcher.h"
 
 typedef struct client_ud {
   etcd3_engine *engine;
@@ -123,11 +123,11 @@ static int client_lease(lua_State *L) {
   return etcd3_lease_new(L, e, id, ttl, luaL_checknumber(L, 4));
 }
 
-/* client:watch(spec) -> watch state (watch.c) */
+/* client:watch(spec) -> watch state (watcher.c) */
 static int client_watch(lua_State *L) {
   etcd3_engine *e = check_open(L);
   luaL_checktype(L, 2, LUA_TTABLE);
-  return etcd3_watch_new(L, e, 2);
+  return etcd3_watcher_new(L, e, 2);
 }
 
 /* client:register(key, value, ttl) -> registration (registration.c) */

@@ -19,7 +19,7 @@
 #include "notifier.h"
 #include "registration.h"
 #include "server_stream.h"
-#include "watch.h"
+#include "watcher.h"
 
 /* core.now() -> monotonic seconds */
 static int core_now(lua_State *L) {
@@ -52,7 +52,7 @@ static int core_sleep(lua_State *L) {
 int luaopen_etcd3_core(lua_State *L);
 int luaopen_etcd3_core(lua_State *L) {
   static const lua_CFunction open_types[] = {
-    etcd3_codec_open, etcd3_call_open, etcd3_lease_open, etcd3_watch_open,
+    etcd3_codec_open, etcd3_call_open, etcd3_lease_open, etcd3_watcher_open,
     etcd3_server_stream_open, etcd3_registration_open, etcd3_notifier_open, etcd3_client_open,
     NULL,
   };

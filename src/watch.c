@@ -33,116 +33,26 @@
  * on the first watch); wires belong to it. A watcher belongs to its Lua
  * userdata and is detached from its wire (under the engine mutex) before
  * it is freed.
+ *
+ * This file is the engine side: the service, its stream and wires, the
+ * creates and the responses (fragments joined, events delivered), and the
+ * retry of a create refused for its token. The wires' list and indexes
+ * are watch_index.c's; the userdata Lua holds is watcher.c's; the structs
+ * they share are in watch_internal.h.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "auth.h"
-#include "auxiliar.h"
-#include "codec.h"
-#include "stream.h"
-#include "watch.h"
-#include "rpc.pb-c.h"
-
-typedef struct response_node {
-  Etcdserverpb__WatchResponse *resp;
-  struct response_node *next;
-} response_node;
-
-typedef struct response_list {
-  response_node *head, *tail;
-} response_list;
-
-/* The events of one delivery (whole responses, fragments joined), queued
- * to every watcher of the wire that wants them; freed with the last
- * reference. Read-only once made; `refs` is atomic, so Lua lets go of a
- * batch without the engine mutex. */
-typedef struct event_batch {
-  response_list responses;
-  int64_t min_rev, max_rev;
-  size_t n_events;
-  int refs;
-} event_batch;
-
-typedef struct batch_node {
-  event_batch *batch;
-  struct batch_node *next;
-} batch_node;
-
-typedef struct batch_queue {
-  batch_node *head, *tail;
-} batch_queue;
-
-typedef struct watch_wire watch_wire;
-
-/* What Lua holds: one subscriber of a wire. */
-typedef struct etcd3_watcher {
-  etcd3_engine *engine;        /* first: an engine-bound object (auxiliar.h) */
-  watch_wire *wire;            /* NULL once ended or cancelled */
-  struct etcd3_watcher *prev, *next; /* the wire's watchers */
-  int64_t floor;               /* events at or below are not this watcher's */
-  int64_t revision;            /* last revision seen */
-  int created, ended;
-  int news;                    /* posted, not yet seen by Lua */
-  const char *end_code;        /* NULL: ended without error (cancel) */
-  char end_message[256];
-  int64_t compact_revision;
-  batch_queue queue;
-  size_t queued, max_queued;
-} etcd3_watcher;
-
-/* The key, range and options that make two watches the same. */
-typedef struct watch_spec {
-  const uint8_t *key, *range_end;
-  size_t key_len, range_end_len;
-  int has_range_end, prev_kv, progress_notify, fragment, noput, nodelete;
-  int64_t start_revision;
-} watch_spec;
-
-/* One etcd watch on the stream. */
-struct watch_wire {
-  int64_t id;
-  watch_spec spec;             /* key and range_end owned (malloc) */
-  uint32_t spec_hash;
-  int64_t revision;            /* last revision seen, once known */
-  int knows_revision;          /* start_revision given, or etcd confirmed */
-  int created, on_stream, cancel_wanted, ended;
-  int confirmed;               /* etcd answered the create on this stream */
-  uint64_t create_seq;         /* order of the create on this stream */
-  int auth_retried;            /* refused for its token: renewed once */
-  int awaiting_auth;           /* not re-created until the new token is in */
-  response_list fragments;
-  etcd3_watcher *watchers;     /* its subscribers, doubly linked */
-  int listed;                  /* in the service's list and indexes */
-  watch_wire *prev, *next;     /* the list */
-  watch_wire *same_slot;       /* the ID index's chain */
-  watch_wire *same_spec;       /* the spec index's chain */
-};
-
-/* The wires of one engine, multiplexed on one Watch stream. Every
- * per-watcher step costs the same whatever the number of watchers: wires
- * are found by ID and by spec in hash indexes, leave the list in O(1), and
- * only a new stream makes the tick look at all of them. */
-typedef struct watch_mux {
-  etcd3_engine *engine;
-  etcd3_restream watch;
-  watch_wire *wires;           /* doubly linked, newest first */
-  watch_wire **index;          /* by ID: index_size chains (a power of 2) */
-  watch_wire **by_spec;        /* by spec hash: index_size chains */
-  size_t index_size, count;
-  int creates_due;             /* a new stream: every wire is created on it */
-  int64_t next_id;
-  uint64_t creates_sent;
-} watch_mux;
+#include "watch_internal.h"
 
 ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now);
 ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
 ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state);
 
 static void watch_free(void *state) {
-  free(((watch_mux *)state)->index);
-  free(((watch_mux *)state)->by_spec);
+  etcd3_wires_free_index((watch_mux *)state);
   free(state);
 }
 
@@ -188,8 +98,7 @@ static void batch_unref(event_batch *b) {
   free(b);
 }
 
-/* Lets go of every batch of the queue (with or without the engine mutex). */
-static void queue_free(batch_queue *q) {
+void etcd3_watch_queue_free(batch_queue *q) {
   while (q->head) {
     batch_node *n = q->head;
     q->head = n->next;
@@ -201,84 +110,6 @@ static void queue_free(batch_queue *q) {
 
 ETCD3_LOCKED static void notify(etcd3_watcher *w) { etcd3_news_post(w->engine, &w->news); }
 
-static size_t index_slot(const watch_mux *m, int64_t id) {
-  return (size_t)(((uint64_t)id * 0x9E3779B97F4A7C15ULL) >> 32) & (m->index_size - 1);
-}
-
-/* FNV-1a over the key, the range end and the options. */
-static uint32_t spec_hash(const watch_spec *s) {
-  uint32_t h = 2166136261u;
-  const int flags[] = {s->has_range_end, s->prev_kv, s->progress_notify, s->fragment,
-                       s->noput, s->nodelete};
-  for (size_t i = 0; i < s->key_len; i++) h = (h ^ s->key[i]) * 16777619u;
-  h = (h ^ 0xffu) * 16777619u;
-  for (size_t i = 0; i < s->range_end_len; i++) h = (h ^ s->range_end[i]) * 16777619u;
-  for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
-    h = (h ^ (uint32_t)(flags[i] != 0)) * 16777619u;
-  return h;
-}
-
-static int same_spec(const watch_spec *a, const watch_spec *b) {
-  return a->key_len == b->key_len && a->range_end_len == b->range_end_len &&
-         !!a->has_range_end == !!b->has_range_end && !!a->prev_kv == !!b->prev_kv &&
-         !!a->progress_notify == !!b->progress_notify && !!a->fragment == !!b->fragment &&
-         !!a->noput == !!b->noput && !!a->nodelete == !!b->nodelete &&
-         (a->key_len == 0 || !memcmp(a->key, b->key, a->key_len)) &&
-         (a->range_end_len == 0 || !memcmp(a->range_end, b->range_end, a->range_end_len));
-}
-
-ETCD3_LOCKED static watch_wire *find_wire(const watch_mux *m, int64_t id) {
-  watch_wire *w;
-  if (!m->index_size) return NULL;
-  for (w = m->index[index_slot(m, id)]; w && w->id != id; w = w->same_slot) {
-  }
-  return w;
-}
-
-/* Doubles both indexes when they hold as many wires as chains; 0 on out
- * of memory. */
-ETCD3_LOCKED static int grow_index(watch_mux *m) {
-  size_t size = m->index_size ? m->index_size * 2 : 64;
-  watch_wire **index = (watch_wire **)calloc(size, sizeof *index);
-  watch_wire **by_spec = (watch_wire **)calloc(size, sizeof *by_spec);
-  if (!index || !by_spec) {
-    free(index);
-    free(by_spec);
-    return 0;
-  }
-  free(m->index);
-  free(m->by_spec);
-  m->index = index;
-  m->by_spec = by_spec;
-  m->index_size = size;
-  for (watch_wire *w = m->wires; w; w = w->next) {
-    w->same_slot = index[index_slot(m, w->id)];
-    index[index_slot(m, w->id)] = w;
-    w->same_spec = by_spec[w->spec_hash & (size - 1)];
-    by_spec[w->spec_hash & (size - 1)] = w;
-  }
-  return 1;
-}
-
-/* Lists the wire; 0 on out of memory. */
-ETCD3_LOCKED static int link_wire(watch_mux *m, watch_wire *w) {
-  size_t slot;
-  if (m->count >= m->index_size && !grow_index(m)) return 0;
-  slot = index_slot(m, w->id);
-  w->same_slot = m->index[slot];
-  m->index[slot] = w;
-  slot = w->spec_hash & (m->index_size - 1);
-  w->same_spec = m->by_spec[slot];
-  m->by_spec[slot] = w;
-  w->prev = NULL;
-  w->next = m->wires;
-  if (m->wires) m->wires->prev = w;
-  m->wires = w;
-  m->count++;
-  w->listed = 1;
-  return 1;
-}
-
 static void wire_free(watch_wire *w) {
   list_free(&w->fragments);
   free((void *)w->spec.key);
@@ -289,19 +120,7 @@ static void wire_free(watch_wire *w) {
 /* Takes an ended wire, or one being cancelled, out of the service and
  * frees it; it has no watcher left. */
 ETCD3_LOCKED static void unlink_wire(watch_mux *m, watch_wire *w) {
-  watch_wire **p;
-  if (w->listed) {
-    for (p = &m->index[index_slot(m, w->id)]; *p != w; p = &(*p)->same_slot) {
-    }
-    *p = w->same_slot;
-    for (p = &m->by_spec[w->spec_hash & (m->index_size - 1)]; *p != w; p = &(*p)->same_spec) {
-    }
-    *p = w->same_spec;
-    if (w->prev) w->prev->next = w->next;
-    else m->wires = w->next;
-    if (w->next) w->next->prev = w->prev;
-    m->count--;
-  }
+  etcd3_wires_remove(m, w);
   wire_free(w);
 }
 
@@ -465,7 +284,7 @@ ETCD3_LOCKED static void give(watch_mux *m, etcd3_watcher *w, event_batch *b) {
     snprintf(msg, sizeof msg,
              "the watcher fell more than %zu events behind (its consumer is too slow)",
              w->max_queued);
-    queue_free(&w->queue);
+    etcd3_watch_queue_free(&w->queue);
     w->queued = 0;
     end_watcher(w, "RESOURCE_EXHAUSTED", msg, 0);
     leave_wire(m, w);
@@ -551,7 +370,7 @@ ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, Protobu
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }
-  w = find_wire(m, r->watch_id);
+  w = etcd3_wires_find(m, r->watch_id);
   if (!w) {
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
@@ -713,19 +532,6 @@ ETCD3_LOCKED static void watch_shutdown(etcd3_engine *e, void *state) {
   }
 }
 
-/* A wire this watcher can share, or NULL (see the top of the file). */
-ETCD3_LOCKED static watch_wire *joinable(const watch_mux *m, const watch_spec *spec, uint32_t hash) {
-  if (!m->index_size) return NULL;
-  for (watch_wire *w = m->by_spec[hash & (m->index_size - 1)]; w; w = w->same_spec) {
-    if (w->spec_hash != hash || w->ended || w->cancel_wanted || !same_spec(&w->spec, spec))
-      continue;
-    if (spec->start_revision > 0 ? w->knows_revision && spec->start_revision > w->revision
-                                 : w->spec.start_revision == spec->start_revision)
-      return w;
-  }
-  return NULL;
-}
-
 /* A new wire for the spec (copied), listed; NULL on out of memory. */
 ETCD3_LOCKED static watch_wire *new_wire(watch_mux *m, const watch_spec *spec, uint32_t hash) {
   watch_wire *w = (watch_wire *)calloc(1, sizeof *w);
@@ -748,75 +554,23 @@ ETCD3_LOCKED static watch_wire *new_wire(watch_mux *m, const watch_spec *spec, u
     w->revision = spec->start_revision - 1;
     w->knows_revision = 1;
   }
-  if (!link_wire(m, w)) {
+  if (!etcd3_wires_add(m, w)) {
     wire_free(w);
     return NULL;
   }
   return w;
 }
 
-/* ---- Lua ------------------------------------------------------------- */
 
-static etcd3_watcher *check_watcher(lua_State *L) {
-  return (etcd3_watcher *)etcd3_bound_check(L, ETCD3_WATCH_MT, "watcher");
-}
+/* ---- what the watcher binding asks (watcher.c) ------------------------ */
 
-/* Lua has seen the news once it took everything. */
-ETCD3_LOCKED static void seen(etcd3_watcher *w) {
-  if (!w->queue.head) etcd3_news_seen(w->engine, &w->news);
-}
-
-static int opt_bool(lua_State *L, int idx, const char *name) {
-  int v;
-  lua_getfield(L, idx, name);
-  v = lua_toboolean(L, -1);
-  lua_pop(L, 1);
-  return v;
-}
-
-/* The string field `name` of the table at idx, left on the stack (so the
- * pointer stays valid); "" when absent. */
-static const uint8_t *opt_bytes(lua_State *L, int idx, const char *name, size_t *len, int *present) {
-  const char *s;
-  lua_getfield(L, idx, name);
-  s = lua_tolstring(L, -1, len);
-  *present = s != NULL;
-  if (!s) *len = 0;
-  return (const uint8_t *)(s ? s : "");
-}
-
-/* core client:watch(spec) -> state. spec: key, range_end, start_revision,
- * prev_kv, progress_notify, fragment, noput, nodelete, max_queued.
- * The Lua layer has checked every field. */
-int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec_index) {
-  etcd3_watcher *w;
-  watch_mux *m;
+ETCD3_LOCKED void etcd3_watch_join(etcd3_engine *e, etcd3_watcher *w, const watch_spec *spec,
+                                   uint32_t hash) {
+  watch_mux *m = e->closed ? NULL : mux_of(e);
   watch_wire *wire = NULL;
-  watch_spec spec;
-  uint32_t hash;
-  int present, top;
-  spec_index = lua_absindex(L, spec_index);
-  top = lua_gettop(L);
-  spec.key = opt_bytes(L, spec_index, "key", &spec.key_len, &present);
-  spec.range_end = opt_bytes(L, spec_index, "range_end", &spec.range_end_len, &spec.has_range_end);
-  spec.prev_kv = opt_bool(L, spec_index, "prev_kv");
-  spec.progress_notify = opt_bool(L, spec_index, "progress_notify");
-  spec.fragment = opt_bool(L, spec_index, "fragment");
-  spec.noput = opt_bool(L, spec_index, "noput");
-  spec.nodelete = opt_bool(L, spec_index, "nodelete");
-  lua_getfield(L, spec_index, "start_revision");
-  spec.start_revision = (int64_t)lua_tonumber(L, -1);
-  lua_getfield(L, spec_index, "max_queued");
-  hash = spec_hash(&spec);
-  /* from here __gc frees it; nothing below raises */
-  w = (etcd3_watcher *)etcd3_bound_new(L, ETCD3_WATCH_MT, sizeof *w, e);
-  w->max_queued = (size_t)lua_tonumber(L, -2);
-  pthread_mutex_lock(&e->mu);
-  etcd3_engine_ref_locked(e);
-  m = e->closed ? NULL : mux_of(e);
   if (m) {
-    wire = joinable(m, &spec, hash);
-    if (!wire && (wire = new_wire(m, &spec, hash)) != NULL) {
+    wire = etcd3_wires_joinable(m, spec, hash);
+    if (!wire && (wire = new_wire(m, spec, hash)) != NULL) {
       if (m->watch.stream && !m->creates_due) send_create(m, wire); /* leaves now */
       else watch_tick(e, m, etcd3_now());
     }
@@ -824,7 +578,7 @@ int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec_index) {
   if (!wire) {
     end_watcher(w, "CLOSED", e->closed ? "the client was closed" : "out of memory", 0);
   } else {
-    w->floor = spec.start_revision > 0 ? spec.start_revision - 1 : etcd3_engine_seen_revision(e);
+    w->floor = spec->start_revision > 0 ? spec->start_revision - 1 : etcd3_engine_seen_revision(e);
     subscribe(wire, w);
     if (wire->created) {
       if (w->floor < wire->revision) w->floor = wire->revision;
@@ -834,176 +588,26 @@ int etcd3_watch_new(lua_State *L, etcd3_engine *e, int spec_index) {
       w->revision = w->floor;
     }
   }
-  pthread_mutex_unlock(&e->mu);
-  lua_replace(L, top + 1); /* stack: ..., state */
-  lua_settop(L, top + 1);
-  return 1;
 }
 
-/* state:state() -> created, ended, revision */
-static int watcher_state(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  pthread_mutex_lock(&w->engine->mu);
-  lua_pushboolean(L, w->created);
-  lua_pushboolean(L, w->ended);
-  lua_pushnumber(L, (lua_Number)w->revision);
-  if (w->created || w->ended) seen(w);
-  pthread_mutex_unlock(&w->engine->mu);
-  return 3;
-}
-
-/* state:ready() -> boolean: events are queued, or the watcher ended. */
-static int watcher_ready(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  pthread_mutex_lock(&w->engine->mu);
-  lua_pushboolean(L, w->queue.head != NULL || w->ended);
-  pthread_mutex_unlock(&w->engine->mu);
-  return 1;
-}
-
-/* state:news_key() -> lightuserdata: names this watcher in the notifier's
- * news (notifier.c), so its waiter is woken without asking every other. */
-static int watcher_news_key(lua_State *L) {
-  lua_pushlightuserdata(L, &check_watcher(L)->news);
-  return 1;
-}
-
-ETCD3_LOCKED static int has_news(void *arg, double now, double *until) {
-  etcd3_watcher *w = (etcd3_watcher *)arg;
-  (void)now; (void)until;
-  return w->queue.head || w->ended || w->news;
-}
-
-/* state:wait(seconds): until something arrives, or the time passes. */
-static int watcher_wait(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  etcd3_engine_wait_until(w->engine, luaL_checknumber(L, 2), has_news, w);
-  return 0;
-}
-
-typedef struct taken_box {
-  batch_queue queue;
-} taken_box;
-
-static int taken_gc(lua_State *L) {
-  taken_box *b = (taken_box *)lua_touserdata(L, 1);
-  queue_free(&b->queue);
-  return 0;
-}
-
-/* state:poll() -> { event, … } (may be empty) | nil, code, message,
- * compact_revision once the watcher ended and nothing is left. */
-static int watcher_poll(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  taken_box *box;
-  int64_t floor;
-  int n = 0;
-  box = (taken_box *)lua_newuserdata(L, sizeof *box);
-  box->queue.head = box->queue.tail = NULL;
-  lua_newtable(L); /* metatable with __gc: lets go of what was taken on error */
-  lua_pushcfunction(L, taken_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_setmetatable(L, -2);
-  pthread_mutex_lock(&w->engine->mu);
-  box->queue = w->queue;
-  w->queue.head = w->queue.tail = NULL;
-  w->queued = 0;
-  floor = w->floor;
-  seen(w);
-  if (!box->queue.head && w->ended) {
-    pthread_mutex_unlock(&w->engine->mu);
-    lua_pushnil(L);
-    if (w->end_code) lua_pushstring(L, w->end_code);
-    else lua_pushnil(L);
-    lua_pushstring(L, w->end_message);
-    lua_pushnumber(L, (lua_Number)w->compact_revision);
-    return 4;
-  }
-  pthread_mutex_unlock(&w->engine->mu);
-  lua_newtable(L); /* stack: box, events */
-  for (batch_node *node = box->queue.head; node; node = node->next) {
-    for (response_node *rn = node->batch->responses.head; rn; rn = rn->next) {
-      for (size_t i = 0; i < rn->resp->n_events; i++) {
-        const Mvccpb__Event *ev = rn->resp->events[i];
-        if (ev->kv && ev->kv->mod_revision <= floor) continue;
-        etcd3_push_message(L, &ev->base);
-        lua_rawseti(L, -2, ++n);
-      }
-    }
-  }
-  queue_free(&box->queue);
-  return 1;
-}
-
-/* state:revision() -> last revision seen (events and progress) */
-static int watcher_revision(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  pthread_mutex_lock(&w->engine->mu);
-  lua_pushnumber(L, (lua_Number)w->revision);
-  pthread_mutex_unlock(&w->engine->mu);
-  return 1;
-}
-
-/* Ends the watcher (no error), drops what it queued and leaves its wire. */
-ETCD3_LOCKED static void cancel_watcher(etcd3_watcher *w) {
+ETCD3_LOCKED void etcd3_watch_cancel(etcd3_watcher *w) {
   end_watcher(w, NULL, NULL, 0);
   leave_wire((watch_mux *)etcd3_engine_service(w->engine, &watch_service), w);
-  queue_free(&w->queue);
+  etcd3_watch_queue_free(&w->queue);
   w->queued = 0;
 }
 
-/* state:cancel(): ends the watcher (no error); events queued are dropped. */
-static int watcher_cancel(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  pthread_mutex_lock(&w->engine->mu);
-  cancel_watcher(w);
-  pthread_mutex_unlock(&w->engine->mu);
-  return 0;
+ETCD3_LOCKED int etcd3_watch_progress(etcd3_engine *e) {
+  watch_mux *m = (watch_mux *)etcd3_engine_service(e, &watch_service);
+  Etcdserverpb__WatchProgressRequest p = ETCDSERVERPB__WATCH_PROGRESS_REQUEST__INIT;
+  Etcdserverpb__WatchRequest r = ETCDSERVERPB__WATCH_REQUEST__INIT;
+  if (!m || !m->watch.stream) return 0;
+  r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_PROGRESS_REQUEST;
+  r.progress_request = &p;
+  return etcd3_stream_send(m->watch.stream, &r.base);
 }
 
-/* state:progress(): asks etcd for a progress notification (all watchers of
- * the stream); false when the stream is not open. */
-static int watcher_progress(lua_State *L) {
-  etcd3_watcher *w = check_watcher(L);
-  watch_mux *m;
-  int ok = 0;
-  pthread_mutex_lock(&w->engine->mu);
-  m = (watch_mux *)etcd3_engine_service(w->engine, &watch_service);
-  if (m && m->watch.stream) {
-    Etcdserverpb__WatchProgressRequest p = ETCDSERVERPB__WATCH_PROGRESS_REQUEST__INIT;
-    Etcdserverpb__WatchRequest r = ETCDSERVERPB__WATCH_REQUEST__INIT;
-    r.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_PROGRESS_REQUEST;
-    r.progress_request = &p;
-    ok = etcd3_stream_send(m->watch.stream, &r.base);
-  }
-  pthread_mutex_unlock(&w->engine->mu);
-  lua_pushboolean(L, ok);
-  return 1;
-}
-
-static int watcher_gc(lua_State *L) {
-  etcd3_watcher *w = (etcd3_watcher *)etcd3_bound_take(L, ETCD3_WATCH_MT);
-  watch_mux *m;
-  etcd3_engine *e;
-  if (!w) return 0;
-  e = w->engine;
-  pthread_mutex_lock(&e->mu);
-  cancel_watcher(w);
-  etcd3_news_seen(e, &w->news);
-  m = (watch_mux *)etcd3_engine_service(e, &watch_service);
-  if (m && !m->wires) etcd3_restream_close(&m->watch); /* none is left */
-  pthread_mutex_unlock(&e->mu);
-  free(w);
-  etcd3_engine_release(e);
-  return 0;
-}
-
-int etcd3_watch_open(lua_State *L) {
-  static const luaL_Reg methods[] = {
-    {"state", watcher_state}, {"ready", watcher_ready}, {"wait", watcher_wait},
-    {"poll", watcher_poll}, {"revision", watcher_revision}, {"cancel", watcher_cancel},
-    {"progress", watcher_progress}, {"news_key", watcher_news_key}, {NULL, NULL},
-  };
-  etcd3_register_type(L, ETCD3_WATCH_MT, methods, watcher_gc);
-  return 0;
+ETCD3_LOCKED void etcd3_watch_close_idle(etcd3_engine *e) {
+  watch_mux *m = (watch_mux *)etcd3_engine_service(e, &watch_service);
+  if (m && !m->wires) etcd3_restream_close(&m->watch);
 }
