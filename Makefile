@@ -6,6 +6,9 @@
 #   make run SCRIPT=f.lua [ARGS="…"] [LUA=luajit]
 #                        any script against the build tree, not installed
 #                        (etcd at $ETCDCTL_ENDPOINTS, default 127.0.0.1:2379)
+#   make check           every spec once on Lua 5.4 (no LuaJIT, sanitizer,
+#                        soak, fuzz or benchmarks); one spec after `make
+#                        spec-helpers`: busted spec/02-kv_spec.lua
 #   make test            installs what is missing, then every spec on both
 #                        runtimes, a sanitizer run, and luacheck
 #   make install         honours LuaRocks' variables (INST_LIBDIR, INST_LUADIR)
@@ -137,6 +140,12 @@ run: $(MODULE)
 
 test: deps
 	sh tools/test.sh
+
+# The quick loop: the Lua 5.4 module and spec helpers, then spec/ once with
+# busted's summary (tools/check.sh); `make test` runs everything.
+check: deps
+	$(MAKE) -s LUA=lua5.4 spec-helpers
+	sh tools/check.sh
 
 # libFuzzer targets for the codec (fuzz/): every reply decoded, every
 # request encoded; `make fuzz FUZZ_SECONDS=600` runs each that long on a

@@ -9,15 +9,10 @@ local peer = require "spec.helpers.peer"
 local op = etcd3.op
 
 describe("nesting", function()
-  local member, cli
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  local cli
+  local start_member, stop_member = helper.member_and_client(function(_, c) cli = c end)
+  setup(start_member)
+  teardown(stop_member)
 
   -- A put inside `levels` transactions nested as ops of one another:
   -- TxnRequest > RequestOp > ... > PutRequest is 3 + 2 * levels messages.

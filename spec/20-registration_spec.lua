@@ -8,14 +8,11 @@ describe("registration", function()
   local member, cli
   local children = {}
 
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint })
-  end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(start_member)
   teardown(function()
     for _, pid in ipairs(children) do helper.sh("kill -CONT " .. pid .. "; kill -9 " .. pid .. " 2>/dev/null") end
-    if cli then cli:close() end
-    if member then member:stop() end
+    stop_member()
   end)
 
   local function value_of(key)

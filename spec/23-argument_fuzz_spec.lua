@@ -11,14 +11,10 @@ local CALLS_PER_FUNCTION = 40
 
 describe("argument fuzz", function()
   local member, cli
-  setup(function()
-    member = helper.single()
-    cli = assert(etcd3.new { endpoints = member.endpoint, timeout = 0.5 })
-  end)
-  teardown(function()
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end, nil,
+    { timeout = 0.5 })
+  setup(start_member)
+  teardown(stop_member)
 
   -- a fixed seed, so a run is repeatable (ETCD3_FUZZ_SEED=… for others)
   local seed = tonumber(os.getenv("ETCD3_FUZZ_SEED") or "") or 20261201

@@ -20,14 +20,8 @@ passed=0
 failed=0
 failed_steps=
 
-cleanup() {
-  while read -r pid; do
-    if [ -n "$pid" ] && grep -qaE '^(etcd|nginx|/usr/bin/python3)' "/proc/$pid/cmdline" 2>/dev/null; then
-      kill -9 "$pid" 2>/dev/null
-    fi
-  done < "$ETCD3_SPEC_PIDFILE"
-}
-trap cleanup EXIT INT TERM
+. tools/spec-pids.sh
+trap spec_pids_cleanup EXIT INT TERM
 
 # count_busted LOGFILE: adds busted's summary line to the totals
 count_busted() {

@@ -254,12 +254,15 @@ end
 --- For a describe block: setup and teardown functions that start a member
 -- and a client to it, handed to `set(member, client)`, and stop them by
 -- PID (busted's setup/teardown are the spec file's, so the spec registers
--- them: `setup(start) teardown(stop)`). `opts` as for single().
-function _M.member_and_client(set, opts)
+-- them: `setup(start) teardown(stop)`). `opts` as for single(); `config`:
+-- more etcd3.new options than the member's endpoint.
+function _M.member_and_client(set, opts, config)
   local member, client
   local function start()
     member = _M.single(opts)
-    client = assert(require("etcd3").new { endpoints = member.endpoint })
+    local c = { endpoints = member.endpoint }
+    for k, v in pairs(config or {}) do c[k] = v end
+    client = assert(require("etcd3").new(c))
     set(member, client)
   end
   local function stop()
