@@ -470,7 +470,7 @@ static struct {
   grpc_completion_queue *cq; /* made once, kept for the process */
   size_t count;              /* dying channels not destroyed yet */
   int running;               /* a reaper thread is up */
-} reaper = { PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0 };
+} reaper = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
 static int settling(grpc_connectivity_state s) {
   return s == GRPC_CHANNEL_CONNECTING || s == GRPC_CHANNEL_TRANSIENT_FAILURE;

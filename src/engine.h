@@ -54,7 +54,13 @@ typedef struct etcd3_channel_options {
 
 typedef struct etcd3_engine etcd3_engine;
 
-/* A background service: every member may be NULL (nothing to do then). */
+/* A background service: every member may be NULL (nothing to do then).
+ * Each service defines one static table by member name, leaving out what
+ * it does not use (docs/extending.md):
+ *   static const etcd3_service_ops auth_service = {
+ *     .name = "auth", .metadata = auth_metadata, .free = auth_free,
+ *   };
+ * and registers its state on first use with etcd3_engine_service_get. */
 typedef struct etcd3_service_ops {
   const char *name;
   /* Runs what is due at `now` (monotonic seconds); returns when it wants

@@ -70,7 +70,8 @@ ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state);
 /* token_changed is NULL: each grant and put is a call that carries the
  * token current when it starts. */
 static const etcd3_service_ops registration_service = {
-  "registration", registrations_tick, NULL, NULL, registrations_shutdown, free, NULL,
+  .name = "registration", .tick = registrations_tick, .shutdown = registrations_shutdown,
+  .free = free,
 };
 
 static void registration_unref(registration *r) {
