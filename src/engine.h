@@ -30,9 +30,6 @@
 /* Documents that the caller holds e->mu (see above). */
 #define ETCD3_LOCKED
 
-#define ETCD3_MAX_ENDPOINTS 64
-#define ETCD3_MAX_SERVICES 8
-
 /* Every completion queue tag starts with this: the thread that takes the
  * event off the queue calls `done` with its success flag. */
 typedef struct etcd3_tag {
@@ -102,11 +99,17 @@ struct etcd3_engine {
   int eventfd;                  /* readable while `news` > 0 */
   unsigned long news;           /* posted news Lua has not seen */
   unsigned fork_generation;     /* forks seen when the engine was made */
-  size_t n_channels;            /* grows (auto_sync), never shrinks */
-  etcd3_channel *channels;      /* ETCD3_MAX_ENDPOINTS slots */
+  /* Both arrays below grow (realloc under mu) and never shrink: an index
+   * stays valid, a pointer into them does not. The channels are added by
+   * the Lua thread only, which may read them unlocked; other threads read
+   * them under mu. Services are added under mu, also from a service's own
+   * callback: a loop over them copies each entry out (the state a service
+   * registered never moves). */
+  size_t n_channels, channels_room;
+  etcd3_channel *channels;
   etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
-  size_t n_services;
-  etcd3_service services[ETCD3_MAX_SERVICES];
+  size_t n_services, services_room;
+  etcd3_service *services;
   int64_t seen_revision;        /* highest header revision of any response (atomic) */
 };
 
@@ -139,7 +142,7 @@ int etcd3_engine_forked(const etcd3_engine *e);
 ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops *ops);
 /* The state of the service, registered now as `size` zeroed bytes (the
  * engine frees it with ops->free) when it was not yet; NULL when the
- * engine is closed, full, or out of memory. */
+ * engine is closed or out of memory. Any number of services may register. */
 ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service_ops *ops,
                                             size_t size);
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room);
