@@ -7,20 +7,16 @@ local Client = require "etcd3.client"
 local kv = require "etcd3.kv"
 local errors = require "etcd3.error"
 local txn = require "etcd3.txn"
-local lease = require "etcd3.lease"
-local watch = require "etcd3.watch"
-local admin = require "etcd3.admin"
-local registration = require "etcd3.registration"
 
-local concurrency = require "etcd3.concurrency"
-local mirror = require "etcd3.mirror"
+local ipairs, pairs, require = ipairs, pairs, require
 
-local ipairs, pairs = ipairs, pairs
-
--- Each service's file holds its client methods; the client class gets
--- them all here (client.lua names none of them).
-for _, service in ipairs { kv, txn, lease, watch, admin, registration, concurrency, mirror } do
-  for name, method in pairs(service.client_methods) do Client[name] = method end
+-- Each service's or recipe's file holds its client methods in
+-- `client_methods`; the client class gets them all here (client.lua names
+-- none of them). A new file of client methods is one name in this list
+-- (docs/extending.md).
+local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "concurrency", "mirror" }
+for _, file in ipairs(METHOD_FILES) do
+  for name, method in pairs(require("etcd3." .. file).client_methods) do Client[name] = method end
 end
 
 ---@class etcd3
