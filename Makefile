@@ -79,7 +79,7 @@ $(BUILD)/%.pb-c.o: $(PROTO_OUT)/%.pb-c.c
 $(PB_C): $(ETCD_PROTO_DIR)/etcdserver/etcdserverpb/rpc.proto proto/prepare.lua
 	@mkdir -p $(PROTO_OUT)
 	$(LUA) proto/prepare.lua $(ETCD_PROTO_DIR) $(PROTO_OUT)
-	cd $(PROTO_OUT) && protoc-c --c_out=. kv.proto auth.proto rpc.proto
+	cd $(PROTO_OUT) && protoc-c --c_out=. $(PROTOS:%=%.proto)
 
 # Debian's golang-etcd-server-dev, unpacked without installing its Go deps.
 $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd/etcdserver/etcdserverpb/rpc.proto:

@@ -25,30 +25,27 @@
 #include "codec.h"
 #include "rpc.pb-c.h"
 
-static const ProtobufCServiceDescriptor *const fuzz_services[] = {
-  &etcdserverpb__kv__descriptor,      &etcdserverpb__watch__descriptor,
-  &etcdserverpb__lease__descriptor,   &etcdserverpb__cluster__descriptor,
-  &etcdserverpb__maintenance__descriptor, &etcdserverpb__auth__descriptor,
-};
-#define FUZZ_N_SERVICES (sizeof fuzz_services / sizeof fuzz_services[0])
-
-/* Number of methods over all services. */
+/* Number of methods over all services (the codec's list). */
 static inline unsigned fuzz_n_methods(void) {
+  size_t n_services;
+  const ProtobufCServiceDescriptor *const *services = etcd3_services(&n_services);
   unsigned n = 0;
-  for (size_t s = 0; s < FUZZ_N_SERVICES; s++) n += fuzz_services[s]->n_methods;
+  for (size_t s = 0; s < n_services; s++) n += services[s]->n_methods;
   return n;
 }
 
 /* The k-th method (k taken modulo the count); *service gets its service. */
 static inline const ProtobufCMethodDescriptor *fuzz_method(unsigned k,
     const ProtobufCServiceDescriptor **service) {
+  size_t n_services;
+  const ProtobufCServiceDescriptor *const *services = etcd3_services(&n_services);
   k %= fuzz_n_methods();
-  for (size_t s = 0; s < FUZZ_N_SERVICES; s++) {
-    if (k < fuzz_services[s]->n_methods) {
-      if (service) *service = fuzz_services[s];
-      return &fuzz_services[s]->methods[k];
+  for (size_t s = 0; s < n_services; s++) {
+    if (k < services[s]->n_methods) {
+      if (service) *service = services[s];
+      return &services[s]->methods[k];
     }
-    k -= fuzz_services[s]->n_methods;
+    k -= services[s]->n_methods;
   }
   abort();
 }

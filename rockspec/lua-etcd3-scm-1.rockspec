@@ -10,13 +10,12 @@ description = {
   summary = "etcd v3 client for Lua 5.4 and LuaJIT/OpenResty, on the gRPC C core",
   detailed = [[
     A C module (etcd3.core) on the gRPC C core and protobuf-c, under a
-    pure-Lua API: KV (get, put, delete, compact, paged ranges),
-    transactions, leases kept alive in the background, watches that resume
-    across member failures, auth (users, roles, token renewal), TLS,
-    namespaces, cluster membership with endpoint auto-sync, and maintenance
-    (status, alarms, defragment, hash_kv, snapshot, move_leader). Waits
-    without blocking under OpenResty and cqueues. Recipes (locks,
-    elections) are coming.
+    pure-Lua API: KV, transactions, leases kept alive in the background,
+    watches that resume across member failures, auth, TLS, namespaces,
+    cluster membership with endpoint auto-sync, maintenance, keys the
+    engine keeps registered, and recipes (sessions, locks, elections,
+    mirrors). Waits without blocking under OpenResty and cqueues. README.md
+    lists every call.
   ]],
   license = "MIT",
 }

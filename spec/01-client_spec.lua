@@ -37,6 +37,23 @@ describe("client", function()
     cli:close()
   end)
 
+  -- Endpoints had 64 slots: a 65th given to new raised, and one auto_sync
+  -- found past them was left out without a word.
+  it("takes any number of endpoints, and adds more later", function()
+    local list = { member.endpoint }
+    for port = 2, 100 do list[port] = "127.0.0.1:" .. port end -- nothing listens there
+    local cli = assert(etcd3.new { endpoints = list, dial_timeout = 3 })
+    assert.are.equal(100, #cli:endpoints())
+    assert(cli:put("/client/many", "x"))
+    local handle = cli._core
+    for i = 101, 200 do
+      assert.are.equal(i, handle:add_endpoint("127.0.0.1:" .. i))
+    end
+    assert.are.equal("IDLE", handle:state(200))
+    assert.are.equal("x", assert(cli:get("/client/many")).kvs[1].value)
+    cli:close()
+  end)
+
   it("returns nil, err from new when no endpoint answers within dial_timeout", function()
     local t0 = helper.now()
     local cli, err = etcd3.new { endpoints = "127.0.0.1:1", dial_timeout = 0.3 }

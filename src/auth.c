@@ -77,7 +77,7 @@ static void auth_free(void *state) {
 /* The background call is one of the calls service's: closing the engine
  * cancels it there. */
 static const etcd3_service_ops auth_service = {
-  "auth", NULL, auth_metadata, NULL, NULL, auth_free, NULL,
+  .name = "auth", .metadata = auth_metadata, .free = auth_free,
 };
 
 /* The engine's auth state, registered on first use; NULL when closed or

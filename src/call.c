@@ -67,7 +67,7 @@ ETCD3_LOCKED static void calls_shutdown(etcd3_engine *e, void *state) {
 }
 
 static const etcd3_service_ops calls_service = {
-  "calls", NULL, NULL, NULL, calls_shutdown, free, NULL,
+  .name = "calls", .shutdown = calls_shutdown, .free = free,
 };
 
 /* A new call for `send` (owned by it from now on); NULL on out of memory. */

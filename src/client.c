@@ -11,6 +11,7 @@
  * inherited engine is leaked on purpose: once grpc_init has run, a child
  * hangs when it destroys an inherited channel (docs/grpc-facts.md, "Fork").
  */
+#include <limits.h>
 #include <poll.h>
 #include <string.h>
 
@@ -56,15 +57,15 @@ static size_t check_channel(lua_State *L, etcd3_engine *e, int idx) {
  * targets: array of "host:port" strings, as gRPC takes them; tls: nil, or a
  * table of PEM texts { ca, cert, key } and server_name (each optional). */
 static int client_new(lua_State *L) {
-  const char *targets[ETCD3_MAX_ENDPOINTS];
+  const char **targets;
   etcd3_channel_options opts;
   char err[256];
   size_t n;
   client_ud *u;
   luaL_checktype(L, 1, LUA_TTABLE);
   n = lua_rawlen(L, 1);
-  if (n == 0 || n > ETCD3_MAX_ENDPOINTS)
-    return luaL_argerror(L, 1, "between 1 and 64 endpoints expected");
+  if (n == 0) return luaL_argerror(L, 1, "at least one endpoint expected");
+  if (n > INT_MAX / sizeof *targets) return luaL_argerror(L, 1, "too many endpoints");
   opts.keepalive_ms = (int)luaL_checkinteger(L, 2);
   opts.max_recv_bytes = (int)luaL_checkinteger(L, 3);
   opts.tls = lua_istable(L, 4);
@@ -81,6 +82,8 @@ static int client_new(lua_State *L) {
     opts.server_name = lua_tostring(L, -1);
     lua_pop(L, 4);
   }
+  /* collected with the rest of the stack */
+  targets = (const char **)lua_newuserdata(L, n * sizeof *targets);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, 1, (int)i + 1);
     targets[i] = lua_tostring(L, -1);

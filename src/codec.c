@@ -29,6 +29,7 @@
  * for every call and stream (etcd3_pack, etcd3_unpack).
  */
 #include <ctype.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,7 +44,15 @@
 
 /* ---- field names ------------------------------------------------------ */
 
-/* Longest proto field name in etcd's protos is far below this. */
+/* The codec's tables are static storage sized by hand, not malloc: Lua
+ * unloads the module at exit, and memory only a static of an unloaded
+ * module points to would dangle (and show as a leak). Each size below is
+ * checked against the descriptors when the tables are built, at
+ * require "etcd3.core": protos that outgrow one make require fail with a
+ * message that names the limit to raise (tables_fail), never a silent
+ * truncation or an overflow. */
+
+/* Bytes of a field's snake_case name, with its NUL (etcd 3.4: 22). */
 #define NAME_MAX_LEN 64
 
 enum { NOT_AN_ID, MEMBER_ID, LEASE_ID };
@@ -61,20 +70,43 @@ typedef struct message_info {
   unsigned *by_name;         /* field indexes in name order (encoding) */
 } message_info;
 
-/* Writes the snake_case form of a proto field name into out. */
-static void snake_name(const char *name, char *out) {
+/* The first limit the descriptors exceed, or NULL (see above). */
+static const char *tables_error;
+static char tables_error_text[200];
+
+#if defined(__GNUC__)
+__attribute__((format(printf, 1, 2)))
+#endif
+static void tables_fail(const char *fmt, ...) {
+  va_list ap;
+  int n;
+  if (tables_error) return;
+  n = snprintf(tables_error_text, sizeof tables_error_text, "etcd3: codec: ");
+  va_start(ap, fmt);
+  vsnprintf(tables_error_text + n, sizeof tables_error_text - (size_t)n, fmt, ap);
+  va_end(ap);
+  tables_error = tables_error_text;
+}
+
+/* Writes the snake_case form of a proto field name into out (NAME_MAX_LEN
+ * bytes); returns the length it takes, written only when it fits. */
+static size_t snake_name(const char *name, char *out) {
   size_t n = 0;
-  for (size_t i = 0; name[i] && n < NAME_MAX_LEN - 2; i++) {
+  for (size_t i = 0; name[i]; i++) {
     unsigned char c = (unsigned char)name[i];
     if (isupper(c)) {
       unsigned char prev = i > 0 ? (unsigned char)name[i - 1] : '_';
-      if (islower(prev) || isdigit(prev)) out[n++] = '_';
-      out[n++] = (char)tolower(c);
-    } else {
-      out[n++] = (char)c;
+      if (islower(prev) || isdigit(prev)) {
+        if (n + 1 < NAME_MAX_LEN) out[n] = '_';
+        n++;
+      }
+      c = (unsigned char)tolower(c);
     }
+    if (n + 1 < NAME_MAX_LEN) out[n] = (char)c;
+    n++;
   }
-  out[n] = '\0';
+  out[n < NAME_MAX_LEN ? n : NAME_MAX_LEN - 1] = '\0';
+  return n;
 }
 
 /* 64-bit IDs: fields named id, lease, leader or *_id but watch_id. Leases
@@ -91,10 +123,12 @@ static int id_kind(const ProtobufCMessageDescriptor *d, const ProtobufCFieldDesc
 }
 
 /* Every message type the RPCs reach, indexed by descriptor: built once,
- * read-only afterwards (no lock on the way). */
+ * read-only afterwards (no lock on the way). An open-addressing table kept
+ * at most half full (etcd 3.4's RPCs reach 92 types). */
 #define INFO_SLOTS 1024
 static message_info infos[INFO_SLOTS];
-static pthread_once_t infos_once = PTHREAD_ONCE_INIT;
+static size_t infos_used;
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static size_t info_slot(const ProtobufCMessageDescriptor *d) {
   return (size_t)(((uintptr_t)d >> 4) * 0x9E3779B97F4A7C15ULL >> 40) & (INFO_SLOTS - 1);
@@ -105,9 +139,7 @@ static int by_field_name(const void *a, const void *b) {
   return strcmp(sort_fields[*(const unsigned *)a].name, sort_fields[*(const unsigned *)b].name);
 }
 
-/* Static storage, not malloc: Lua unloads the module at exit, and memory
- * only a static of an unloaded module points to would dangle (and show as
- * a leak). etcd 3.4's messages have far fewer fields than this. */
+/* The fields of every message type, back to back (etcd 3.4: 209). */
 #define FIELD_POOL 4096
 static field_info field_pool[FIELD_POOL];
 static unsigned name_pool[FIELD_POOL];
@@ -117,15 +149,30 @@ static void add_info(const ProtobufCMessageDescriptor *d) {
   size_t slot = info_slot(d);
   message_info *m;
   while (infos[slot].d && infos[slot].d != d) slot = (slot + 1) & (INFO_SLOTS - 1);
-  if (infos[slot].d) return; /* known */
-  if (pool_used + d->n_fields > FIELD_POOL) return; /* info_of then names it */
+  if (infos[slot].d || tables_error) return; /* known, or given up */
+  if (2 * (infos_used + 1) > INFO_SLOTS) {
+    tables_fail("INFO_SLOTS (%d) must be at least twice the message types the RPCs "
+                "reach (more than %zu): raise it in src/codec.c", INFO_SLOTS, infos_used);
+    return;
+  }
+  if (pool_used + d->n_fields > FIELD_POOL) {
+    tables_fail("FIELD_POOL (%d) is too small for the fields of the RPCs' messages "
+                "(at least %zu): raise it in src/codec.c", FIELD_POOL, pool_used + d->n_fields);
+    return;
+  }
   m = &infos[slot];
   m->fields = field_pool + pool_used;
   m->by_name = name_pool + pool_used;
   pool_used += d->n_fields;
+  infos_used++;
   m->d = d;
   for (unsigned i = 0; i < d->n_fields; i++) {
-    snake_name(d->fields[i].name, m->fields[i].name);
+    size_t len = snake_name(d->fields[i].name, m->fields[i].name);
+    if (len >= NAME_MAX_LEN) {
+      tables_fail("NAME_MAX_LEN (%d) is too small for field %s.%s (%zu bytes): "
+                  "raise it in src/codec.c", NAME_MAX_LEN, d->name, d->fields[i].name, len + 1);
+      return;
+    }
     m->fields[i].id_kind = id_kind(d, &d->fields[i], m->fields[i].name);
     m->by_name[i] = i;
   }
@@ -136,6 +183,9 @@ static void add_info(const ProtobufCMessageDescriptor *d) {
       add_info((const ProtobufCMessageDescriptor *)d->fields[i].descriptor);
 }
 
+/* The etcd services whose RPCs the client may call: one line here makes
+ * every method of a service callable by name ("KV.Range") and known to
+ * the codec (and to the fuzz targets, fuzz/fuzz.h). */
 static const ProtobufCServiceDescriptor *const services[] = {
   &etcdserverpb__kv__descriptor,      &etcdserverpb__watch__descriptor,
   &etcdserverpb__lease__descriptor,   &etcdserverpb__cluster__descriptor,
@@ -143,19 +193,28 @@ static const ProtobufCServiceDescriptor *const services[] = {
 };
 #define N_SERVICES (sizeof services / sizeof services[0])
 
-static void build_infos(void) {
+const ProtobufCServiceDescriptor *const *etcd3_services(size_t *n) {
+  *n = N_SERVICES;
+  return services;
+}
+
+static void build_paths(void);
+
+/* The codec's tables, built once (tables_once), or tables_error. */
+static void build_tables(void) {
   for (size_t s = 0; s < N_SERVICES; s++) {
     for (unsigned k = 0; k < services[s]->n_methods; k++) {
       add_info(services[s]->methods[k].input);
       add_info(services[s]->methods[k].output);
     }
   }
+  build_paths();
 }
 
 /* The field names of message type d (every type an RPC reaches). */
 static const message_info *info_of(lua_State *L, const ProtobufCMessageDescriptor *d) {
   size_t slot;
-  pthread_once(&infos_once, build_infos);
+  pthread_once(&tables_once, build_tables);
   for (slot = info_slot(d); infos[slot].d; slot = (slot + 1) & (INFO_SLOTS - 1))
     if (infos[slot].d == d) return &infos[slot];
   luaL_error(L, "etcd3: message type %s is not one of etcd's RPCs", d->name);
@@ -861,19 +920,31 @@ ProtobufCMessage *etcd3_unpack(const ProtobufCMessageDescriptor *d, grpc_byte_bu
 
 /* ---- methods and status codes ----------------------------------------- */
 
+/* Methods of one service (etcd 3.4: 16, Auth's). */
 #define MAX_METHODS 32
 
-/* "/etcdserverpb.KV/Range" for every method, built once. Static storage,
- * not malloc: Lua unloads the module at exit and nothing may dangle. */
+/* "/etcdserverpb.KV/Range" for every method, built with the other tables
+ * (static storage, see above). Bytes of one, with its NUL (etcd 3.4: 40). */
 #define PATH_MAX_LEN 80
 static char method_paths[N_SERVICES][MAX_METHODS][PATH_MAX_LEN];
-static pthread_once_t paths_once = PTHREAD_ONCE_INIT;
 
 static void build_paths(void) {
   for (size_t s = 0; s < N_SERVICES; s++) {
-    for (unsigned m = 0; m < services[s]->n_methods && m < MAX_METHODS; m++)
-      snprintf(method_paths[s][m], PATH_MAX_LEN, "/%s/%s", services[s]->name,
-               services[s]->methods[m].name);
+    if (services[s]->n_methods > MAX_METHODS) {
+      tables_fail("MAX_METHODS (%d) is too small for %s (%u methods): raise it in src/codec.c",
+                  MAX_METHODS, services[s]->name, services[s]->n_methods);
+      return;
+    }
+    for (unsigned m = 0; m < services[s]->n_methods; m++) {
+      int len = snprintf(method_paths[s][m], PATH_MAX_LEN, "/%s/%s", services[s]->name,
+                         services[s]->methods[m].name);
+      if (len < 0 || len >= PATH_MAX_LEN) {
+        tables_fail("PATH_MAX_LEN (%d) is too small for /%s/%s: raise it in src/codec.c",
+                    PATH_MAX_LEN, services[s]->name, services[s]->methods[m].name);
+        method_paths[s][m][0] = '\0';
+        return;
+      }
+    }
   }
 }
 
@@ -882,7 +953,7 @@ const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name,
                                                    const char **path) {
   const char *dot = strchr(rpc_name, '.');
   if (!dot) return NULL;
-  pthread_once(&paths_once, build_paths);
+  pthread_once(&tables_once, build_tables);
   for (size_t s = 0; s < N_SERVICES; s++) {
     const ProtobufCServiceDescriptor *sd = services[s];
     if (strlen(sd->short_name) != (size_t)(dot - rpc_name) ||
@@ -912,6 +983,9 @@ const char *etcd3_status_name(int status) {
 }
 
 int etcd3_codec_open(lua_State *L) {
+  /* the tables are checked here, so protos they do not fit fail require */
+  pthread_once(&tables_once, build_tables);
+  if (tables_error) return luaL_error(L, "%s", tables_error);
   luaL_newmetatable(L, ETCD3_ARENA_MT);
   lua_pushcfunction(L, arena_gc);
   lua_setfield(L, -2, "__gc");

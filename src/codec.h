@@ -35,6 +35,9 @@ void etcd3_push_message(lua_State *L, const ProtobufCMessage *msg);
 int etcd3_parse_id(const char *s, size_t len, uint64_t *id);
 uint64_t etcd3_check_id(lua_State *L, int idx);
 
+/* The etcd services the client calls (codec.c's list: the one place a
+ * service is named); *n gets their count. */
+const ProtobufCServiceDescriptor *const *etcd3_services(size_t *n);
 /* "KV.Range" -> its descriptor and "/etcdserverpb.KV/Range" (static). */
 const ProtobufCMethodDescriptor *etcd3_find_method(const char *rpc_name, const char **path);
 const char *etcd3_status_name(int status);

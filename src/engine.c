@@ -20,6 +20,7 @@
  */
 #include <dlfcn.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -118,8 +119,8 @@ static double run_timers(etcd3_engine *e) {
   double now = etcd3_now(), next = 0;
   pthread_mutex_lock(&e->mu);
   for (size_t i = 0; i < e->n_services; i++) {
-    const etcd3_service *sv = &e->services[i];
-    double t = sv->ops->tick ? sv->ops->tick(e, sv->state, now) : 0;
+    etcd3_service sv = e->services[i]; /* a copy: a tick may register a service */
+    double t = sv.ops->tick ? sv.ops->tick(e, sv.state, now) : 0;
     if (t > 0 && (next == 0 || t < next)) next = t;
   }
   pthread_mutex_unlock(&e->mu);
@@ -210,10 +211,27 @@ ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops
   return NULL;
 }
 
+/* An array of `room` items of `size` bytes holding `used`, with room for
+ * one more (moved when it had none: doubled, from 2); NULL, leaving it as
+ * it was, on out of memory. */
+static void *grow(void *array, size_t *room, size_t used, size_t size) {
+  size_t want = *room ? *room * 2 : 2;
+  void *moved;
+  if (used < *room) return array;
+  if (want > SIZE_MAX / size) return NULL;
+  moved = realloc(array, want * size);
+  if (moved) *room = want;
+  return moved;
+}
+
 ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service_ops *ops,
                                             size_t size) {
   void *state = etcd3_engine_service(e, ops);
-  if (state || e->closed || e->n_services == ETCD3_MAX_SERVICES) return state;
+  etcd3_service *services;
+  if (state || e->closed) return state;
+  services = (etcd3_service *)grow(e->services, &e->services_room, e->n_services, sizeof *services);
+  if (!services) return NULL;
+  e->services = services;
   state = calloc(1, size);
   if (!state) return NULL;
   e->services[e->n_services].ops = ops;
@@ -225,16 +243,16 @@ ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room) {
   size_t n = 0;
   for (size_t i = 0; i < e->n_services; i++) {
-    const etcd3_service *sv = &e->services[i];
-    if (sv->ops->metadata) n += sv->ops->metadata(e, sv->state, md + n, room - n);
+    etcd3_service sv = e->services[i];
+    if (sv.ops->metadata) n += sv.ops->metadata(e, sv.state, md + n, room - n);
   }
   return n;
 }
 
 ETCD3_LOCKED void etcd3_engine_token_changed(etcd3_engine *e) {
   for (size_t i = 0; i < e->n_services; i++) {
-    const etcd3_service *sv = &e->services[i];
-    if (sv->ops->token_changed) sv->ops->token_changed(e, sv->state);
+    etcd3_service sv = e->services[i];
+    if (sv.ops->token_changed) sv.ops->token_changed(e, sv.state);
   }
 }
 
@@ -246,17 +264,23 @@ ETCD3_LOCKED grpc_completion_queue *etcd3_engine_pluck_queue(etcd3_engine *e) {
 
 static grpc_channel *open_channel(const char *target, const etcd3_channel_options *o);
 
-/* Adds an endpoint (auto_sync); returns its index, or -1 when full or
- * closed. Only the Lua thread adds, so it may read n_channels unlocked.
- * The PEM texts of a TLS client are not kept, so a TLS client cannot add
- * endpoints (never a plaintext channel in its place). */
+/* Adds an endpoint (auto_sync); returns its index, or -1 when closed or
+ * out of memory. Only the Lua thread adds, so it may read the channels
+ * unlocked; the array moves under the mutex, where every other thread
+ * reads it. The PEM texts of a TLS client are not kept, so a TLS client
+ * cannot add endpoints (never a plaintext channel in its place). */
 int etcd3_engine_add_channel(etcd3_engine *e, const char *target) {
   int index = -1;
+  etcd3_channel *channels;
   pthread_mutex_lock(&e->mu);
-  if (!e->closed && e->n_channels < ETCD3_MAX_ENDPOINTS && !e->channel_options.tls) {
+  if (!e->closed && !e->channel_options.tls && e->n_channels < INT_MAX &&
+      (channels = (etcd3_channel *)grow(e->channels, &e->channels_room, e->n_channels,
+                                        sizeof *channels)) != NULL) {
     char *copy = strdup(target);
+    e->channels = channels;
     if (copy) {
       e->channels[e->n_channels].target = copy;
+      e->channels[e->n_channels].retired = 0; /* (grow does not zero) */
       e->channels[e->n_channels].channel = open_channel(target, &e->channel_options);
       index = (int)e->n_channels++;
     }
@@ -289,8 +313,8 @@ ETCD3_LOCKED void etcd3_news_post(etcd3_engine *e, int *posted) {
   }
   pthread_cond_broadcast(&e->cond);
   for (size_t i = 0; i < e->n_services; i++) {
-    const etcd3_service *sv = &e->services[i];
-    if (sv->ops->on_news) sv->ops->on_news(e, sv->state, posted);
+    etcd3_service sv = e->services[i];
+    if (sv.ops->on_news) sv.ops->on_news(e, sv.state, posted);
   }
 }
 
@@ -391,8 +415,9 @@ etcd3_engine *etcd3_engine_new(const char *const *targets, size_t n,
   e->refs = 1;
   e->fork_generation = fork_generation;
   e->eventfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  /* room for endpoints added later (auto_sync); never reallocated */
-  e->channels = (etcd3_channel *)calloc(ETCD3_MAX_ENDPOINTS, sizeof *e->channels);
+  /* endpoints added later (auto_sync) grow it */
+  e->channels = (etcd3_channel *)calloc(n ? n : 1, sizeof *e->channels);
+  e->channels_room = n ? n : 1;
   e->channel_options = *opts;
   /* the PEM texts are the caller's: not kept (added channels need none) */
   e->channel_options.ca = e->channel_options.cert = NULL;
@@ -457,7 +482,7 @@ static struct {
   grpc_completion_queue *cq; /* made once, kept for the process */
   size_t count;              /* dying channels not destroyed yet */
   int running;               /* a reaper thread is up */
-} reaper = { PTHREAD_MUTEX_INITIALIZER, NULL, 0, 0 };
+} reaper = { .mu = PTHREAD_MUTEX_INITIALIZER };
 
 static int settling(grpc_connectivity_state s) {
   return s == GRPC_CHANNEL_CONNECTING || s == GRPC_CHANNEL_TRANSIENT_FAILURE;
@@ -536,8 +561,8 @@ void etcd3_engine_close(etcd3_engine *e) {
   e->closed = 1;
   etcd3_engine_wake(e); /* it must be polling to see the shutdown */
   for (size_t i = 0; i < e->n_services; i++) {
-    const etcd3_service *sv = &e->services[i];
-    if (sv->ops->shutdown) sv->ops->shutdown(e, sv->state);
+    etcd3_service sv = e->services[i];
+    if (sv.ops->shutdown) sv.ops->shutdown(e, sv.state);
   }
   pthread_mutex_unlock(&e->mu);
   for (size_t i = 0; i < e->n_channels; i++) {
@@ -571,6 +596,7 @@ void etcd3_engine_release(etcd3_engine *e) {
     const etcd3_service *sv = &e->services[i];
     if (sv->ops->free) sv->ops->free(sv->state);
   }
+  free(e->services);
   close(e->eventfd);
   pthread_cond_destroy(&e->cond);
   pthread_mutex_destroy(&e->mu);

@@ -37,9 +37,6 @@
 /* Documents that the caller holds e->mu (see above). */
 #define ETCD3_LOCKED
 
-#define ETCD3_MAX_ENDPOINTS 64
-#define ETCD3_MAX_SERVICES 8
-
 /* Every completion queue tag starts with this: the thread that takes the
  * event off the queue calls `done` with its success flag. */
 typedef struct etcd3_tag {
@@ -62,7 +59,13 @@ typedef struct etcd3_channel_options {
 
 typedef struct etcd3_engine etcd3_engine;
 
-/* A background service: every member may be NULL (nothing to do then). */
+/* A background service: every member may be NULL (nothing to do then).
+ * Each service defines one static table by member name, leaving out what
+ * it does not use (docs/extending.md):
+ *   static const etcd3_service_ops auth_service = {
+ *     .name = "auth", .metadata = auth_metadata, .free = auth_free,
+ *   };
+ * and registers its state on first use with etcd3_engine_service_get. */
 typedef struct etcd3_service_ops {
   const char *name;
   /* Runs what is due at `now` (monotonic seconds); returns when it wants
@@ -104,12 +107,18 @@ struct etcd3_engine {
   int eventfd;                  /* readable while `news` > 0 */
   unsigned long news;           /* posted news Lua has not seen */
   unsigned fork_generation;     /* forks seen when the engine was made */
-  size_t n_channels;            /* grows (auto_sync), never shrinks */
+  /* Both arrays below grow (realloc under mu) and never shrink: an index
+   * stays valid, a pointer into them does not. The channels are added by
+   * the Lua thread only, which may read them unlocked; other threads read
+   * them under mu. Services are added under mu, also from a service's own
+   * callback: a loop over them copies each entry out (the state a service
+   * registered never moves). */
+  size_t n_channels, channels_room;
   size_t current;               /* where requests start (policy.c) */
-  etcd3_channel *channels;      /* ETCD3_MAX_ENDPOINTS slots */
+  etcd3_channel *channels;
   etcd3_channel_options channel_options; /* keepalive, max size, tls flag */
-  size_t n_services;
-  etcd3_service services[ETCD3_MAX_SERVICES];
+  size_t n_services, services_room;
+  etcd3_service *services;
   int64_t seen_revision;        /* highest header revision of any response (atomic) */
 };
 
@@ -142,7 +151,7 @@ int etcd3_engine_forked(const etcd3_engine *e);
 ETCD3_LOCKED void *etcd3_engine_service(etcd3_engine *e, const etcd3_service_ops *ops);
 /* The state of the service, registered now as `size` zeroed bytes (the
  * engine frees it with ops->free) when it was not yet; NULL when the
- * engine is closed, full, or out of memory. */
+ * engine is closed or out of memory. Any number of services may register. */
 ETCD3_LOCKED void *etcd3_engine_service_get(etcd3_engine *e, const etcd3_service_ops *ops,
                                             size_t size);
 ETCD3_LOCKED size_t etcd3_engine_metadata(etcd3_engine *e, grpc_metadata *md, size_t room);

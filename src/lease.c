@@ -72,7 +72,8 @@ static void keepalive_free(void *state);
 /* token_changed is NULL on purpose: etcd 3.4 checks no token on
  * LeaseKeepAlive, so the open stream keeps renewing with the old one. */
 static const etcd3_service_ops keepalive_service = {
-  "lease keepalive", keepalive_tick, NULL, NULL, keepalive_shutdown, keepalive_free, NULL,
+  .name = "lease keepalive", .tick = keepalive_tick, .shutdown = keepalive_shutdown,
+  .free = keepalive_free,
 };
 
 static const etcd3_stream_ops keepalive_ops;
@@ -183,7 +184,8 @@ ETCD3_LOCKED static void on_keepalive_closed(void *owner, etcd3_stream *s, grpc_
 }
 
 static const etcd3_stream_ops keepalive_ops = {
-  &etcdserverpb__lease_keep_alive_response__descriptor, on_keepalive, on_keepalive_closed,
+  .response = &etcdserverpb__lease_keep_alive_response__descriptor,
+  .on_message = on_keepalive, .on_closed = on_keepalive_closed,
 };
 
 /* Renews what is due, notices what ran out, keeps the stream open while

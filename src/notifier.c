@@ -115,7 +115,8 @@ static void notifier_free(void *state) {
 }
 
 static const etcd3_service_ops notifier_service = {
-  "notifier", NULL, NULL, NULL, notifier_shutdown, notifier_free, notifier_on_news,
+  .name = "notifier", .shutdown = notifier_shutdown, .free = notifier_free,
+  .on_news = notifier_on_news,
 };
 
 /* The engine's notifier, registered on first use; NULL when the engine is

@@ -78,8 +78,8 @@ ETCD3_LOCKED static void registrations_shutdown(etcd3_engine *e, void *state);
 /* Each grant and put carries the token current when it starts; a new
  * token lets those that waited for it go at once. */
 static const etcd3_service_ops registration_service = {
-  "registration", registrations_tick, NULL, registrations_token_changed, registrations_shutdown,
-  free, NULL,
+  .name = "registration", .tick = registrations_tick,
+  .token_changed = registrations_token_changed, .shutdown = registrations_shutdown, .free = free,
 };
 
 static void registration_unref(registration *r) {

@@ -80,7 +80,8 @@ static void on_closed(void *owner, etcd3_stream *st, grpc_status_code status, co
 
 /* static: the stream may decode after its owner let go */
 static const etcd3_stream_ops snapshot_ops = {
-  &etcdserverpb__snapshot_response__descriptor, on_message, on_closed,
+  .response = &etcdserverpb__snapshot_response__descriptor,
+  .on_message = on_message, .on_closed = on_closed,
 };
 
 static server_stream *check_ss(lua_State *L) {

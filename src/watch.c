@@ -57,7 +57,8 @@ static void watch_free(void *state) {
 }
 
 static const etcd3_service_ops watch_service = {
-  "watch", watch_tick, NULL, watch_restart, watch_shutdown, watch_free, NULL,
+  .name = "watch", .tick = watch_tick, .token_changed = watch_restart,
+  .shutdown = watch_shutdown, .free = watch_free,
 };
 
 static const etcd3_stream_ops watch_ops;
@@ -490,7 +491,8 @@ ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state) {
 }
 
 static const etcd3_stream_ops watch_ops = {
-  &etcdserverpb__watch_response__descriptor, on_watch_response, on_watch_closed,
+  .response = &etcdserverpb__watch_response__descriptor,
+  .on_message = on_watch_response, .on_closed = on_watch_closed,
 };
 
 /* Whether the wire is to be created on the open stream. */

@@ -6,7 +6,7 @@
 -- token is renewed is the engine's request policy (src/policy.h), shared
 -- with its background services; signing in is auth.lua's; the methods users
 -- call live in the file of their service (kv, txn, lease, watch, admin,
--- registration, concurrency, mirror).
+-- registration, session, mirror).
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
@@ -45,7 +45,7 @@ local now = core.now
 
 --- A connection to an etcd cluster. Its methods are in the files of their
 -- service: kv.lua, txn.lua, lease.lua, watch.lua, admin.lua,
--- registration.lua, concurrency.lua, mirror.lua (init.lua hands them over).
+-- registration.lua, session.lua, mirror.lua (init.lua hands them over).
 ---@class etcd3.Client
 ---@field timeout number default deadline of each request, seconds
 ---@field _core userdata the etcd3.core handle

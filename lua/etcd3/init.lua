@@ -7,27 +7,23 @@ local Client = require "etcd3.client"
 local kv = require "etcd3.kv"
 local errors = require "etcd3.error"
 local txn = require "etcd3.txn"
-local lease = require "etcd3.lease"
-local watch = require "etcd3.watch"
-local admin = require "etcd3.admin"
-local registration = require "etcd3.registration"
-local session = require "etcd3.session"
-local mutex = require "etcd3.mutex"
-local election = require "etcd3.election"
-local mirror = require "etcd3.mirror"
 
-local ipairs, pairs = ipairs, pairs
+local ipairs, pairs, require = ipairs, pairs, require
 
--- Each service's file holds its client methods; the client class gets
--- them all here (client.lua names none of them).
-for _, service in ipairs { kv, txn, lease, watch, admin, registration, session, mirror } do
-  for name, method in pairs(service.client_methods) do Client[name] = method end
+-- Each service's or recipe's file holds its client methods in
+-- `client_methods`; the client class gets them all here (client.lua names
+-- none of them). A new file of client methods is one name in this list
+-- (docs/extending.md).
+local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "session", "mirror" }
+for _, file in ipairs(METHOD_FILES) do
+  for name, method in pairs(require("etcd3." .. file).client_methods) do Client[name] = method end
 end
 
 -- Likewise each recipe's file holds its session methods (session:mutex,
--- session:election); the session class gets them here.
-for _, recipe in ipairs { mutex, election } do
-  for name, method in pairs(recipe.session_methods) do session.Session[name] = method end
+-- session:election) in `session_methods`; the session class gets them here.
+local session = require "etcd3.session"
+for _, file in ipairs { "mutex", "election" } do
+  for name, method in pairs(require("etcd3." .. file).session_methods) do session.Session[name] = method end
 end
 
 ---@class etcd3
