@@ -255,21 +255,6 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
   setup(function() cluster = helper.cluster(3) end)
   teardown(function() if cluster then cluster.stop() end end)
 
-  -- The index of the leader among cluster.members, as the members say.
-  local function leader_index()
-    local index
-    helper.wait_for(function()
-      for i, m in ipairs(cluster.members) do
-        local c = assert(etcd3.new { endpoints = m.endpoint })
-        local st = c:status()
-        c:close()
-        if st and st.leader == st.header.member_id then index = i end
-      end
-      return index ~= nil
-    end, 20, "a leader")
-    return index
-  end
-
   -- Kills member `victim` while a lease under keepalive carries a key; the
   -- keepalive stream starts on `endpoints[1]`. The lease must stay alive
   -- for TTL + 2 s (so a renewal after the kill was answered), and the key
@@ -293,12 +278,7 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
   end
 
   it("stays alive when the member carrying its stream dies", function()
-    local leader = leader_index()
-    local follower = leader % 3 + 1
-    local endpoints = { cluster.members[follower].endpoint }
-    for i, m in ipairs(cluster.members) do
-      if i ~= follower then endpoints[#endpoints + 1] = m.endpoint end
-    end
+    local follower, endpoints = helper.follower_first(cluster)
     survives(follower, endpoints, 3, true)
   end)
 
@@ -307,6 +287,6 @@ describe("lease keepalive across a member kill in a 3-member cluster", function(
   -- new leader extends every lease. A lease whose TTL covers that keeps
   -- its key, and this client keeps calling it alive.
   it("stays alive through the leader's death", function()
-    survives(leader_index(), cluster.endpoints, 6)
+    survives(helper.leader_index(cluster), cluster.endpoints, 6)
   end)
 end)

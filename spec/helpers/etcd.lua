@@ -232,6 +232,33 @@ function _M.cluster(n, opts)
   return c
 end
 
+--- The index of the cluster's leader among cluster.members, as the
+-- members say (waits for one to be elected).
+function _M.leader_index(cluster)
+  local index
+  _M.wait_for(function()
+    for i, m in ipairs(cluster.members) do
+      local c = assert(require("etcd3").new { endpoints = m.endpoint })
+      local st = c:status()
+      c:close()
+      if st and st.leader == st.header.member_id then index = i end
+    end
+    return index ~= nil
+  end, 20, "a leader")
+  return index
+end
+
+--- A follower's index, and the endpoints with that follower first (a
+-- client's streams start there) and the other members after it.
+function _M.follower_first(cluster)
+  local follower = _M.leader_index(cluster) % #cluster.members + 1
+  local endpoints = { cluster.members[follower].endpoint }
+  for i, m in ipairs(cluster.members) do
+    if i ~= follower then endpoints[#endpoints + 1] = m.endpoint end
+  end
+  return follower, endpoints
+end
+
 --- A member that joins a running cluster (after member_add): same token,
 -- the initial cluster etcd's member_add answer describes.
 function _M.joining(cluster, name, initial_cluster, peer_url, opts)
