@@ -113,8 +113,7 @@ static void authenticated(etcd3_engine *e, void *arg, grpc_status_code status,
     a->refused = a->failure == GRPC_STATUS_INVALID_ARGUMENT ||
                  a->failure == GRPC_STATUS_PERMISSION_DENIED ||
                  a->failure == GRPC_STATUS_FAILED_PRECONDITION;
-    if (etcd3_policy_verdict(status, details, 1, 0) == ETCD3_NEXT)
-      etcd3_policy_failed(e, a->refresh_channel);
+    if (etcd3_policy_member_failed(status)) etcd3_policy_failed(e, a->refresh_channel);
   }
   /* everyone waiting tries again (after a failure too: a stream refused
    * again then ends with etcd's error, a background call backs off) */

@@ -210,8 +210,9 @@ static int client_failed(lua_State *L) { return channel_step(L, STEP_FAILED); }
 static int client_prefer(lua_State *L) { return channel_step(L, STEP_PREFER); }
 static int client_retire(lua_State *L) { return channel_step(L, STEP_RETIRE); }
 
-/* client:verdict(code, message, idempotent, can_reauth) -> "next" | "reauth" | nil:
- * what to do after a unary call failed with the gRPC code named `code`. */
+/* client:verdict(code, message, idempotent, can_reauth) -> "next" | "reauth" | "move" | nil:
+ * what to do after a unary call failed with the gRPC code named `code`
+ * ("move": give up, and call failed() so the next request goes elsewhere). */
 static int client_verdict(lua_State *L) {
   const char *code = luaL_checkstring(L, 2);
   const char *message = luaL_optstring(L, 3, NULL);
@@ -226,6 +227,7 @@ static int client_verdict(lua_State *L) {
                                lua_toboolean(L, 5))) {
   case ETCD3_NEXT: lua_pushliteral(L, "next"); break;
   case ETCD3_REAUTH: lua_pushliteral(L, "reauth"); break;
+  case ETCD3_MOVE_ON: lua_pushliteral(L, "move"); break;
   default: lua_pushnil(L); break;
   }
   return 1;

@@ -47,6 +47,7 @@ struct etcd3_lease {
 typedef struct renewal {
   int64_t id;
   double sent;
+  double patience; /* how long it may go unanswered (answer_within) */
 } renewal;
 
 /* The leases the engine renews, over one stream. etcd answers a stream's
@@ -55,7 +56,20 @@ typedef struct renewal {
  * latest request's, which etcd may never have seen, would overstate the
  * lease's life by up to a renewal interval. The queue belongs to the
  * stream, not to the leases, so answers for a lease taken off the list
- * (and maybe put back) still leave it in step. */
+ * (and maybe put back) still leave it in step.
+ *
+ * A renewal still unanswered a third of the TTL after it left (and not
+ * before its lease falls due again, nor within a second) means the stream
+ * is stuck: its member lost its leader (a partition: etcd holds a
+ * follower's renewal until its request timeout, 7 s by default, longer
+ * than a short TTL lives) or the connection carries nothing any more
+ * (noticed by gRPC keepalive only after keepalive_time + 5 s). The stream
+ * then moves to the next endpoint at once, with about a third of the TTL
+ * left. A member that is merely slow must not be taken for a stuck one:
+ * the answers of a stream closed early are lost, so a member that always
+ * answers late would never have one counted. The first renewal on a
+ * stream is given half as long again, and later ones at least one and a
+ * half times the slowest answer the stream has given. */
 typedef struct keepalive_set {
   etcd3_engine *engine;
   etcd3_restream keepalive;
@@ -63,6 +77,8 @@ typedef struct keepalive_set {
   renewal *ring;
   size_t head, count, room;
   int astray;             /* an answer matched no renewal: this stream must end */
+  double slowest;         /* the longest a renewal waited for its answer on
+                           * this stream (0: none answered yet) */
 } keepalive_set;
 
 ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double now);
@@ -97,7 +113,7 @@ static void lease_unref(etcd3_lease *l) {
 
 /* Queues a renewal about to leave; 0 when out of memory (it must not
  * leave then: its answer would be counted from another's departure). */
-ETCD3_LOCKED static int renewal_push(keepalive_set *k, int64_t id, double sent) {
+ETCD3_LOCKED static int renewal_push(keepalive_set *k, int64_t id, double sent, double patience) {
   if (k->count == k->room) {
     size_t room = k->room ? k->room * 2 : 16;
     renewal *ring = (renewal *)malloc(room * sizeof *ring);
@@ -108,7 +124,7 @@ ETCD3_LOCKED static int renewal_push(keepalive_set *k, int64_t id, double sent) 
     k->head = 0;
     k->room = room;
   }
-  k->ring[(k->head + k->count++) % k->room] = (renewal){ id, sent };
+  k->ring[(k->head + k->count++) % k->room] = (renewal){ id, sent, patience };
   return 1;
 }
 
@@ -116,6 +132,25 @@ ETCD3_LOCKED static int renewal_push(keepalive_set *k, int64_t id, double sent) 
 static double renew_interval(const etcd3_lease *l) {
   if (l->renew_every > 0) return l->renew_every;
   return l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0;
+}
+
+/* How long a renewal may go unanswered before its stream counts as stuck
+ * (before what the stream's answers so far allow). */
+static double answer_within(const etcd3_lease *l) {
+  double third = l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0, every = renew_interval(l);
+  return every > third ? every : third;
+}
+
+/* When the stream counts as stuck if the oldest renewal in flight is still
+ * unanswered (0: none in flight). */
+ETCD3_LOCKED static double stuck_at(const keepalive_set *k) {
+  const renewal *oldest;
+  double wait;
+  if (k->count == 0) return 0;
+  oldest = &k->ring[k->head];
+  if (k->slowest == 0) wait = 1.5 * oldest->patience;
+  else wait = 1.5 * k->slowest > oldest->patience ? 1.5 * k->slowest : oldest->patience;
+  return oldest->sent + wait;
 }
 
 /* Marks the lease lost and wakes Lua. */
@@ -144,17 +179,20 @@ ETCD3_LOCKED static void unlink_lease(keepalive_set *k, etcd3_lease *l, int keep
 ETCD3_LOCKED static void renewals_forgotten(keepalive_set *k) {
   k->count = 0;
   k->astray = 0;
+  k->slowest = 0;
   for (etcd3_lease *l = k->leases; l; l = l->next) l->next_renew = 0;
 }
 
 ETCD3_LOCKED static void on_keepalive(void *owner, etcd3_stream *s, ProtobufCMessage *msg) {
   keepalive_set *k = (keepalive_set *)owner;
   Etcdserverpb__LeaseKeepAliveResponse *r = (Etcdserverpb__LeaseKeepAliveResponse *)msg;
-  double sent = 0;
+  double sent = 0, waited;
   int counted = 0;
   (void)s;
   if (!k->astray && k->count > 0 && k->ring[k->head].id == r->id) {
     sent = k->ring[k->head].sent;
+    waited = etcd3_now() - sent;
+    if (waited > k->slowest) k->slowest = waited;
     k->head = (k->head + 1) % k->room;
     k->count--;
     counted = 1;
@@ -201,7 +239,8 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (!l->lost && now >= l->expires_at) lose(l, "the TTL ran out without a renewal");
     if (l->lost) unlink_lease(k, l, 0);
   }
-  if (k->astray) { /* out of step with etcd's answers: as if it broke */
+  /* out of step with etcd's answers, or stuck: as if it broke */
+  if (k->astray || (k->count > 0 && now >= stuck_at(k))) {
     etcd3_restream_close(&k->keepalive);
     etcd3_restream_broken(e, &k->keepalive, GRPC_STATUS_UNAVAILABLE, NULL);
     renewals_forgotten(k);
@@ -216,7 +255,7 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (stream && now >= l->next_renew) {
       Etcdserverpb__LeaseKeepAliveRequest req = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
       req.id = l->id;
-      if (renewal_push(k, l->id, now)) {
+      if (renewal_push(k, l->id, now, answer_within(l))) {
         if (etcd3_stream_send(stream, &req.base)) {
           l->last_send = now;
           /* ask again after a third of the TTL even if no answer comes */
@@ -230,6 +269,7 @@ ETCD3_LOCKED static double keepalive_tick(etcd3_engine *e, void *state, double n
     if (l->expires_at < next) next = l->expires_at;
   }
   if (!stream && (next == 0 || k->keepalive.reopen_at < next)) next = k->keepalive.reopen_at;
+  if (k->count > 0 && stuck_at(k) < next) next = stuck_at(k);
   return next;
 }
 

@@ -93,5 +93,5 @@ etcd3_verdict etcd3_policy_verdict(grpc_status_code status, const char *details,
   if (can_reauth && etcd3_policy_token_refused(status, details)) return ETCD3_REAUTH;
   if (status == GRPC_STATUS_UNAVAILABLE && (idempotent || etcd3_policy_never_sent(status, details)))
     return ETCD3_NEXT;
-  return ETCD3_GIVE_UP;
+  return etcd3_policy_member_failed(status) ? ETCD3_MOVE_ON : ETCD3_GIVE_UP;
 }

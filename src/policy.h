@@ -14,7 +14,9 @@
  *   retry     clientv3's rules: a read is retried on the next endpoint on
  *             UNAVAILABLE; a write only when it is known never to have
  *             been sent (gRPC found no connection to send it on); nothing
- *             past the call's deadline (the caller's loop checks it).
+ *             past the call's deadline (the caller's loop checks it). A
+ *             failure that is not retried but is the member's (a timeout)
+ *             still sends the next request to the next endpoint.
  *   backoff   background retries wait 0.1 s, doubling up to 1 s, and start
  *             over once something succeeds. Lua's unary calls do not back
  *             off: they move to the next endpoint at once, within their
@@ -57,6 +59,9 @@ typedef enum etcd3_verdict {
   ETCD3_GIVE_UP = 0,  /* the error is the answer */
   ETCD3_NEXT,         /* try again on the next endpoint */
   ETCD3_REAUTH,       /* renew the token, then try once more */
+  ETCD3_MOVE_ON,      /* the error is the answer, and the member failed it
+                       * (a write that timed out on a partitioned member):
+                       * the next request starts on the next endpoint */
 } etcd3_verdict;
 
 /* Whether etcd refused the request for its token (expired, missing, or
@@ -69,7 +74,9 @@ int etcd3_policy_never_sent(grpc_status_code status, const char *details);
 int etcd3_policy_member_failed(grpc_status_code status);
 /* What to do after a failed request: `idempotent` for reads (and the
  * background services' own calls, which are safe to repeat), `can_reauth`
- * when credentials are kept. */
+ * when credentials are kept. A sticky endpoint must not keep a client on a
+ * member that stopped answering: a failure that is not retried still moves
+ * it on when it was the member's (ETCD3_MOVE_ON). */
 etcd3_verdict etcd3_policy_verdict(grpc_status_code status, const char *details, int idempotent,
                                    int can_reauth);
 

@@ -212,6 +212,10 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
       if not ok then return nil, auth_err end
       attempts = attempts + 1
     elseif verdict ~= "next" or endpoint then
+      -- not retried, but the member failed it (a timeout): the next
+      -- request starts on the next endpoint, not on a member that stopped
+      -- answering
+      if verdict == "move" and not endpoint then handle:failed(i) end
       return nil, err
     else
       handle:failed(i)

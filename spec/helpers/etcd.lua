@@ -123,7 +123,7 @@ function Member:start()
     "etcd", "--name", self.name, "--data-dir", self.dir .. "/data",
     "--listen-client-urls", self.scheme .. "://" .. self.endpoint,
     "--advertise-client-urls", self.scheme .. "://" .. self.endpoint,
-    "--listen-peer-urls", self.peer_url,
+    "--listen-peer-urls", self.peer_listen or self.peer_url,
     "--initial-advertise-peer-urls", self.peer_url,
     "--initial-cluster", self.initial_cluster,
     "--initial-cluster-token", self.token,
@@ -206,6 +206,8 @@ end
 
 --- Starts `n` members (default 1) as one cluster; waits until healthy.
 -- opts.extra: more etcd flags for every member.
+-- opts.peer_proxy(member): starts something in front of the member's peer
+-- port (member.peer_url) and returns the URL the other members reach it by.
 -- Returns { members = {...}, endpoints = {...}, stop = fn, [1] = member 1 … }
 function _M.cluster(n, opts)
   n, opts = n or 1, opts or {}
@@ -214,6 +216,10 @@ function _M.cluster(n, opts)
   for i = 1, n do
     local m = new_member("m" .. i, token, opts)
     m.extra = opts.extra
+    if opts.peer_proxy then
+      m.peer_listen = m.peer_url
+      m.peer_url = opts.peer_proxy(m)
+    end
     members[i], endpoints[i] = m, m.endpoint
     peers[i] = m.name .. "=" .. m.peer_url
   end

@@ -1,80 +1,34 @@
---- A TCP proxy on 127.0.0.1 in a child process (cqueues), to cut a
--- client's connections to etcd and bring them back on the same port,
--- while etcd itself keeps serving other clients, or to make etcd's answers
--- arrive late. Stopped by its PID.
+--- A TCP fault proxy on 127.0.0.1 (spec/helpers/proxy.py, a child
+-- process stopped by its PID): it forwards to an etcd member's client or
+-- peer port and, on command, black-holes (connections stay open, nothing
+-- is forwarded, nothing refused), delays each way, or resets every open
+-- connection; stopped, it refuses new connections, and started again it
+-- listens on the same port.
 local helper = require "spec.helpers.etcd"
 local process = require "spec.helpers.process"
 
 local _M = {}
 
-local SCRIPT = [[
-local cqueues = require "cqueues"
-local condition = require "cqueues.condition"
-local socket = require "cqueues.socket"
-local DELAY = %s
-local srv = assert(socket.listen { host = "127.0.0.1", port = %d, reuseaddr = true })
-assert(srv:listen()) -- bound and listening before "listening" is printed
-local cq = cqueues.new()
-local function send(to, data)
-  if not to:write(data) then return false end
-  to:flush()
-  return true
-end
--- Copies `from` to `to`, each read handed on `delay` seconds after it came.
-local function pump(from, to, delay)
-  local queue, head, tail, more = {}, 1, 0, condition.new()
-  if delay > 0 then
-    cq:wrap(function()
-      while true do
-        while head > tail do more:wait() end
-        local item = queue[head]
-        queue[head], head = nil, head + 1
-        local wait = item.at + delay - cqueues.monotime()
-        if wait > 0 then cqueues.sleep(wait) end
-        if not item.data or not send(to, item.data) then break end
-      end
-      pcall(to.shutdown, to, "w")
-    end)
-  end
-  while true do
-    local data = from:read("-65536")
-    if delay > 0 then
-      tail = tail + 1
-      queue[tail] = { at = cqueues.monotime(), data = data }
-      more:signal()
-      if not data then return end
-    elseif not data or not send(to, data) then
-      break
-    end
-  end
-  pcall(to.shutdown, to, "w")
-end
-cq:wrap(function()
-  for con in srv:clients() do
-    cq:wrap(function()
-      local up = socket.connect("127.0.0.1", %d)
-      con:setmode("bn", "bn")
-      up:setmode("bn", "bn")
-      cq:wrap(function() pump(con, up, 0) end)
-      pump(up, con, DELAY)
-    end)
-  end
-end)
-io.stdout:write("listening\n")
-io.stdout:flush()
-assert(cq:loop())
-]]
+local PYTHON = "/usr/bin/python3"
 
 local Proxy = {}
 Proxy.__index = Proxy
 
+local function record_pid(pid)
+  local file = os.getenv("ETCD3_SPEC_PIDFILE")
+  if file then
+    local f = io.open(file, "a")
+    if f then f:write(pid, "\n"); f:close() end
+  end
+end
+
 --- Starts (again) listening on its port.
 function Proxy:start()
-  -- (its own interpreter and cqueues, without the sanitizer run's preload:
-  -- it never loads etcd3.core)
-  local cmd = (jit and "luajit" or "lua5.4") .. " -e " .. process.quote(SCRIPT:format(self.delay, self.port, self.target_port))
   self.log = self.log or helper.capture("mktemp /tmp/etcd3-spec-proxy.XXXXXX"):gsub("%s+$", "")
-  self.pid = assert(tonumber(helper.capture(cmd .. " >" .. self.log .. " 2>&1 </dev/null & echo $!")))
+  local cmd = ("%s %s %d %d %d %s %s >%s 2>&1 </dev/null & echo $!"):format(PYTHON, _M.script,
+    self.port, self.target_port, self.control_port, self.delay, self.peer and "peer" or "", self.log)
+  self.pid = assert(tonumber(helper.capture(cmd)))
+  record_pid(self.pid)
   helper.wait_for(function()
     local f = io.open(self.log)
     local out = f and f:read("*a") or ""
@@ -83,6 +37,39 @@ function Proxy:start()
   end, 10, "the proxy to listen")
   return self
 end
+
+--- Sends one command (proxy.py lists them); returns its answer once it is
+-- in force.
+function Proxy:command(line)
+  assert(self.pid, "the proxy is stopped")
+  local script = ("exec 3<>/dev/tcp/127.0.0.1/%d && echo '%s' >&3 && read -r reply <&3 && echo \"$reply\"")
+    :format(self.control_port, line)
+  local reply = helper.capture("bash -c '" .. script:gsub("'", "'\\''") .. "' 2>&1"):gsub("%s+$", "")
+  assert(not reply:find("^error") and reply ~= "", "proxy command '" .. line .. "': " .. reply)
+  return reply
+end
+
+--- Nothing more goes through, either way, on open or new connections; with
+-- `member_id` (hex), only on the connections that etcd member opened (a
+-- "peer" proxy).
+function Proxy:blackhole(member_id)
+  self:command(member_id and "blackhole-from " .. member_id or "blackhole")
+end
+
+--- Every chunk waits `up` seconds to reach the target and `down` seconds
+-- to come back.
+function Proxy:set_delay(up, down)
+  self:command(("delay %.3f %.3f"):format(up, down))
+end
+
+--- Resets (RST) every open connection, both sides; new ones go through.
+function Proxy:cut() self:command("cut") end
+
+--- No black hole, the delay it started with; what was held goes on.
+function Proxy:heal() self:command("heal") end
+
+--- The number of connections open through it.
+function Proxy:connections() return tonumber(self:command("count")) end
 
 --- Kills it: every connection through it breaks, new ones are refused.
 function Proxy:stop()
@@ -99,13 +86,19 @@ end
 --- A proxy from a free port to `endpoint` ("127.0.0.1:port").
 -- opts.delay: seconds by which everything etcd sends reaches the client
 -- late (in order; what the client sends goes through at once).
+-- opts.peer: in front of a peer port (it tells the members' connections
+-- apart, for blackhole(member_id)).
 function _M.start(endpoint, opts)
+  opts = opts or {}
   local p = setmetatable({
-    port = helper.free_port(), target_port = tonumber(endpoint:match(":(%d+)$")),
-    delay = string.format("%.3f", opts and opts.delay or 0),
+    port = helper.free_port(), control_port = helper.free_port(),
+    target_port = tonumber(endpoint:match(":(%d+)$")),
+    delay = ("%.3f"):format(opts.delay or 0), peer = opts.peer,
   }, Proxy)
   p.endpoint = "127.0.0.1:" .. p.port
   return p:start()
 end
+
+_M.script = helper.capture("pwd"):gsub("%s+$", "") .. "/spec/helpers/proxy.py"
 
 return _M
