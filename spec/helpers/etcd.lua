@@ -106,6 +106,7 @@ function _M.stop_process(pid, signal, grace)
   if not gone then _M.sh("kill -9 " .. pid .. " 2>/dev/null") end
 end
 
+--- Appends a PID this run started to $ETCD3_SPEC_PIDFILE (when set).
 local function record_pid(pid)
   local file = os.getenv("ETCD3_SPEC_PIDFILE")
   if file then
@@ -113,6 +114,7 @@ local function record_pid(pid)
     if f then f:write(pid, "\n"); f:close() end
   end
 end
+_M.record_pid = record_pid
 
 local Member = {}
 Member.__index = Member

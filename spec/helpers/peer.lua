@@ -16,11 +16,7 @@ function _M.start(mode)
   local script = helper.capture("pwd"):gsub("%s+$", "") .. "/spec/helpers/peer.py"
   local pid = assert(tonumber(helper.capture(("%s %s %s %s/port >%s/peer.log 2>&1 & echo $!"):format(
     PYTHON, script, mode, dir, dir))))
-  local file = os.getenv("ETCD3_SPEC_PIDFILE")
-  if file then
-    local pf = io.open(file, "a")
-    if pf then pf:write(pid, "\n"); pf:close() end
-  end
+  helper.record_pid(pid)
   local self = setmetatable({ dir = dir, pid = pid, mode = mode }, Peer)
   local port = helper.wait_for(function()
     local f = io.open(dir .. "/port")

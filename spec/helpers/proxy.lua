@@ -14,21 +14,13 @@ local PYTHON = "/usr/bin/python3"
 local Proxy = {}
 Proxy.__index = Proxy
 
-local function record_pid(pid)
-  local file = os.getenv("ETCD3_SPEC_PIDFILE")
-  if file then
-    local f = io.open(file, "a")
-    if f then f:write(pid, "\n"); f:close() end
-  end
-end
-
 --- Starts (again) listening on its port.
 function Proxy:start()
   self.log = self.log or helper.capture("mktemp /tmp/etcd3-spec-proxy.XXXXXX"):gsub("%s+$", "")
   local cmd = ("%s %s %d %d %d %s %s >%s 2>&1 </dev/null & echo $!"):format(PYTHON, _M.script,
     self.port, self.target_port, self.control_port, self.delay, self.peer and "peer" or "", self.log)
   self.pid = assert(tonumber(helper.capture(cmd)))
-  record_pid(self.pid)
+  helper.record_pid(self.pid)
   helper.wait_for(function()
     local f = io.open(self.log)
     local out = f and f:read("*a") or ""
