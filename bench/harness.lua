@@ -30,6 +30,17 @@ function _M.options(args, defaults)
   return opts
 end
 
+--- VmRSS in KiB of process `pid` (default: this one); nil when it is gone.
+function _M.rss_kb(pid)
+  local f = io.open("/proc/" .. (pid or "self") .. "/status")
+  if not f then return nil end
+  for line in f:lines() do
+    local kb = line:match("^VmRSS:%s*(%d+)")
+    if kb then f:close(); return tonumber(kb) end
+  end
+  f:close()
+end
+
 --- Starts one etcd member on 127.0.0.1 (free ports), its data dir on
 -- /dev/shm, pinned to the CPUs `cpus` names ("0") when given; waits until
 -- it answers. Returns { endpoint, pid, dir }.

@@ -22,16 +22,10 @@
 --   bench/scale.lua observer ENDPOINT PREFIX
 --   bench/scale.lua leases ENDPOINT COUNT TTL SECONDS
 local core = require "etcd3.core"
+local harness = require "bench.harness"
 
-local now, cpu, sleep = core.now, core.cpu_time, core.sleep
+local now, cpu, sleep, rss_kb = core.now, core.cpu_time, core.sleep, harness.rss_kb
 local PREFIX = "/game/nodes/"
-
-local function rss_kb()
-  local f = assert(io.open("/proc/self/status"))
-  local v = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
-  f:close()
-  return v
-end
 
 local function say(...)
   io.stdout:write(table.concat({ ... }, " "), "\n")
@@ -119,7 +113,6 @@ end
 -- The coordinator ----------------------------------------------------------------
 
 local helper = require "spec.helpers.etcd"
-local harness = require "bench.harness"
 
 local capture, sh, q = helper.capture, helper.sh, harness.quote
 local opts = harness.options(arg, { procs = 20, per = 50, observers = 10, ttl = 5, window = 20,
