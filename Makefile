@@ -54,7 +54,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak overload memcheck
+.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -175,6 +175,17 @@ overload: deps
 	$(MAKE) -s LUA=$(LUA)
 	$(RUN_ENV) $(LUA) tools/with-etcd.lua $(LUA) bench/overload.lua $(OVERLOAD_ARGS)
 	$(RUN_ENV) $(LUA) tools/with-etcd.lua $(LUA) bench/watchers.lua --flat $(SCALE_ARGS)
+
+# Game-server scale (bench/scale.lua, bench/README.md "Game-server scale"):
+# 20 processes x 50 registrations, 10 observers mirroring the prefix; a
+# tenth of the registrants killed with SIGKILL must leave every observer's
+# copy within TTL + 1 s, and nothing else; restarted, they must join again.
+# Then the idle CPU of one process keeping 1000 leases alive. Its own etcd
+# (data dir on /dev/shm); `make test` runs it at 4 x 10 with 3 observers.
+GAME_SCALE_ARGS ?= --procs 20 --per 50 --observers 10
+scale: deps
+	$(MAKE) -s LUA=$(LUA)
+	$(RUN_ENV) $(LUA) bench/scale.lua $(GAME_SCALE_ARGS)
 
 # valgrind's memcheck over the KV, lease and watch specs (Lua 5.4): no
 # definite leak, no invalid access (tools/memcheck.sh).

@@ -14,20 +14,12 @@
 -- medians of the absolute figures. `--scale 50 --pairs 1` is the smoke run
 -- CI does (every workload, every client, at 1/50 size).
 local helper = require "spec.helpers.etcd"
+local harness = require "bench.harness"
 local core = require "etcd3.core"
 
 local now, capture, sh = core.now, helper.capture, helper.sh
 
-local opts = { scale = 1, pairs = 7, peers = "go,python,node", out = "build/bench", from = "" }
-do
-  local i = 1
-  while i <= #arg do
-    local k = arg[i]:match("^%-%-(.+)$")
-    if not k or opts[k] == nil then error("unknown argument " .. tostring(arg[i])) end
-    opts[k] = type(opts[k]) == "number" and assert(tonumber(arg[i + 1])) or arg[i + 1]
-    i = i + 2
-  end
-end
+local opts = harness.options(arg, { scale = 1, pairs = 7, peers = "go,python,node", out = "build/bench", from = "" })
 
 local ROOT = capture("pwd"):gsub("%s+$", "")
 local OUT = ROOT .. "/" .. opts.out
@@ -35,7 +27,7 @@ sh("mkdir -p " .. OUT)
 
 local function log(...) io.stderr:write(table.concat({ ... }), "\n") end
 
-local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+local q = harness.quote
 
 -- Peers ---------------------------------------------------------------------
 
@@ -107,26 +99,8 @@ PEERS.node = {
 
 -- etcd on tmpfs, pinned to CPU 0 ----------------------------------------------
 
-local function start_etcd()
-  local dir = capture("mktemp -d /dev/shm/etcd3-bench.XXXXXX"):gsub("%s+$", "")
-  local port, peer = helper.free_port(), helper.free_port()
-  local ep = "127.0.0.1:" .. port
-  local pid = tonumber(capture(("taskset -c 0 etcd --name bench --data-dir %s/data "
-    .. "--listen-client-urls http://%s --advertise-client-urls http://%s "
-    .. "--listen-peer-urls http://127.0.0.1:%d --initial-advertise-peer-urls http://127.0.0.1:%d "
-    .. "--initial-cluster bench=http://127.0.0.1:%d >%s/etcd.log 2>&1 & echo $!"):format(
-      dir, ep, ep, peer, peer, peer, dir)))
-  helper.wait_for(function()
-    return sh("ETCDCTL_API=3 etcdctl --endpoints=" .. ep .. " endpoint health >/dev/null 2>&1")
-  end, 20, "etcd")
-  return { endpoint = ep, pid = pid, dir = dir }
-end
-
-local function stop_etcd(e)
-  sh("kill " .. e.pid .. " 2>/dev/null")
-  helper.wait_for(function() return not sh("kill -0 " .. e.pid .. " 2>/dev/null") end, 10, "etcd to stop")
-  sh("rm -rf " .. q(e.dir))
-end
+local function start_etcd() return harness.start_etcd("0") end
+local stop_etcd = harness.stop_etcd
 
 -- JSON lines (flat objects of numbers and strings) -----------------------------
 

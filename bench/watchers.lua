@@ -21,12 +21,7 @@ local core = require "etcd3.core"
 local now, cpu, sleep = core.now, core.cpu_time, core.sleep
 local endpoint = os.getenv("ETCDCTL_ENDPOINTS") or "127.0.0.1:2379"
 
-local function rss_kb()
-  local f = assert(io.open("/proc/self/status"))
-  local v = tonumber(f:read("*a"):match("VmRSS:%s*(%d+)"))
-  f:close()
-  return v
-end
+local rss_kb = require("bench.harness").rss_kb
 
 -- Runs f(); returns wall and CPU seconds it took.
 local function timed(f)

@@ -70,7 +70,9 @@ typedef struct etcd3_service_ops {
   const char *name;
   /* Runs what is due at `now` (monotonic seconds); returns when it wants
    * to run again (0: no wish). Engine thread, or a Lua thread that wants
-   * work to leave at once. */
+   * work to leave at once. The engine thread calls it after every
+   * completion too, due or not: a service with many objects returns at
+   * once before its time unless something changed (lease.c, registration.c). */
   ETCD3_LOCKED double (*tick)(etcd3_engine *e, void *state, double now);
   /* Fills up to `room` metadata entries every call and stream carries
    * (the auth token); returns how many. */

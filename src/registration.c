@@ -67,8 +67,15 @@ typedef struct registration {
   struct registration *next;
 } registration;
 
+/* The engine runs this service's tick after every completion (each lease
+ * renewal's send and answer among them): it returns at once before
+ * `next_due` unless something changed (`rescan`: a call ended, a lease
+ * was lost, Lua added or set one), so 1000 registrations cost no walk
+ * over the list per renewal. */
 typedef struct registration_list {
   registration *head;
+  double next_due;        /* nothing to do before (0: look now) */
+  int rescan;             /* look now */
 } registration_list;
 
 ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, double now);
@@ -81,6 +88,12 @@ static const etcd3_service_ops registration_service = {
   .name = "registration", .tick = registrations_tick,
   .token_changed = registrations_token_changed, .shutdown = registrations_shutdown, .free = free,
 };
+
+/* Something changed: the next tick looks at every registration. */
+ETCD3_LOCKED static void look_again(etcd3_engine *e) {
+  registration_list *list = (registration_list *)etcd3_engine_service(e, &registration_service);
+  if (list) list->rescan = 1;
+}
 
 static void registration_unref(registration *r) {
   if (--r->refs > 0) return;
@@ -100,6 +113,7 @@ ETCD3_LOCKED static void set_alive(registration *r, int alive) {
 ETCD3_LOCKED static void failed(registration *r, const char *what, grpc_status_code status,
                                 const char *details, double sent) {
   etcd3_engine *e = r->engine;
+  look_again(e); /* when it goes again */
   snprintf(r->last_error, sizeof r->last_error, "%s failed: %s%s%s", what,
            etcd3_status_name((int)status), details && *details ? ": " : "",
            details ? details : "");
@@ -144,6 +158,7 @@ static void granted(etcd3_engine *e, void *arg, grpc_status_code status, const c
         &etcdserverpb__lease_grant_response__descriptor, response);
   pthread_mutex_lock(&e->mu);
   r->granting = 0;
+  look_again(e);
   if (!g || g->id == 0 || (g->error && *g->error)) {
     if (g && g->error && *g->error) details = g->error;
     failed(r, "LeaseGrant", status == GRPC_STATUS_OK ? GRPC_STATUS_INTERNAL : status, details,
@@ -156,7 +171,8 @@ static void granted(etcd3_engine *e, void *arg, grpc_status_code status, const c
       etcd3_call_background(e, r->channel, "/etcdserverpb.Lease/LeaseRevoke",
                             etcd3_pack(&revoke.base), CALL_TIMEOUT, NULL, NULL);
   } else if (!e->closed) {
-    r->lease = etcd3_lease_keep(e, g->id, g->ttl, RENEW_EVERY, r->grant_sent);
+    registration_list *list = (registration_list *)etcd3_engine_service(e, &registration_service);
+    r->lease = etcd3_lease_keep(e, g->id, g->ttl, RENEW_EVERY, r->grant_sent, &list->rescan);
     if (r->lease) {
       r->lease_id = g->id;
       r->put_generation = 0; /* a new lease: the key goes under it */
@@ -176,6 +192,7 @@ static void put_done(etcd3_engine *e, void *arg, grpc_status_code status, const 
   (void)response;
   pthread_mutex_lock(&e->mu);
   r->putting = 0;
+  look_again(e);
   if (status == GRPC_STATUS_OK) {
     r->put_generation = r->sending_generation;
     etcd3_backoff_reset(&r->backoff);
@@ -229,6 +246,8 @@ ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, doub
   registration_list *list = (registration_list *)state;
   double next = 0;
   if (e->closed) return 0;
+  if (!list->rescan && list->next_due > 0 && now < list->next_due) return list->next_due;
+  list->rescan = 0; /* (what this walk changes, it sees) */
   for (registration *r = list->head; r; r = r->next) {
     if (r->lease && !etcd3_lease_alive(r->lease, now)) drop_lease(r);
     if (r->granting || r->putting) continue;
@@ -243,6 +262,7 @@ ETCD3_LOCKED static double registrations_tick(etcd3_engine *e, void *state, doub
       if (next == 0 || t < next) next = t;
     }
   }
+  list->next_due = next;
   return next;
 }
 
@@ -258,7 +278,10 @@ ETCD3_LOCKED static void registrations_token_changed(etcd3_engine *e, void *stat
     r->retry_at = now + etcd3_backoff_next(&r->backoff);
     any = 1;
   }
-  if (any) registrations_tick(e, list, now);
+  if (any) {
+    list->rescan = 1;
+    registrations_tick(e, list, now);
+  }
 }
 
 ETCD3_LOCKED static void unlink_registration(registration_list *list, registration *r) {
@@ -329,6 +352,7 @@ int etcd3_registration_new(lua_State *L, etcd3_engine *e) {
     r->refs++;
     r->next = list->head;
     list->head = r;
+    list->rescan = 1;
     registrations_tick(e, list, etcd3_now()); /* the grant leaves now */
   }
   pthread_mutex_unlock(&e->mu);
@@ -351,6 +375,7 @@ static int registration_set(lua_State *L) {
   if (!r->stopped) {
     registration_list *list = (registration_list *)etcd3_engine_service(r->engine, &registration_service);
     r->retry_at = 0;
+    list->rescan = 1;
     registrations_tick(r->engine, list, etcd3_now()); /* the put leaves now */
   }
   pthread_mutex_unlock(&r->engine->mu);

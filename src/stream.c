@@ -112,6 +112,10 @@ ETCD3_LOCKED static void start_send(etcd3_stream *s) {
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_SEND_MESSAGE;
   op.data.send_message.send_message = s->send_buf;
+  /* More behind it (a batch of lease renewals): gRPC may hold this one
+   * and write them together with the last, which has no hint; one
+   * sendmsg instead of one per message. The send still completes at once. */
+  if (s->queue) op.flags = GRPC_WRITE_BUFFER_HINT;
   if (grpc_call_start_batch(s->call, &op, 1, &s->send_tag.tag, NULL) == GRPC_CALL_OK)
     s->batches++;
 }

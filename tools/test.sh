@@ -4,8 +4,9 @@
 # the demo there, runs it again with the module built
 # with AddressSanitizer + UBSan, checks that the rock installs with
 # luarocks, runs luacheck, fuzzes the codec and soaks a client for a
-# minute each, overloads one at a small size, runs valgrind's memcheck over
-# the KV, lease and watch specs, and ends with one line "N passed, M failed".
+# minute each, overloads one and runs the game-server scale at a small
+# size, runs valgrind's memcheck over the KV, lease and watch specs, and
+# ends with one line "N passed, M failed".
 #
 # Every etcd (and nginx, and wrong peer) the specs start is recorded by PID
 # in a file; whatever a crashed run left behind is stopped by those PIDs at
@@ -132,6 +133,14 @@ step soak-luajit $MAKE -s soak SOAK_MINUTES=1 SOAK_LUA=luajit
 # leases and up to 100k watchers)
 for lua in lua5.4 luajit; do
   step "overload-$lua" $MAKE -s overload LUA=$lua OVERLOAD_ARGS="2000 16 200" SCALE_ARGS="1000 10000"
+done
+# game-server scale at a small size on both runtimes: 4 processes x 10
+# registrations, 3 observers; one killed with SIGKILL leaves every
+# observer's copy within TTL + 1 s and joins again when restarted; 200
+# leases kept alive (`make scale` runs 20 x 50, 10 observers, 1000 leases)
+for lua in lua5.4 luajit; do
+  step "scale-$lua" $MAKE -s scale LUA=$lua \
+    GAME_SCALE_ARGS="--procs 4 --per 10 --observers 3 --window 5 --leases 200 --idle 5"
 done
 # valgrind's memcheck over the KV, lease and watch specs
 step memcheck $MAKE -s memcheck
