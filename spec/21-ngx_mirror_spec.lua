@@ -129,17 +129,9 @@ end
 
 local function sh(cmd) assert(helper.sh(cmd), cmd) end
 
---- The PIDs of an nginx this spec started: its master and the master's
--- children.
-local function nginx_pids(server)
-  local pids = { [server.pid] = true }
-  for pid in helper.capture("ps -o pid= --ppid " .. server.pid):gmatch("%d+") do pids[tonumber(pid)] = true end
-  return pids
-end
-
 --- Established TCP connections from those PIDs to etcd's client port.
 local function connections(server, port)
-  local pids, n = nginx_pids(server), 0
+  local pids, n = server:pids(), 0
   for line in helper.capture("ss -tnpH state established"):gmatch("[^\n]+") do
     -- (the peer may show as [::ffff:127.0.0.1]:port)
     local peer = line:match("%S+%s+%S+%s+%S+%s+(%S+)") or ""
@@ -155,24 +147,10 @@ local function connections(server, port)
   return n
 end
 
---- `n` GETs of path, each on a new connection (reuseport spreads them
--- over the workers) -> { [worker id] = body after the id }.
-local function ask_all(server, path, n)
-  local urls = {}
-  for i = 1, n do urls[i] = "'" .. server.url .. path .. "'" end
-  local out = helper.capture("curl -s --max-time 10 -H 'Connection: close' " .. table.concat(urls, " "))
-  local seen = {}
-  for id, rest in out:gmatch("(%d+) ([^\n]*)") do
-    seen[tonumber(id)] = seen[tonumber(id)] or {}
-    seen[tonumber(id)][rest] = true
-  end
-  return seen
-end
-
 --- Waits until every worker answers `value` for `key` ("<nil>": absent).
 local function visible_everywhere(server, key, value)
   helper.wait_for(function()
-    local seen = ask_all(server, "/get?k=" .. key, 24)
+    local seen = server:ask_all("/get?k=" .. key, 24)
     for id = 0, WORKERS - 1 do
       local got = seen[id]
       if not got or not got[value] then return false end
@@ -236,7 +214,7 @@ describe("etcd3.ngx", function()
     visible_everywhere(server, "/m/k03", "v3")
     -- connections settle: let the workers finish starting
     helper.wait_for(function() return connections(server, port) == 1 end, 10, "one connection")
-    local pids = nginx_pids(server)
+    local pids = server:pids()
     local n = 0
     for _ in pairs(pids) do n = n + 1 end
     assert.are.equal(WORKERS + 1, n)
@@ -253,7 +231,7 @@ describe("etcd3.ngx", function()
     assert.matches("missing privileged agent process patch", agent, 1, true)
     local pid
     helper.wait_for(function()
-      local seen = ask_all(server, "/pid", 24)
+      local seen = server:ask_all("/pid", 24)
       pid = seen[0] and next(seen[0])
       return pid
     end, 20, "an answer from worker 0")
@@ -337,18 +315,18 @@ describe("etcd3.ngx", function()
     visible_everywhere(server, "/m/kill20", "after20")
     local new = writer_pid(server)
     assert.are_not.equal(old, new)
-    assert.is_true(nginx_pids(server)[new] ~= nil, "the writer is a child of this nginx")
+    assert.is_true(server:pids()[new] ~= nil, "the writer is a child of this nginx")
     helper.wait_for(function() return connections(server, port) == 1 end, 10, "one connection")
   end)
 
   it("keeps updates flowing across nginx -s reload (HUP)", function()
     local old = writer_pid(server)
-    local before = nginx_pids(server)
+    local before = server:pids()
     sh("kill -HUP " .. server.pid)
     -- puts during and after the reload
     for i = 1, 30 do assert(cli:put("/m/reload" .. (i % 5), "r" .. i)) end
     helper.wait_for(function()
-      local pids = nginx_pids(server)
+      local pids = server:pids()
       for pid in pairs(pids) do if pid ~= server.pid and before[pid] then return false end end
       local n = 0
       for _ in pairs(pids) do n = n + 1 end

@@ -580,6 +580,8 @@ end
 function View:pairs()
   check.self("view:pairs", self, "View")
   local dict = self.dict
+  -- keys deleted since they were decoded leave the cache
+  if self.decode and self.cached > (dict:get(COUNT) or 0) then self:sweep() end
   local keys = {}
   for _, key in ipairs(dict:get_keys(0)) do
     if not internal(key) then keys[#keys + 1] = key end

@@ -106,6 +106,28 @@ function Nginx:get_async(path, max_time)
   end
 end
 
+--- The PIDs of this nginx: its master and the master's children.
+function Nginx:pids()
+  local pids = { [self.pid] = true }
+  for pid in helper.capture("ps -o pid= --ppid " .. self.pid):gmatch("%d+") do pids[tonumber(pid)] = true end
+  return pids
+end
+
+--- `n` GETs of path, each on a new connection (reuseport spreads them
+-- over the workers), each answer starting with the worker's id ->
+-- { [worker id] = { [the rest of a line] = true } }.
+function Nginx:ask_all(path, n)
+  local urls = {}
+  for i = 1, n do urls[i] = "'" .. self.url .. path .. "'" end
+  local out = helper.capture("curl -s --max-time 10 -H 'Connection: close' " .. table.concat(urls, " "))
+  local seen = {}
+  for id, rest in out:gmatch("(%d+) ([^\n]*)") do
+    seen[tonumber(id)] = seen[tonumber(id)] or {}
+    seen[tonumber(id)][rest] = true
+  end
+  return seen
+end
+
 function Nginx:error_log()
   local f = io.open(self.dir .. "/error.log")
   if not f then return "" end
