@@ -415,3 +415,48 @@ describe("etcd3.ngx for gateways", function()
     })
   end)
 end)
+
+describe("etcd3.ngx with a change log the dict cannot hold", function()
+  local member, cli, server
+
+  setup(function()
+    member = helper.single()
+    cli = assert(etcd3.new { endpoints = member.endpoint })
+    server = nginx.start([[
+  lua_shared_dict etcd_cfg 32k;
+  init_worker_by_lua_block {
+    require("etcd3.ngx").mirror { dict = "etcd_cfg", prefix = "/f/", endpoints = "]] .. member.endpoint .. [[" }
+  }
+  server {
+    listen 127.0.0.1:${PORT} reuseport;
+    location = / { return 200 "up"; }
+    location = /err {
+      content_by_lua_block { ngx.say(0, " ", tostring(require("etcd3.ngx").view("etcd_cfg"):err())) }
+    }
+]] .. config("-"):match("(    location = /feed .-\n    }\n)") .. [[
+    location = /rev {
+      content_by_lua_block { ngx.say(require("etcd3.ngx").view(ngx.var.arg_d):revision()) }
+    }
+  }
+]], WORKERS)
+  end)
+
+  teardown(function()
+    if server then server:stop() end
+    if member then member:stop() end
+    if cli then cli:close() end
+  end)
+
+  it("says so in view:err(), answers RESET further back, exact within what it holds", function()
+    local from = settle(server, cli, "etcd_cfg", "/f/") and tonumber((server:get("/rev?d=etcd_cfg")))
+    local last
+    for i = 1, 400 do last = assert(cli:put("/f/one", tostring(i))).header.revision end
+    copy_at(server, "etcd_cfg", last)
+    local err = server:get("/err")
+    assert.matches('the dict "etcd_cfg" is full: the change log holds fewer than the last 10000 changes', err, 1, true)
+    assert.matches("^RESET the change log starts after revision", feed(server, "etcd_cfg", from))
+    local list, rev = parse(feed(server, "etcd_cfg", last - 3))
+    assert.are.equal(last, rev)
+    assert.are.same({ { "PUT", "/f/one", last - 2 }, { "PUT", "/f/one", last - 1 }, { "PUT", "/f/one", last } }, list)
+  end)
+end)

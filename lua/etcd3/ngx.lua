@@ -174,6 +174,8 @@ function Writer:store(key, value, rev)
   -- safe_set never evicts another key to make room: a full dict shows as
   -- an error, not as a silently partial copy
   local ok, err = dict:safe_set(key, value, 0, flags)
+  -- the copy comes first: the oldest changes of the log make room
+  while not ok and self:shrink_log() do ok, err = dict:safe_set(key, value, 0, flags) end
   if ok then
     self.missing[key] = nil
   else
@@ -242,9 +244,27 @@ function Writer:reset_log(rev)
   self.log_short = false
 end
 
+--- Drops the oldest eighth of the log (at least one entry) to make room
+-- in a full dict; the log then starts after the last dropped revision.
+-- -> false when the log was empty.
+function Writer:shrink_log()
+  local dict, size = self.dict, self.log_size
+  local n = self.head - self.tail
+  if n <= 0 then return false end
+  local last = self.tail + math_max(math_floor(n / 8), 1) - 1
+  local _, _, rev = parse_entry(dict:get(ENTRY .. last % size))
+  for seq = self.tail, last do dict:delete(ENTRY .. seq % size) end
+  -- (an entry gone already: no revision it could start after is known
+  -- but the mirror's own)
+  self.tail, self.from = last + 1, math_max(self.from, rev or self.m:revision())
+  self.log_short = true
+  return true
+end
+
 --- Appends one change (of mirror:update()) to the log. When the ring is
 -- full the oldest entry makes room, and the log then starts after its
--- revision; an entry the dict cannot hold empties the log up to it.
+-- revision; in a full dict, older entries make room (shrink_log), and an
+-- entry that fits in no way empties the log up to it.
 function Writer:append(change)
   local dict, seq, size = self.dict, self.head, self.log_size
   local rev = change.kv.mod_revision
@@ -254,8 +274,10 @@ function Writer:append(change)
     self.tail = seq - size + 1
     self.from = math_max(self.from, oldest or rev)
   end
+  local entry = ("%d %s %d %s"):format(seq, change.type == "PUT" and "P" or "D", rev, change.key)
+  local ok = dict:safe_set(slot, entry)
+  while not ok and self:shrink_log() do ok = dict:safe_set(slot, entry) end
   self.head = seq + 1
-  local ok = dict:safe_set(slot, ("%d %s %d %s"):format(seq, change.type == "PUT" and "P" or "D", rev, change.key))
   if not ok then
     dict:delete(slot)
     self.tail, self.from = seq + 1, math_max(self.from, rev)
@@ -274,6 +296,11 @@ end
 function Writer:set_internal(key, value, ttl)
   local dict = self.dict
   if dict:safe_set(key, value, ttl) then return true end
+  -- in a batch (the log's state loaded), the oldest changes make room first
+  while self.in_batch and self:shrink_log() do
+    self.log_dirty = true
+    if dict:safe_set(key, value, ttl) then return true end
+  end
   local ok, err, forcible = dict:set(key, value, ttl)
   if forcible then self.evicted, self.evicted_log = true, true end
   if not ok then log(ngx.ERR, "the dict ", self.name, " cannot even hold ", key:sub(8), ": ", tostring(err)) end
@@ -335,6 +362,7 @@ function Writer:sync(changes)
     end
     -- the log (its state written before REV: a reader that sees this
     -- batch's revision sees its entries) and the copy, in one batch
+    self.in_batch, self.log_dirty = true, false
     if changes and current == self.written and self:load_log() then
       for _, c in ipairs(changes) do
         self:store(c.key, c.value, c.kv.mod_revision)
@@ -344,8 +372,9 @@ function Writer:sync(changes)
       -- a new writer, or the dict was written by another one: the whole
       -- copy (keys whose value is already right are left as they are),
       -- and a log that starts at it
-      self:write_all()
+      -- (the old log's entries first: their room goes to the copy)
       self:reset_log(rev)
+      self:write_all()
     end
     self:write_log()
     self:finish(rev)
@@ -353,9 +382,15 @@ function Writer:sync(changes)
     if self.evicted_log then
       self.evicted_log = false
       self:reset_log(rev)
+      self.log_dirty = true
+    end
+    -- the log shrank to make room for an internal key: its state again
+    while self.log_dirty do
+      self.log_dirty = false
       self:write_log()
     end
   end)
+  self.in_batch = false
   dict:delete(LOCK)
   if not ok then error(err, 0) end
 end
