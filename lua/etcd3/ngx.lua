@@ -526,9 +526,10 @@ local VIEW_OPTS = { decode = "function" }
 
 -- The views with a decode function, one per function and dict, so each
 -- worker decodes a value once however often view() is called: decode
--- function -> { [dict name] = view }. A function that is gone takes its
--- views (and their caches) with it.
-local decoding_views = setmetatable({}, { __mode = "k" })
+-- function -> { [dict name] = view }. Kept for the worker's life (a view
+-- holds its function, so weak keys would not free it under LuaJIT, which
+-- has no ephemerons): the README says to define the function once.
+local decoding_views = {}
 
 --- view(dict [, { decode = fn }]) -> view: reads the copy in a
 -- lua_shared_dict (any worker). With decode, get and pairs give fn(value),
