@@ -129,17 +129,9 @@ end
 
 local function sh(cmd) assert(helper.sh(cmd), cmd) end
 
---- The PIDs of an nginx this spec started: its master and the master's
--- children.
-local function nginx_pids(server)
-  local pids = { [server.pid] = true }
-  for pid in helper.capture("ps -o pid= --ppid " .. server.pid):gmatch("%d+") do pids[tonumber(pid)] = true end
-  return pids
-end
-
 --- Established TCP connections from those PIDs to etcd's client port.
 local function connections(server, port)
-  local pids, n = nginx_pids(server), 0
+  local pids, n = server:pids(), 0
   for line in helper.capture("ss -tnpH state established"):gmatch("[^\n]+") do
     -- (the peer may show as [::ffff:127.0.0.1]:port)
     local peer = line:match("%S+%s+%S+%s+%S+%s+(%S+)") or ""
@@ -155,24 +147,10 @@ local function connections(server, port)
   return n
 end
 
---- `n` GETs of path, each on a new connection (reuseport spreads them
--- over the workers) -> { [worker id] = body after the id }.
-local function ask_all(server, path, n)
-  local urls = {}
-  for i = 1, n do urls[i] = "'" .. server.url .. path .. "'" end
-  local out = helper.capture("curl -s --max-time 10 -H 'Connection: close' " .. table.concat(urls, " "))
-  local seen = {}
-  for id, rest in out:gmatch("(%d+) ([^\n]*)") do
-    seen[tonumber(id)] = seen[tonumber(id)] or {}
-    seen[tonumber(id)][rest] = true
-  end
-  return seen
-end
-
 --- Waits until every worker answers `value` for `key` ("<nil>": absent).
 local function visible_everywhere(server, key, value)
   helper.wait_for(function()
-    local seen = ask_all(server, "/get?k=" .. key, 24)
+    local seen = server:ask_all("/get?k=" .. key, 24)
     for id = 0, WORKERS - 1 do
       local got = seen[id]
       if not got or not got[value] then return false end
@@ -219,13 +197,10 @@ describe("etcd3.ngx", function()
     port = tonumber(member.endpoint:match(":(%d+)$"))
     cli = assert(etcd3.new { endpoints = member.endpoint })
     for i = 1, 10 do assert(cli:put(("/m/k%02d"):format(i), "v" .. i)) end
-    nginx.worker_processes = WORKERS
-    server = nginx.start(config(member.endpoint, "1m", "/m/"))
-    nginx.worker_processes = nil
+    server = nginx.start(config(member.endpoint, "1m", "/m/"), WORKERS)
   end)
 
   teardown(function()
-    nginx.worker_processes = nil
     if server then server:stop() end
     if cli then cli:close() end
     if member then member:stop() end
@@ -236,7 +211,7 @@ describe("etcd3.ngx", function()
     visible_everywhere(server, "/m/k03", "v3")
     -- connections settle: let the workers finish starting
     helper.wait_for(function() return connections(server, port) == 1 end, 10, "one connection")
-    local pids = nginx_pids(server)
+    local pids = server:pids()
     local n = 0
     for _ in pairs(pids) do n = n + 1 end
     assert.are.equal(WORKERS + 1, n)
@@ -253,7 +228,7 @@ describe("etcd3.ngx", function()
     assert.matches("missing privileged agent process patch", agent, 1, true)
     local pid
     helper.wait_for(function()
-      local seen = ask_all(server, "/pid", 24)
+      local seen = server:ask_all("/pid", 24)
       pid = seen[0] and next(seen[0])
       return pid
     end, 20, "an answer from worker 0")
@@ -337,18 +312,18 @@ describe("etcd3.ngx", function()
     visible_everywhere(server, "/m/kill20", "after20")
     local new = writer_pid(server)
     assert.are_not.equal(old, new)
-    assert.is_true(nginx_pids(server)[new] ~= nil, "the writer is a child of this nginx")
+    assert.is_true(server:pids()[new] ~= nil, "the writer is a child of this nginx")
     helper.wait_for(function() return connections(server, port) == 1 end, 10, "one connection")
   end)
 
   it("keeps updates flowing across nginx -s reload (HUP)", function()
     local old = writer_pid(server)
-    local before = nginx_pids(server)
+    local before = server:pids()
     sh("kill -HUP " .. server.pid)
     -- puts during and after the reload
     for i = 1, 30 do assert(cli:put("/m/reload" .. (i % 5), "r" .. i)) end
     helper.wait_for(function()
-      local pids = nginx_pids(server)
+      local pids = server:pids()
       for pid in pairs(pids) do if pid ~= server.pid and before[pid] then return false end end
       local n = 0
       for _ in pairs(pids) do n = n + 1 end
@@ -368,29 +343,15 @@ describe("etcd3.ngx", function()
   -- replaces a copy that lacks the deletes.
   local function stopped_while_compacted(resume)
     local writer = writer_pid(server)
-    sh("kill -STOP " .. writer)
-    local ok, err = pcall(function()
-      for i = 1, 10 do assert(cli:put("/m/stop" .. i, "while-stopped")) end
-      assert(cli:delete("/m/stop3"))
-      assert(cli:delete("/m/k02"))
-      assert(cli:put("/m/k04", "changed"))
-      if resume == "cont" then
-        member:kill()
-        member:start()
-        member:wait_healthy()
-      end
-      local last
-      helper.wait_for(function()
-        local res = cli:put("/m/stop-last", resume)
-        last = res and res.header.revision
-        return last
-      end, 20, "the put after etcd's restart")
-      assert(cli:compact(last, { physical = true }))
-      return last
-    end)
-    sh(("kill -%s %d"):format(resume == "cont" and "CONT" or "KILL", writer))
-    assert(ok, err)
-    exact(server, cli, "/m/", err)
+    local last = nginx.compacted_while_stopped { pid = writer, resume = resume == "cont" and "CONT" or "KILL",
+      member = member, cli = cli, restart = resume == "cont", key = "/m/stop-last", value = resume,
+      changes = function()
+        for i = 1, 10 do assert(cli:put("/m/stop" .. i, "while-stopped")) end
+        assert(cli:delete("/m/stop3"))
+        assert(cli:delete("/m/k02"))
+        assert(cli:put("/m/k04", "changed"))
+      end }
+    exact(server, cli, "/m/", last)
     visible_everywhere(server, "/m/k02", "<nil>")
     visible_everywhere(server, "/m/stop-last", resume)
     if resume == "cont" then assert.are.equal(writer, writer_pid(server)) end
@@ -426,17 +387,17 @@ describe("etcd3.ngx", function()
   end)
 
   it("refuses bad arguments naming the function", function()
-    local body = server:get("/args")
-    assert.matches("etcd3.ngx.mirror: unknown option 'bogus'", body, 1, true)
-    assert.matches('etcd3.ngx.mirror: no lua_shared_dict named "nope" in nginx.conf', body, 1, true)
-    assert.matches("etcd3.ngx.mirror: option 'prefix' must not cover the keys", body, 1, true)
-    assert.matches("bad argument #1 to 'etcd3.ngx.view' (string expected, got 5)", body, 1, true)
-    assert.matches("bad argument #1 to 'etcd3.view:get' (string expected, got 1)", body, 1, true)
-    assert.matches("etcd3.ngx.mirror: option 'dict' (a lua_shared_dict's name) is required", body, 1, true)
-    assert.matches("etcd3.ngx.mirror: call it in init_worker_by_lua*", body, 1, true)
-    assert.matches("etcd3.ngx.mirror: unknown option 'namespaces'", body, 1, true)
-    assert.matches("etcd3.ngx.mirror: option 'namespace': string expected, got number", body, 1, true)
-    assert.is_nil(body:find("no error", 1, true))
+    server:refuses("/args", {
+      "etcd3.ngx.mirror: unknown option 'bogus'",
+      'etcd3.ngx.mirror: no lua_shared_dict named "nope" in nginx.conf',
+      "etcd3.ngx.mirror: option 'prefix' must not cover the keys",
+      "bad argument #1 to 'etcd3.ngx.view' (string expected, got 5)",
+      "bad argument #1 to 'etcd3.view:get' (string expected, got 1)",
+      "etcd3.ngx.mirror: option 'dict' (a lua_shared_dict's name) is required",
+      "etcd3.ngx.mirror: call it in init_worker_by_lua*",
+      "etcd3.ngx.mirror: unknown option 'namespaces'",
+      "etcd3.ngx.mirror: option 'namespace': string expected, got number",
+    })
   end)
 
   it("takes every etcd3.new option", function()
@@ -498,7 +459,9 @@ describe("etcd3.ngx with a dict too small", function()
     cli = assert(etcd3.new { endpoints = member.endpoint })
     local value = ("x"):rep(100)
     for i = 1, 1000 do assert(cli:put(("/big/%04d"):format(i), value)) end
-    server = nginx.start(config(member.endpoint, "32k", "/big/"))
+    -- (a change log that fits once the keys are deleted: the default one,
+    -- 10000 entries, would keep view:err() saying the dict is full)
+    server = nginx.start(config(member.endpoint, "32k", "/big/", ", log_size = 16"))
   end)
 
   teardown(function()

@@ -1,7 +1,7 @@
 --- Error objects: what every call that talks to etcd returns as `nil, err`.
 --
 -- `err.code` is the gRPC status name ("UNAVAILABLE", …) or a local code
--- ("TIMEOUT", "COMPACTED", "CLOSED"); `err.status` its number, looked up
+-- ("TIMEOUT", "COMPACTED", "CLOSED", "RESET"); `err.status` its number, looked up
 -- here from the code (so no caller repeats it); `err.message` etcd's own
 -- text; `err.rpc` the RPC ("KV.Range"). tostring gives one line, and `..`
 -- works with strings on either side.
@@ -16,6 +16,7 @@ local _M = {}
 ---| "INTERNAL" | "UNAVAILABLE" | "DATA_LOSS" | "UNAUTHENTICATED"
 ---| "TIMEOUT" # a wait ran out on a stream that is still alive
 ---| "COMPACTED" # a watch's revision was compacted (see compact_revision)
+---| "RESET" # a shared dict's change log does not reach back that far (etcd3.ngx)
 ---| "CLOSED" # the client was closed under a stream
 ---| "SESSION_EXPIRED" # a recipe's session lease was lost while it waited
 ---| "NOT_LEADER" # proclaim/resign by a candidate that does not lead
@@ -48,7 +49,7 @@ local STATUS = {
   NOT_FOUND = 5, ALREADY_EXISTS = 6, PERMISSION_DENIED = 7, RESOURCE_EXHAUSTED = 8,
   FAILED_PRECONDITION = 9, ABORTED = 10, OUT_OF_RANGE = 11, UNIMPLEMENTED = 12,
   INTERNAL = 13, UNAVAILABLE = 14, DATA_LOSS = 15, UNAUTHENTICATED = 16,
-  TIMEOUT = 4, COMPACTED = 11, CLOSED = 1,
+  TIMEOUT = 4, COMPACTED = 11, CLOSED = 1, RESET = 11,
   SESSION_EXPIRED = 9, NOT_LEADER = 9, NO_LEADER = 5,
 }
 

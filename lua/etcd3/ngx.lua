@@ -22,14 +22,22 @@
 -- batch takes). A writer whose copy is not the one in the dict (a new
 -- writer, or another writer wrote meanwhile) rewrites the whole copy,
 -- deleting the keys it does not have, so the copy is exact.
+--
+-- Each key of the copy carries its mod revision in the dict's flags (modulo
+-- 2^32), so a view decodes a value once per revision. Next to the copy the
+-- writer keeps a change log (the "\0etcd3:log" keys below), written in the
+-- same locked batch: a ring of `log_size` entries, slot = sequence number
+-- modulo the ring's size, each entry naming its own sequence number so a
+-- reader that raced the writer sees the entry is not the one it wanted.
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 
 -- luacheck: push ignore 113 (ngx: OpenResty's global)
 local ngx = ngx
 -- luacheck: pop
-local type, pairs, ipairs, tostring, setmetatable, pcall = type, pairs, ipairs, tostring, setmetatable, pcall
-local math_min = math.min
+local type, pairs, ipairs, tostring, tonumber, setmetatable, pcall = type, pairs, ipairs, tostring, tonumber,
+  setmetatable, pcall
+local math_min, math_max, math_floor = math.min, math.max, math.floor
 
 local _M = {}
 
@@ -40,6 +48,15 @@ local ERR = "\0etcd3:err"       -- why the copy is not current (absent: it is)
 local BEAT = "\0etcd3:beat"     -- refreshed by the writer in step with the copy
 local LOCK = "\0etcd3:lock"     -- held while a batch is written
 local WRITER = "\0etcd3:writer" -- the writing process's pid (for operators)
+local COUNT = "\0etcd3:count"   -- the number of keys in the copy (bounds a view's decode cache)
+-- The change log's state, one value so a reader gets all of it at once:
+-- "head tail from size". Entries head-1 down to tail are kept; they hold
+-- every change after revision `from`; entry seq lives in slot seq % size.
+local LOG = "\0etcd3:log"
+-- .. slot: one change, "seq type revision key" (type "P" or "D")
+local ENTRY = "\0etcd3:log:"
+-- The dict's flags hold a key's mod revision modulo this (they are 32 bits).
+local FLAGS_MOD = 2 ^ 32
 
 -- The lock expires by itself after this long: a writer killed while
 -- holding it does not block its successor for longer.
@@ -57,7 +74,8 @@ local RETRY_MIN, RETRY_MAX = 0.5, 5
 
 -- mirror{}'s own options; every other one it takes is an etcd3.new option
 -- (client.lua's CONFIG, the one list of them), passed to etcd3.new as it is.
-local OWN_OPTS = { dict = "string", prefix = "string", page_size = "integer" }
+local OWN_OPTS = { dict = "string", prefix = "string", page_size = "integer", log_size = "integer" }
+local DEFAULT_LOG_SIZE = 10000
 
 -- OWN_OPTS and etcd3.new's options, made on first use (so requiring this
 -- module in init_by_lua* loads no more than before).
@@ -138,22 +156,26 @@ function Writer:set_error(message)
   end
 end
 
---- Stores one key; a key that cannot be stored is removed (never a stale
--- value) and counted in self.missing.
-function Writer:store(key, value)
+--- Stores one key at its mod revision `rev`; a key that cannot be stored
+-- is removed (never a stale value) and counted in self.missing.
+function Writer:store(key, value, rev)
   local dict = self.dict
   if value == nil then
     dict:delete(key)
     self.missing[key] = nil
     return
   end
-  if dict:get(key) == value then
+  local flags = rev % FLAGS_MOD
+  local old, old_flags = dict:get(key)
+  if old == value and (old_flags or 0) == flags then
     self.missing[key] = nil
     return
   end
   -- safe_set never evicts another key to make room: a full dict shows as
   -- an error, not as a silently partial copy
-  local ok, err = dict:safe_set(key, value)
+  local ok, err = dict:safe_set(key, value, 0, flags)
+  -- the copy comes first: the oldest changes of the log make room
+  while not ok and self:shrink_log() do ok, err = dict:safe_set(key, value, 0, flags) end
   if ok then
     self.missing[key] = nil
   else
@@ -181,7 +203,92 @@ function Writer:write_all()
   end
   self.missing = {}
   self.missing_count = 0
-  for key, value in m:pairs() do self:store(key, value) end
+  for key, value in m:pairs() do
+    local _, kv = m:get(key)
+    self:store(key, value, kv.mod_revision)
+  end
+end
+
+-- The change log ------------------------------------------------------------
+
+local function parse_log(text)
+  if not text then return nil end
+  local head, tail, from, size = text:match("^(%d+) (%d+) (%d+) (%d+)$")
+  return tonumber(head), tonumber(tail), tonumber(from), tonumber(size)
+end
+
+--- One entry's text -> seq, "P"|"D", revision, key (nil when absent).
+local function parse_entry(text)
+  if not text then return nil end
+  local seq, kind, rev, key = text:match("^(%d+) ([PD]) (%d+) (.*)$")
+  return tonumber(seq), kind, tonumber(rev), key
+end
+
+--- Reads the log's state from the dict (another writer may have written
+-- it) -> whether it is there and kept at this writer's size.
+function Writer:load_log()
+  local head, tail, from, size = parse_log(self.dict:get(LOG))
+  self.head, self.tail, self.from = head or 0, tail or head or 0, from or 0
+  return head ~= nil and size == self.log_size
+end
+
+--- The log starts afresh after revision `rev`: a reader further back gets
+-- RESET. The old entries are removed, so their space goes to the copy.
+function Writer:reset_log(rev)
+  local dict = self.dict
+  local head, _, _, size = parse_log(dict:get(LOG))
+  if head then
+    for seq = math_max(head - size, 0), head - 1 do dict:delete(ENTRY .. seq % size) end
+  end
+  self.head, self.tail, self.from = head or 0, head or 0, rev
+  self.log_short = false
+end
+
+--- Drops the oldest eighth of the log (at least one entry) to make room
+-- in a full dict; the log then starts after the last dropped revision.
+-- -> false when the log was empty.
+function Writer:shrink_log()
+  local dict, size = self.dict, self.log_size
+  local n = self.head - self.tail
+  if n <= 0 then return false end
+  local last = self.tail + math_max(math_floor(n / 8), 1) - 1
+  local _, _, rev = parse_entry(dict:get(ENTRY .. last % size))
+  for seq = self.tail, last do dict:delete(ENTRY .. seq % size) end
+  -- (an entry gone already: no revision it could start after is known
+  -- but the mirror's own)
+  self.tail, self.from = last + 1, math_max(self.from, rev or self.m:revision())
+  self.log_short = true
+  return true
+end
+
+--- Appends one change (of mirror:update()) to the log. When the ring is
+-- full the oldest entry makes room, and the log then starts after its
+-- revision; in a full dict, older entries make room (shrink_log), and an
+-- entry that fits in no way empties the log up to it.
+function Writer:append(change)
+  local dict, seq, size = self.dict, self.head, self.log_size
+  local rev = change.kv.mod_revision
+  local slot = ENTRY .. seq % size
+  if seq - self.tail >= size then
+    local _, _, oldest = parse_entry(dict:get(slot))
+    self.tail = seq - size + 1
+    self.from = math_max(self.from, oldest or rev)
+  end
+  local entry = ("%d %s %d %s"):format(seq, change.type == "PUT" and "P" or "D", rev, change.key)
+  local ok = dict:safe_set(slot, entry)
+  while not ok and self:shrink_log() do ok = dict:safe_set(slot, entry) end
+  self.head = seq + 1
+  if not ok then
+    dict:delete(slot)
+    self.tail, self.from = seq + 1, math_max(self.from, rev)
+    self.log_short = true
+  elseif self.head - self.tail >= size then
+    self.log_short = false
+  end
+end
+
+function Writer:write_log()
+  self:set_internal(LOG, ("%d %d %d %d"):format(self.head, self.tail, self.from, self.log_size))
 end
 
 --- Sets an internal key; in a full dict it may evict a key of the copy
@@ -189,8 +296,13 @@ end
 function Writer:set_internal(key, value, ttl)
   local dict = self.dict
   if dict:safe_set(key, value, ttl) then return true end
+  -- in a batch (the log's state loaded), the oldest changes make room first
+  while self.in_batch and self:shrink_log() do
+    self.log_dirty = true
+    if dict:safe_set(key, value, ttl) then return true end
+  end
   local ok, err, forcible = dict:set(key, value, ttl)
-  if forcible then self.evicted = true end
+  if forcible then self.evicted, self.evicted_log = true, true end
   if not ok then log(ngx.ERR, "the dict ", self.name, " cannot even hold ", key:sub(8), ": ", tostring(err)) end
   return ok
 end
@@ -200,6 +312,7 @@ end
 function Writer:finish(rev)
   self.evicted = false
   self:set_internal(REV, rev)
+  self:set_internal(COUNT, self.m:count())
   self:set_internal(BEAT, ngx.now(), BEAT_TTL)
   self:set_internal(WRITER, ngx.worker.pid())
   self.written = rev
@@ -207,7 +320,9 @@ function Writer:finish(rev)
   for _ = 1, 2 do
     local missing = self:count_missing()
     message = missing > 0 and ("the dict %q is full: %d keys not stored (%s); make lua_shared_dict %s larger"):format(
-      self.name, missing, tostring(self.missing_reason or "no memory"), self.name) or nil
+      self.name, missing, tostring(self.missing_reason or "no memory"), self.name)
+      or self.log_short and ("the dict %q is full: the change log holds fewer than the last %d changes; "
+        .. "make lua_shared_dict %s larger"):format(self.name, self.log_size, self.name) or nil
     self:set_error(message or self.unreachable)
     if not self.evicted then break end
     -- an internal key took the place of a key of the copy: count again
@@ -245,15 +360,37 @@ function Writer:sync(changes)
       self:finish(rev)
       return
     end
-    if changes and current == self.written then
-      for _, c in ipairs(changes) do self:store(c.key, c.value) end
+    -- the log (its state written before REV: a reader that sees this
+    -- batch's revision sees its entries) and the copy, in one batch
+    self.in_batch, self.log_dirty = true, false
+    if changes and current == self.written and self:load_log() then
+      for _, c in ipairs(changes) do
+        self:store(c.key, c.value, c.kv.mod_revision)
+        self:append(c)
+      end
     else
       -- a new writer, or the dict was written by another one: the whole
-      -- copy (keys whose value is already right are left as they are)
+      -- copy (keys whose value is already right are left as they are),
+      -- and a log that starts at it
+      -- (the old log's entries first: their room goes to the copy)
+      self:reset_log(rev)
       self:write_all()
     end
+    self:write_log()
     self:finish(rev)
+    -- an internal key evicted something: maybe log entries
+    if self.evicted_log then
+      self.evicted_log = false
+      self:reset_log(rev)
+      self.log_dirty = true
+    end
+    -- the log shrank to make room for an internal key: its state again
+    while self.log_dirty do
+      self.log_dirty = false
+      self:write_log()
+    end
   end)
+  self.in_batch = false
   dict:delete(LOCK)
   if not ok then error(err, 0) end
 end
@@ -348,10 +485,13 @@ local function is_writer()
   return not agent_enabled and ngx.worker.id() == 0
 end
 
+-- The dicts this process's mirror{} calls write into: dict name -> prefix.
+local mirrored = {}
+
 --- mirror{ dict, prefix, endpoints, ... } in init_worker_by_lua* of every
 -- worker -> true (the calling process writes) | false (it only reads).
 -- Every etcd3.new option (endpoints, namespace, auto_sync, tls, …) is passed
--- to etcd3.new, page_size to client:mirror.
+-- to etcd3.new, page_size to client:mirror; log_size is the change log's.
 function _M.mirror(cfg)
   check.arg("ngx.mirror", 1, cfg, "table")
   cfg = check.options("ngx.mirror", cfg, options())
@@ -362,9 +502,16 @@ function _M.mirror(cfg)
   if ngx.get_phase() ~= "init_worker" then
     check.fail("ngx.mirror", "call it in init_worker_by_lua* (it runs in every worker; one of them writes)")
   end
+  if cfg.log_size ~= nil and cfg.log_size < 1 then check.fail("ngx.mirror", "option 'log_size' must be >= 1") end
+  -- two writers of one dict would each delete the other's keys
+  if mirrored[cfg.dict] then
+    check.fail("ngx.mirror", ("the dict %q already mirrors %q: give each prefix a lua_shared_dict of its own"):format(
+      cfg.dict, mirrored[cfg.dict]))
+  end
+  mirrored[cfg.dict] = cfg.prefix
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
-    retry = RETRY_MIN }, Writer)
+    retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE }, Writer)
   local ok, err = ngx.timer.at(0, run, self)
   if not ok then error("etcd3.ngx.mirror: cannot start the writer's timer: " .. tostring(err), 2) end
   return true
@@ -375,25 +522,102 @@ end
 local View = { __class = "View" }
 View.__index = View
 
---- view(dict) -> view: reads the copy in a lua_shared_dict (any worker).
-function _M.view(name)
+local VIEW_OPTS = { decode = "function" }
+
+-- The views with a decode function, one per function and dict, so each
+-- worker decodes a value once however often view() is called: decode
+-- function -> { [dict name] = view }. Kept for the worker's life (a view
+-- holds its function, so weak keys would not free it under LuaJIT, which
+-- has no ephemerons): the README says to define the function once.
+local decoding_views = {}
+
+--- view(dict [, { decode = fn }]) -> view: reads the copy in a
+-- lua_shared_dict (any worker). With decode, get and pairs give fn(value),
+-- decoded once per worker per key revision.
+function _M.view(name, opts)
   check.arg("ngx.view", 1, name, "string")
-  return setmetatable({ dict = shared_dict("ngx.view", name), name = name }, View)
+  opts = check.options("ngx.view", opts, VIEW_OPTS)
+  local dict, decode = shared_dict("ngx.view", name), opts.decode
+  if not decode then return setmetatable({ dict = dict, name = name }, View) end
+  local views = decoding_views[decode]
+  if not views then
+    views = {}
+    decoding_views[decode] = views
+  end
+  local view = views[name]
+  if not view then
+    -- cache: key -> { flags = the dict's flags (mod revision), value = decoded, err = why not }
+    view = setmetatable({ dict = dict, name = name, decode = decode, cache = {}, cached = 0 }, View)
+    views[name] = view
+  end
+  return view
 end
 
---- view:get(key) -> the value string, or nil
+--- Drops the cache entries of keys the copy no longer has.
+function View:sweep()
+  local dict, cache, n = self.dict, self.cache, 0
+  for key in pairs(cache) do
+    if dict:get(key) == nil then cache[key] = nil else n = n + 1 end
+  end
+  self.cached = n
+end
+
+function View:forget(key)
+  if self.cache[key] then
+    self.cache[key] = nil
+    self.cached = self.cached - 1
+  end
+end
+
+--- The decoded value of `key`, the dict holding `value` with `flags` for
+-- it -> decoded | nil, err. Decodes only when the key's revision changed.
+function View:decoded(key, value, flags)
+  if value == nil then
+    self:forget(key)
+    return nil
+  end
+  local entry = self.cache[key]
+  if entry and entry.flags == flags then return entry.value, entry.err end
+  local ok, decoded, why = pcall(self.decode, value)
+  local err
+  if not ok or decoded == nil then
+    why = ok and (why ~= nil and tostring(why) or "decode gave nil") or "decode raised: " .. tostring(decoded)
+    decoded = nil
+    err = errors.new("INVALID_ARGUMENT", ("the value of %q (revision %d in the dict's flags) cannot be decoded: %s")
+      :format(key, flags or 0, why), "view:get")
+    -- once per worker and revision: the entry keeps the error
+    log(ngx.ERR, "dict ", self.name, ": ", err.message)
+  end
+  if not entry then
+    -- a new key: never more entries than the copy has keys
+    if self.cached >= (self.dict:get(COUNT) or 0) then self:sweep() end
+    entry = {}
+    self.cache[key] = entry
+    self.cached = self.cached + 1
+  end
+  entry.flags, entry.value, entry.err = flags, decoded, err
+  return decoded, err
+end
+
+--- view:get(key) -> the value string, or nil; with decode: the decoded
+-- value | nil (no such key) | nil, err (decode rejected the value)
 function View:get(key)
   check.self("view:get", self, "View")
   check.arg("view:get", 1, key, "string")
   if internal(key) then return nil end
-  return (self.dict:get(key))
+  local value, flags = self.dict:get(key)
+  if self.decode then return self:decoded(key, value, flags) end
+  return value
 end
 
 --- for key, value in view:pairs() do … end: in key order, as the copy is
--- while the loop runs (a key deleted meanwhile is skipped).
+-- while the loop runs (a key deleted meanwhile is skipped). With decode:
+-- key, decoded value; for a value decode rejects: key, nil, err.
 function View:pairs()
   check.self("view:pairs", self, "View")
   local dict = self.dict
+  -- keys deleted since they were decoded leave the cache
+  if self.decode and self.cached > (dict:get(COUNT) or 0) then self:sweep() end
   local keys = {}
   for _, key in ipairs(dict:get_keys(0)) do
     if not internal(key) then keys[#keys + 1] = key end
@@ -405,10 +629,67 @@ function View:pairs()
       i = i + 1
       local key = keys[i]
       if key == nil then return nil end
-      local value = dict:get(key)
-      if value ~= nil then return key, value end
+      local value, flags = dict:get(key)
+      if value ~= nil then
+        if self.decode then return key, self:decoded(key, value, flags) end
+        return key, value
+      end
+      if self.decode then self:forget(key) end
     end
   end
+end
+
+-- A reader that raced the writer (an entry replaced while it read) reads
+-- the log again, this many times, before it answers RESET.
+local CHANGES_ATTEMPTS = 4
+
+local function reset(message)
+  return errors.new("RESET", message .. "; read the copy again with pairs() from view:revision()", "view:changes")
+end
+
+--- view:changes(revision) -> list, rev | nil, err: the changes the copy
+-- went through after `revision` up to `rev` (its revision when read; go on
+-- from it), in revision order, each { type = "PUT"|"DELETE", key, revision }.
+-- err.code "RESET" when the log does not reach back to `revision`.
+function View:changes(revision)
+  check.self("view:changes", self, "View")
+  check.arg("view:changes", 1, revision, "integer")
+  local dict = self.dict
+  for _ = 1, CHANGES_ATTEMPTS do
+    -- REV first: the writer writes a batch's log state before its REV, so
+    -- the log read next holds at least every change up to rev
+    local rev = dict:get(REV) or 0
+    if revision >= rev then return {}, rev end
+    local head, tail, from, size = parse_log(dict:get(LOG))
+    if not head then return nil, reset("the dict holds no change log") end
+    if revision < from then
+      return nil, reset(("the change log starts after revision %d, not %d"):format(from, revision))
+    end
+    local list, n, torn = {}, 0, false
+    -- newest first, down to the first change the caller has
+    for seq = head - 1, tail, -1 do
+      local eseq, kind, erev, key = parse_entry(dict:get(ENTRY .. seq % size))
+      if eseq ~= seq then
+        torn = true
+        break
+      end
+      if erev <= revision then break end
+      if erev <= rev then
+        n = n + 1
+        list[n] = { type = kind == "P" and "PUT" or "DELETE", key = key, revision = erev }
+      end
+    end
+    if not torn then
+      for i = 1, math_floor(n / 2) do list[i], list[n + 1 - i] = list[n + 1 - i], list[i] end
+      if self.decode then
+        for i = 1, n do
+          if list[i].type == "DELETE" then self:forget(list[i].key) end
+        end
+      end
+      return list, rev
+    end
+  end
+  return nil, reset("the change log was rewritten while it was read")
 end
 
 --- view:revision() -> the revision the copy equals the store at (0 before

@@ -49,13 +49,14 @@ end
 local LOAD_MODULES = "load_module " .. MODULES .. "/ndk_http_module.so;\n"
   .. "load_module " .. MODULES .. "/ngx_http_lua_module.so;\n"
 
---- Starts nginx. `http` is the body of the http {} block; `${PORT}` in it
--- is replaced by the port it listens on.
-function _M.start(http)
+--- Starts nginx with `workers` worker processes (default 1). `http` is
+-- the body of the http {} block; `${PORT}` in it is replaced by the port
+-- it listens on.
+function _M.start(http, workers)
   local dir, port = prepare()
   local conf = table.concat({
     LOAD_MODULES,
-    "worker_processes " .. (_M.worker_processes or 1) .. ";", -- a spec may ask for more
+    "worker_processes " .. (workers or 1) .. ";",
     "daemon off;",
     "master_process on;",
     "pid " .. dir .. "/nginx.pid;",
@@ -106,6 +107,38 @@ function Nginx:get_async(path, max_time)
   end
 end
 
+--- The PIDs of this nginx: its master and the master's children.
+function Nginx:pids()
+  local pids = { [self.pid] = true }
+  for pid in helper.capture("ps -o pid= --ppid " .. self.pid):gmatch("%d+") do pids[tonumber(pid)] = true end
+  return pids
+end
+
+--- `n` GETs of path, each on a new connection (reuseport spreads them
+-- over the workers), each answer starting with the worker's id ->
+-- { [worker id] = { [the rest of a line] = true } }.
+function Nginx:ask_all(path, n)
+  local urls = {}
+  for i = 1, n do urls[i] = "'" .. self.url .. path .. "'" end
+  local out = helper.capture("curl -s --max-time 10 -H 'Connection: close' " .. table.concat(urls, " "))
+  local seen = {}
+  for id, rest in out:gmatch("(%d+) ([^\n]*)") do
+    seen[tonumber(id)] = seen[tonumber(id)] or {}
+    seen[tonumber(id)][rest] = true
+  end
+  return seen
+end
+
+--- GET path: a location that prints what each bad call raised; every one
+-- of `messages` must be in the body (plain text), "no error" nowhere.
+function Nginx:refuses(path, messages)
+  local body = self:get(path)
+  for _, message in ipairs(messages) do
+    if not body:find(message, 1, true) then error(("%q not in:\n%s"):format(message, body), 2) end
+  end
+  if body:find("no error", 1, true) then error("a bad call raised nothing:\n" .. body, 2) end
+end
+
 function Nginx:error_log()
   local f = io.open(self.dir .. "/error.log")
   if not f then return "" end
@@ -120,6 +153,35 @@ function Nginx:stop()
     self.pid = nil
   end
   if self.dir:match("^/tmp/") then helper.sh("rm -rf '" .. self.dir .. "'") end
+end
+
+--- Changes made while a mirror's writer is stopped, then a compaction:
+-- opts { pid = the writer, resume = "CONT"|"KILL", member, cli,
+-- changes = function() … end (the changes), restart = true (etcd is
+-- restarted too: the writer's watch ends and resumes from a compacted
+-- revision), key, value (the last put) }. The writer is resumed (or
+-- killed) even when a step fails. -> the last put's revision
+function _M.compacted_while_stopped(opts)
+  assert(helper.sh("kill -STOP " .. opts.pid))
+  local ok, err = pcall(function()
+    opts.changes()
+    if opts.restart then
+      opts.member:kill()
+      opts.member:start()
+      opts.member:wait_healthy()
+    end
+    local last
+    helper.wait_for(function()
+      local res = opts.cli:put(opts.key, opts.value)
+      last = res and res.header.revision
+      return last
+    end, 20, "the put after etcd's restart")
+    assert(opts.cli:compact(last, { physical = true }))
+    return last
+  end)
+  assert(helper.sh(("kill -%s %d"):format(opts.resume, opts.pid)))
+  assert(ok, err)
+  return err
 end
 
 return _M
