@@ -14,7 +14,7 @@ local ipairs, pairs, require = ipairs, pairs, require
 -- `client_methods`; the client class gets them all here (client.lua names
 -- none of them). A new file of client methods is one name in this list
 -- (docs/extending.md).
-local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "session", "mirror" }
+local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "session", "mirror", "stm" }
 for _, file in ipairs(METHOD_FILES) do
   for name, method in pairs(require("etcd3." .. file).client_methods) do Client[name] = method end
 end
