@@ -11,13 +11,15 @@
 --
 -- The four isolation levels build the same txns as Go's stm.go, so Lua and
 -- Go STMs over the same keys serialise correctly:
---
--- | level | reads | the commit txn's compares |
--- |---|---|---|
--- | serializable_snapshot | at the revision of the run's first read | every key read kept its mod revision; every key written was not modified after the first read |
--- | serializable | as above | every key read kept its mod revision |
--- | repeatable_reads | serializable gets (any member), each key once | every key read kept its mod revision |
--- | read_committed | as repeatable_reads | none: the writes always apply |
+-- - serializable_snapshot: reads at the revision of the run's first read;
+--   the commit holds if every key read kept its mod revision and no key
+--   written was modified after the first read (a blind write conflicts too);
+-- - serializable: reads as above; the commit holds if every key read kept
+--   its mod revision;
+-- - repeatable_reads: serializable gets (any member), each key read once;
+--   the commit holds if every key read kept its mod revision;
+-- - read_committed: reads as repeatable_reads; no compares: the writes
+--   always apply (a read-modify-write may lose updates).
 --
 -- With the two serializable levels a failed commit reads every key read
 -- back in its `failure` branch, and the next run starts from those values
@@ -73,6 +75,10 @@ local function abort(err)
   error(setmetatable({ err = err }, Abort), 0)
 end
 
+local function deadline_error()
+  return errors.new("DEADLINE_EXCEEDED", "the STM did not commit within its timeout", "stm")
+end
+
 --- The seconds a request made now may take: the client's timeout, cut to
 -- what is left of the STM's deadline.
 local function request_timeout(self)
@@ -99,7 +105,7 @@ local function fetch(self, keys)
     local ops = {}
     for i, key in ipairs(missing) do ops[i] = op.get(key, self._get_opts) end
     local timeout = request_timeout(self)
-    if timeout <= 0 then abort(self:_deadline_error()) end
+    if timeout <= 0 then abort(deadline_error()) end
     local res, err = self.client:txn():success(unpack(ops)):commit { timeout = timeout }
     if not res then abort(err) end
     for i, key in ipairs(missing) do
@@ -157,9 +163,6 @@ function STM:__tostring()
   return ("etcd3.STM (%s)"):format(self.isolation)
 end
 
-function STM:_deadline_error()
-  return errors.new("DEADLINE_EXCEEDED", "the STM did not commit within its timeout", "stm")
-end
 
 --- Starts a run from scratch (what the last failed commit read back stays).
 function STM:_reset()
@@ -198,7 +201,7 @@ end
 function STM:_commit()
   local t, read_keys = self:_commit_txn()
   local timeout = request_timeout(self)
-  if timeout <= 0 then return nil, self:_deadline_error() end
+  if timeout <= 0 then return nil, deadline_error() end
   local res, err = t:commit { timeout = timeout }
   if not res then return nil, err end
   if res.succeeded then return true end
@@ -254,7 +257,7 @@ function Client:stm(fn, opts)
       if results.n == 1 then return true end
       return unpack(results, 2, results.n)
     end
-    if now() >= self_stm._deadline then return nil, self_stm:_deadline_error() end
+    if now() >= self_stm._deadline then return nil, deadline_error() end
   end
 end
 _M.STM = STM
