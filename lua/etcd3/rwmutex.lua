@@ -52,7 +52,8 @@ end
 function RWMutex:rlock(timeout)
   local session = recipe.method(self, "rwmutex:rlock", RWMutex)
   local deadline = recipe.deadline("rwmutex:rlock", 1, timeout)
-  return (acquire(self, session, "rwmutex:rlock", "read", "write", deadline))
+  local ok, err = acquire(self, session, "rwmutex:rlock", "read", "write", deadline)
+  return ok, err
 end
 
 --- rwmutex:lock([timeout]) -> true | nil, err: waits for everyone who came
@@ -60,7 +61,8 @@ end
 function RWMutex:lock(timeout)
   local session = recipe.method(self, "rwmutex:lock", RWMutex)
   local deadline = recipe.deadline("rwmutex:lock", 1, timeout)
-  return (acquire(self, session, "rwmutex:lock", "write", "", deadline))
+  local ok, err = acquire(self, session, "rwmutex:lock", "write", "", deadline)
+  return ok, err
 end
 
 local function release(self)
