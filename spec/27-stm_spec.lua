@@ -2,17 +2,12 @@
 -- STMs over the same keys.
 local helper = require "spec.helpers.etcd"
 local process = require "spec.helpers.process"
+local raises = process.raises
 local gopeer = require "spec.helpers.gopeer"
 
 local LEVELS = { "serializable_snapshot", "serializable", "repeatable_reads", "read_committed" }
 -- The levels whose commit guards what was read: no increment is lost.
 local EXACT = { "serializable_snapshot", "serializable", "repeatable_reads" }
-
-local function raises(pattern, fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok)
-  assert.matches(pattern, tostring(err))
-end
 
 local function value(cli, key)
   local kv = assert(cli:get(key)).kvs[1]

@@ -3,19 +3,8 @@
 -- with Go's recipes.
 local helper = require "spec.helpers.etcd"
 local process = require "spec.helpers.process"
+local keys_under, raises = process.keys_under, process.raises
 local gopeer = require "spec.helpers.gopeer"
-
-local function keys_under(cli, prefix)
-  local out = {}
-  for i, kv in ipairs(assert(cli:get(prefix, { prefix = true, sort_target = "create" })).kvs) do out[i] = kv.key end
-  return out
-end
-
-local function raises(pattern, fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok)
-  assert.matches(pattern, tostring(err))
-end
 
 --- Steps every task until all have finished; their first results in order.
 local function finish_all(tasks, timeout)
@@ -50,6 +39,17 @@ end
 
 local function items_of(out, got)
   for v in out:gmatch("item ([^\n]+)") do got[#got + 1] = v end
+  return got
+end
+
+--- Waits for the Lua consumers to finish; adds what they took to `got`.
+local function lua_items(children, got)
+  for _, child in ipairs(children) do
+    local out = child:read("*a")
+    child:close()
+    assert.matches("done\nexit=0", out)
+    items_of(out, got)
+  end
   return got
 end
 
@@ -91,13 +91,7 @@ describe("more recipes", function()
         assert(q:enqueue(want[i]))
       end
       for _ = 1, 3 do assert(q:enqueue("stop")) end
-      local got = {}
-      for _, child in ipairs(consumers) do
-        local out = child:read("*a")
-        child:close()
-        assert.matches("done\nexit=0", out)
-        items_of(out, got)
-      end
+      local got = lua_items(consumers, {})
       assert.are.same(want, sorted(got))
       assert.are.same({}, keys_under(cli, "/compete/"))
     end)
@@ -243,13 +237,7 @@ describe("more recipes", function()
       assert.matches("done\n$", process.stop(producer))
       for i = 1, 5 do want[#want + 1] = "go-" .. i end
       for _ = 1, 4 do assert(q:enqueue("stop")) end
-      local got = {}
-      for _, child in ipairs(luas) do
-        local out = child:read("*a")
-        child:close()
-        assert.matches("done\nexit=0", out)
-        items_of(out, got)
-      end
+      local got = lua_items(luas, {})
       for _, go in ipairs(gos) do
         helper.wait_for(function() return not process.running(go.pid) end, 60, "a Go consumer")
         local out = process.stop(go)

@@ -15,6 +15,7 @@
 local check = require "etcd3.check"
 local recipe = require "etcd3.recipe"
 
+local pairs, ipairs = pairs, ipairs
 local expired, request_timeout = recipe.expired, recipe.request_timeout
 
 local _M = {}
@@ -47,43 +48,34 @@ local function acquire(self, session, rpc, own, blockers, deadline)
   end
 end
 
---- rwmutex:rlock([timeout]) -> true | nil, err (TIMEOUT, SESSION_EXPIRED
--- as mutex:lock): waits for the writers that came before.
-function RWMutex:rlock(timeout)
-  local session = recipe.method(self, "rwmutex:rlock", RWMutex)
-  local deadline = recipe.deadline("rwmutex:rlock", 1, timeout)
-  local ok, err = acquire(self, session, "rwmutex:rlock", "read", "write", deadline)
-  return ok, err
-end
-
---- rwmutex:lock([timeout]) -> true | nil, err: waits for everyone who came
+-- rwmutex:rlock([timeout]) -> true | nil, err (TIMEOUT, SESSION_EXPIRED as
+-- mutex:lock): waits for the writers that came before.
+-- rwmutex:lock([timeout]) -> true | nil, err: waits for everyone who came
 -- before, readers and writers.
-function RWMutex:lock(timeout)
-  local session = recipe.method(self, "rwmutex:lock", RWMutex)
-  local deadline = recipe.deadline("rwmutex:lock", 1, timeout)
-  local ok, err = acquire(self, session, "rwmutex:lock", "write", "", deadline)
-  return ok, err
+-- name -> the kind of our key, the keys it waits for (under the prefix)
+local LOCKS = { rlock = { "read", "write" }, lock = { "write", "" } }
+for name, kinds in pairs(LOCKS) do
+  local fname = "rwmutex:" .. name
+  RWMutex[name] = function(self, timeout)
+    local session = recipe.method(self, fname, RWMutex)
+    local deadline = recipe.deadline(fname, 1, timeout)
+    local ok, err = acquire(self, session, fname, kinds[1], kinds[2], deadline)
+    return ok, err
+  end
 end
 
-local function release(self)
-  local key = self._key
-  self._key = nil
-  if not key then return true end
-  local ok, err = self.client:delete(key)
-  if not ok then return nil, err end
-  return true
-end
-
---- rwmutex:runlock() -> true | nil, err
-function RWMutex:runlock()
-  recipe.method(self, "rwmutex:runlock", RWMutex)
-  return release(self)
-end
-
---- rwmutex:unlock() -> true | nil, err
-function RWMutex:unlock()
-  recipe.method(self, "rwmutex:unlock", RWMutex)
-  return release(self)
+-- rwmutex:runlock(), rwmutex:unlock() -> true | nil, err: deletes our key.
+for _, name in ipairs { "runlock", "unlock" } do
+  local fname = "rwmutex:" .. name
+  RWMutex[name] = function(self)
+    recipe.method(self, fname, RWMutex)
+    local key = self._key
+    self._key = nil
+    if not key then return true end
+    local ok, err = self.client:delete(key)
+    if not ok then return nil, err end
+    return true
+  end
 end
 
 --- rwmutex:key() -> our key while holding or waiting, else nil

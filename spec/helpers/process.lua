@@ -117,4 +117,20 @@ function _M.task(fn)
   return task
 end
 
+--- The keys under `prefix`, in creation order.
+function _M.keys_under(cli, prefix)
+  local out = {}
+  for i, kv in ipairs(assert(cli:get(prefix, { prefix = true, sort_target = "create" })).kvs) do out[i] = kv.key end
+  return out
+end
+
+--- Fails unless `fn(...)` raises an error matching `pattern`.
+function _M.raises(pattern, fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("no error was raised (expected " .. pattern .. ")", 2) end
+  if not tostring(err):find(pattern) then
+    error(("the error %q does not match %q"):format(tostring(err), pattern), 2)
+  end
+end
+
 return _M
