@@ -180,6 +180,16 @@ describe("stm", function()
     assert.is_true(process.running(writer.pid)) -- the conflicts came from it all along
   end)
 
+  it("returns a failed read as nil, err, even when fn swallows it, writing nothing", function()
+    local ok, err = cli:stm(function(stm)
+      pcall(stm.get, stm, "/failed/read") -- no time left for it
+      stm:put("/failed/out", "written")
+    end, { timeout = 0 })
+    assert.is_nil(ok)
+    assert.are.equal("DEADLINE_EXCEEDED", err.code)
+    assert.is_nil(value(cli, "/failed/out"))
+  end)
+
   it("counts exactly under concurrent increments from three Lua processes", function()
     for _, isolation in ipairs(EXACT) do
       local key = "/count/" .. isolation

@@ -68,10 +68,13 @@ local STM = { __class = "STM" }
 STM.__index = STM
 
 -- A failed read aborts the run: it is raised through `fn` as this wrapper
--- and client:stm returns it as `nil, err` (Go's stmError panic).
+-- and client:stm returns it as `nil, err` (Go's stmError panic). It is
+-- also kept in `self._failed`, so a `pcall` inside `fn` that swallows it
+-- cannot let a run with a missing read commit.
 local Abort = {}
 
-local function abort(err)
+local function abort(self, err)
+  self._failed = err
   error(setmetatable({ err = err }, Abort), 0)
 end
 
@@ -105,9 +108,9 @@ local function fetch(self, keys)
     local ops = {}
     for i, key in ipairs(missing) do ops[i] = op.get(key, self._get_opts) end
     local timeout = request_timeout(self)
-    if timeout <= 0 then abort(deadline_error()) end
+    if timeout <= 0 then abort(self, deadline_error()) end
     local res, err = self.client:txn():success(unpack(ops)):commit { timeout = timeout }
-    if not res then abort(err) end
+    if not res then abort(self, err) end
     for i, key in ipairs(missing) do
       reads[key] = { kv = res.responses[i].kvs[1] or false, revision = res.header.revision }
     end
@@ -166,7 +169,7 @@ end
 
 --- Starts a run from scratch (what the last failed commit read back stays).
 function STM:_reset()
-  self._reads, self._writes, self._order = {}, {}, {}
+  self._reads, self._writes, self._order, self._failed = {}, {}, {}, nil
   self._get_opts = not self._level.snapshot and SERIALIZABLE_GET or nil
 end
 
@@ -251,6 +254,7 @@ function Client:stm(fn, opts)
       if getmetatable(raised) == Abort then return nil, raised.err end
       error(raised, 0) -- fn's own error: nothing was written
     end
+    if self_stm._failed then return nil, self_stm._failed end
     local committed, err = self_stm:_commit()
     if committed == nil then return nil, err end
     if committed then
