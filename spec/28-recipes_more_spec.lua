@@ -263,6 +263,29 @@ describe("more recipes", function()
       assert.are.equal("lua-5", q:dequeue(5))
     end)
 
+    it_go("double barrier: Lua and Go participants enter and leave together", function()
+      local go = gopeer.start(member, "double-barrier", "/gdouble", "3")
+      helper.wait_for(function() return #keys_under(cli, "/gdouble/waiters/") == 1 end, 60, "the Go participant")
+      local coop = process.cooperative_client(member.endpoint)
+      local barriers = {}
+      for i = 1, 2 do barriers[i] = assert(coop:session { ttl = 10 }):double_barrier("/gdouble", 3) end
+      local first = process.task(function() return barriers[1]:enter(60) end)
+      first.until_(function() return #keys_under(cli, "/gdouble/waiters/") == 2 end, 20, "the first Lua participant")
+      assert.is_nil(process.output(go):find("entered", 1, true))
+      local second = process.task(function() return barriers[2]:enter(60) end)
+      assert.are.same({ true, true }, finish_all({ first, second }, 30))
+      helper.wait_for(function() return process.output(go):find("entered\n", 1, true) end, 30, "Go to enter")
+      assert.is_nil(process.output(go):find("left", 1, true))
+      local leaving = { process.task(function() return barriers[1]:leave(60) end) }
+      for _ = 1, 30 do assert.is_false(leaving[1].step()) end
+      leaving[2] = process.task(function() return barriers[2]:leave(60) end)
+      assert.are.same({ true, true }, finish_all(leaving, 30))
+      helper.wait_for(function() return not process.running(go.pid) end, 30, "Go to leave")
+      assert.are.equal("entered\nleft\ndone\n", process.stop(go))
+      assert.are.same({}, keys_under(cli, "/gdouble/"))
+      coop:close()
+    end)
+
     it_go("rwmutex: a Go writer excludes Lua, a Lua writer excludes Go, Go readers share with Lua", function()
       local s = assert(cli:session { ttl = 10 })
       local rw = s:rwmutex("/grw")

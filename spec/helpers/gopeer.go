@@ -9,6 +9,7 @@
 //	gopeer ENDPOINT pq-enqueue PREFIX PRIO VALUE... # recipe.PriorityQueue
 //	gopeer ENDPOINT pq-dequeue PREFIX N             # N items, in the order got
 //	gopeer ENDPOINT rwlock PREFIX read|write SECS   # holds recipe.RWMutex SECS seconds
+//	gopeer ENDPOINT double-barrier KEY COUNT        # recipe.DoubleBarrier: enters, then leaves
 package main
 
 import (
@@ -127,6 +128,21 @@ func main() {
 		if err := unlock(); err != nil {
 			fail(err)
 		}
+	case "double-barrier":
+		s, err := concurrency.NewSession(cli, concurrency.WithTTL(10))
+		if err != nil {
+			fail(err)
+		}
+		defer s.Close()
+		b := recipe.NewDoubleBarrier(s, args[0], atoi(args[1]))
+		if err := b.Enter(); err != nil {
+			fail(err)
+		}
+		fmt.Println("entered")
+		if err := b.Leave(); err != nil {
+			fail(err)
+		}
+		fmt.Println("left")
 	default:
 		fail(fmt.Errorf("unknown mode %q", mode))
 	}
