@@ -3,20 +3,9 @@
 local etcd3 = require "etcd3"
 local helper = require "spec.helpers.etcd"
 local process = require "spec.helpers.process"
+local keys_under, raises = process.keys_under, process.raises
 
 local op = etcd3.op
-
-local function keys_under(cli, prefix)
-  local out = {}
-  for i, kv in ipairs(assert(cli:get(prefix, { prefix = true, sort_target = "create" })).kvs) do out[i] = kv.key end
-  return out
-end
-
-local function raises(pattern, fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok)
-  assert.matches(pattern, tostring(err))
-end
 
 describe("session", function()
   local cli

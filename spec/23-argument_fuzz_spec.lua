@@ -64,7 +64,8 @@ describe("argument fuzz", function()
   -- Methods whose first argument is how long to wait: no timeout, or an
   -- infinite (or 2^63 s) one, on a quiet stream waits as asked, so those
   -- get finite ones (other types still go through, and must raise).
-  local WAITS = { next = true, wait_lost = true, update = true, lock = true, wait = true }
+  local WAITS = { next = true, wait_lost = true, update = true, lock = true, wait = true,
+    dequeue = true, rlock = true, enter = true, leave = true }
   local function finite(args, n)
     if args[1] == nil then args[1] = 0.01 end
     for i = 1, math.max(n, 1) do
@@ -151,7 +152,7 @@ describe("argument fuzz", function()
     assert(cli:get("/fuzz/after"))
   end)
 
-  it("leases, watchers, sessions, mutexes, elections, mirrors and registrations", function()
+  it("leases, watchers, sessions, mutexes, elections, the contrib recipes, mirrors and registrations", function()
     local lease = assert(cli:grant(30))
     fuzz_object("lease", lease, "lease:")
     local watcher = assert(cli:watch("/fuzz/w"))
@@ -161,7 +162,12 @@ describe("argument fuzz", function()
     fuzz_object("mutex", session:mutex("/fuzz/lock"))
     local election = session:election("/fuzz/elect")
     fuzz_object("election", election)
+    fuzz_object("double_barrier", session:double_barrier("/fuzz/double", 2))
+    fuzz_object("rwmutex", session:rwmutex("/fuzz/rw"))
     fuzz_object("session", session)
+    fuzz_object("queue", cli:queue("/fuzz/q"))
+    fuzz_object("priority_queue", cli:priority_queue("/fuzz/pq"))
+    fuzz_object("barrier", cli:barrier("/fuzz/barrier"))
     local mirror = assert(cli:mirror("/fuzz/"))
     fuzz_object("mirror", mirror, "mirror:")
     mirror:close()

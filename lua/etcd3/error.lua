@@ -21,6 +21,7 @@ local _M = {}
 ---| "SESSION_EXPIRED" # a recipe's session lease was lost while it waited
 ---| "NOT_LEADER" # proclaim/resign by a candidate that does not lead
 ---| "NO_LEADER" # an election has no leader
+---| "TOO_MANY_CLIENTS" # more participants entered a double barrier than its count
 
 --- What a call that talks to etcd returns as `nil, err`.
 ---@class etcd3.Error
@@ -50,7 +51,7 @@ local STATUS = {
   FAILED_PRECONDITION = 9, ABORTED = 10, OUT_OF_RANGE = 11, UNIMPLEMENTED = 12,
   INTERNAL = 13, UNAVAILABLE = 14, DATA_LOSS = 15, UNAUTHENTICATED = 16,
   TIMEOUT = 4, COMPACTED = 11, CLOSED = 1, RESET = 11,
-  SESSION_EXPIRED = 9, NOT_LEADER = 9, NO_LEADER = 5,
+  SESSION_EXPIRED = 9, NOT_LEADER = 9, NO_LEADER = 5, TOO_MANY_CLIENTS = 8,
 }
 
 --- A new error object; `fields` (optional) adds extra fields such as

@@ -14,15 +14,16 @@ local ipairs, pairs, require = ipairs, pairs, require
 -- `client_methods`; the client class gets them all here (client.lua names
 -- none of them). A new file of client methods is one name in this list
 -- (docs/extending.md).
-local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "session", "mirror" }
+local METHOD_FILES = { "kv", "txn", "lease", "watch", "admin", "registration", "session", "mirror", "stm",
+  "queue", "priority_queue", "barrier" }
 for _, file in ipairs(METHOD_FILES) do
   for name, method in pairs(require("etcd3." .. file).client_methods) do Client[name] = method end
 end
 
 -- Likewise each recipe's file holds its session methods (session:mutex,
--- session:election) in `session_methods`; the session class gets them here.
+-- session:election, …) in `session_methods`; the session class gets them here.
 local session = require "etcd3.session"
-for _, file in ipairs { "mutex", "election" } do
+for _, file in ipairs { "mutex", "election", "double_barrier", "rwmutex" } do
   for name, method in pairs(require("etcd3." .. file).session_methods) do session.Session[name] = method end
 end
 

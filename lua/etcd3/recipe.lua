@@ -1,7 +1,11 @@
---- The shared base of the recipes on a session (mutex.lua, election.lua):
--- the key layout of clientv3's concurrency package, so Lua, Go and
--- `etcdctl lock` / `etcdctl elect` processes share the same locks and
--- elections, and the waits on it (clientv3's key.go).
+--- The shared base of the recipes: those on a session (mutex.lua,
+-- election.lua, double_barrier.lua, rwmutex.lua) and those of etcd's
+-- contrib/recipes (queue.lua, priority_queue.lua, barrier.lua), whose key
+-- helpers (contrib/recipes' key.go and client.go) are here too.
+--
+-- Mutexes and elections use the key layout of clientv3's concurrency
+-- package, so Lua, Go and `etcdctl lock` / `etcdctl elect` processes share
+-- the same locks and elections, and the waits on it (clientv3's key.go).
 --
 -- A mutex or a candidate is the key `prefix .. "/" .. hex(lease)` under
 -- its session's lease; the holder (or leader) is the key of the prefix
@@ -12,9 +16,12 @@ local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
 local wait = require "etcd3.wait"
+local txn = require "etcd3.txn"
 
-local setmetatable, math_min, math_max = setmetatable, math.min, math.max
+local setmetatable, math_min, math_max, math_floor, math_huge = setmetatable, math.min, math.max, math.floor, math.huge
+local os_time = os.time
 local now = core.now
+local cmp, op = txn.compare, txn.op
 
 local _M = {}
 
@@ -86,10 +93,43 @@ _M.request_timeout = request_timeout
 -- (clientv3's WithFirstCreate).
 _M.FIRST_CREATE = { prefix = true, sort_target = "create", sort_order = "ascend", limit = 1 }
 
+--- Waits on watcher `w` until an event for which `wanted(ev)` holds
+-- arrives (returned), `deadline` passes (TIMEOUT) or, with a `session`,
+-- its lease is known to be lost (SESSION_EXPIRED); cancels `w` either way.
+local function await_event(w, wanted, deadline, rpc, session)
+  local ev, err
+  while true do
+    if session and not session.lease:alive() then
+      err = expired(rpc)
+      break
+    end
+    local left = deadline - now()
+    if left <= 0 then
+      err = timed_out(rpc)
+      break
+    end
+    -- Slices, so that a lease lost while nothing happens is noticed at once.
+    if session then left = math_min(left, wait.SLICE, session.lease:remaining()) end
+    local werr
+    ev, werr = w:next(left)
+    if ev and wanted(ev) then break end
+    ev = nil
+    if werr and werr.code ~= "TIMEOUT" then
+      err = werr
+      break
+    end
+  end
+  w:cancel()
+  return ev, err
+end
+_M.await_event = await_event
+
+local function is_delete(ev) return ev.type == "DELETE" end
+
 --- Waits until the key of `kv` (read by the caller) is deleted, the
--- deadline passes or the session's lease is lost. Returns true, or nil, err.
-local function wait_delete(session, rpc, kv, deadline)
-  local client = session.client
+-- deadline passes or (with a `session`) the session's lease is lost.
+-- Returns true, or nil, err.
+local function wait_delete(client, session, rpc, kv, deadline)
   -- clientv3 watches from the revision of its read. Here the watch starts
   -- from etcd's current revision and the key is read again after: etcd
   -- serves such a watch at once, while one that starts in the past waits
@@ -106,29 +146,11 @@ local function wait_delete(session, rpc, kv, deadline)
     w:cancel() -- deleted before the watch started
     return true
   end
-  while true do
-    if not session.lease:alive() then
-      w:cancel()
-      return nil, expired(rpc)
-    end
-    local left = deadline - now()
-    if left <= 0 then
-      w:cancel()
-      return nil, timed_out(rpc)
-    end
-    -- Slices, so that a lease lost while the key stays is noticed at once.
-    local ev, werr = w:next(math_min(left, wait.SLICE, session.lease:remaining()))
-    if ev then
-      if ev.type == "DELETE" then
-        w:cancel()
-        return true
-      end
-    elseif werr.code ~= "TIMEOUT" then
-      w:cancel()
-      return nil, werr
-    end
-  end
+  local ev, werr = await_event(w, is_delete, deadline, rpc, session)
+  if not ev then return nil, werr end
+  return true
 end
+_M.wait_delete = wait_delete
 
 --- clientv3's waitDeletes: waits until every key of the prefix created at
 -- or before `max_revision` is gone, watching the newest of them each time.
@@ -142,7 +164,7 @@ local function wait_deletes(session, rpc, prefix, max_revision, deadline)
     })
     if not res then return nil, err end
     if #res.kvs == 0 then return res.header end
-    local ok, werr = wait_delete(session, rpc, res.kvs[1], deadline)
+    local ok, werr = wait_delete(client, session, rpc, res.kvs[1], deadline)
     if not ok then return nil, werr end
   end
 end
@@ -167,6 +189,52 @@ function _M.wait_turn(self, rpc, revision, deadline)
   if ok then ok, err = still_ours(session, rpc, self._key, revision, deadline) end
   if ok then return true end
   return nil, err
+end
+
+-- The keys of contrib/recipes (key.go, client.go) -------------------------
+
+--- A number for a new unique key, as Go's time.Now().UnixNano() writes
+-- it: the wall-clock second, then nine digits that change between calls.
+local function unique_suffix()
+  local fraction = now() % 1
+  return ("%d%09d"):format(os_time(), math_floor(fraction * 1e9))
+end
+
+--- key.go's newUniqueKV / newUniqueEphemeralKV: puts `value` on a new key
+-- `prefix .. "/" .. nanoseconds` (under `lease` when given), trying another
+-- number while the key exists. Returns key, its create revision | nil, err.
+function _M.put_unique(client, prefix, value, lease, deadline)
+  while true do
+    local key = prefix .. "/" .. unique_suffix()
+    local res, err = client:txn()
+      :when(cmp.version(key):eq(0))
+      :success(op.put(key, value, lease and { lease = lease } or nil))
+      :commit { timeout = request_timeout(client, deadline) }
+    if not res then
+      client:delete(key) -- the txn may have been applied although its answer was lost
+      return nil, err
+    end
+    if res.succeeded then return key, res.header.revision end
+  end
+end
+
+--- client.go's deleteRevKey: deletes `kv`'s key if it still has `kv`'s mod
+-- revision. true (deleted here), false (changed or taken), or nil, err.
+function _M.delete_if_unchanged(client, kv, deadline)
+  local res, err = client:txn()
+    :when(cmp.mod_revision(kv.key):eq(kv.mod_revision))
+    :success(op.delete(kv.key))
+    :commit { timeout = request_timeout(client, deadline) }
+  if not res then return nil, err end
+  return res.succeeded
+end
+
+--- The deadline of a recipe call from its optional `timeout` argument
+-- (checked as argument `position` of `fname`).
+function _M.deadline(fname, position, timeout)
+  if timeout == nil then return math_huge end
+  check.arg(fname, position, timeout, "number", 4)
+  return now() + timeout
 end
 
 return _M

@@ -11,14 +11,20 @@ local _M = {}
 local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 _M.quote = quote
 
---- Starts `etcdctl <args>` against `member` in the background, its output
--- going to a temp file; returns { pid, out = path }.
-function _M.etcdctl(member, args)
+--- Starts the shell command `command` (which must `exec` its program, so
+-- the PID is the program's) in the background, its output going to a temp
+-- file; returns { pid, out = path }.
+function _M.spawn(command)
   local out = helper.capture("mktemp /tmp/etcd3-spec-ctl.XXXXXX"):gsub("%s+$", "")
-  local pid = tonumber(helper.capture("ETCDCTL_API=3 exec etcdctl " .. member:etcdctl_flags() .. " " .. args
-    .. " >" .. out .. " 2>&1 </dev/null & echo $!"))
-  assert(pid, "etcdctl did not start")
+  local pid = tonumber(helper.capture(command .. " >" .. out .. " 2>&1 </dev/null & echo $!"))
+  assert(pid, "the process did not start: " .. command)
+  helper.record_pid(pid)
   return { pid = pid, out = out }
+end
+
+--- Starts `etcdctl <args>` against `member` in the background (see spawn).
+function _M.etcdctl(member, args)
+  return _M.spawn("ETCDCTL_API=3 exec etcdctl " .. member:etcdctl_flags() .. " " .. args)
 end
 
 --- Whether the process still runs (a zombie left for its reaper does not).
@@ -109,6 +115,22 @@ function _M.task(fn)
     end, timeout or 20, what)
   end
   return task
+end
+
+--- The keys under `prefix`, in creation order.
+function _M.keys_under(cli, prefix)
+  local out = {}
+  for i, kv in ipairs(assert(cli:get(prefix, { prefix = true, sort_target = "create" })).kvs) do out[i] = kv.key end
+  return out
+end
+
+--- Fails unless `fn(...)` raises an error matching `pattern`.
+function _M.raises(pattern, fn, ...)
+  local ok, err = pcall(fn, ...)
+  if ok then error("no error was raised (expected " .. pattern .. ")", 2) end
+  if not tostring(err):find(pattern) then
+    error(("the error %q does not match %q"):format(tostring(err), pattern), 2)
+  end
 end
 
 return _M
