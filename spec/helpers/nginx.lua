@@ -10,24 +10,28 @@ Nginx.__index = Nginx
 
 local MODULES = "/usr/lib/nginx/modules"
 
---- A temp dir with a readable copy of the Lua layer and the LuaJIT build:
+--- A temp dir with a readable copy of the Lua layer, the examples and the
+-- LuaJIT build:
 -- nginx workers run as nobody when started by root (the checkout may sit
 -- in a private dir).
 local function prepare()
   local root = helper.capture("pwd"):gsub("%s+$", "")
   local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
-  assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/lua && cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ "
-    .. "&& chmod -R a+rX %s"):format(dir, dir, root, dir, root, dir, dir)))
+  assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/examples %s "
+    .. "&& cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
+    :format(dir, dir, root, root, dir, root, dir, dir)))
   return dir, helper.free_port()
 end
 
---- Writes `conf` (`${PORT}`, `${LUA_PATH}`, `${LUA_CPATH}` replaced),
+--- Writes `conf` (`${PORT}`, `${LUA_PATH}`, `${LUA_CPATH}` replaced, and
+-- `${ROOT}`: the dir holding the copies of lua/ and examples/),
 -- starts nginx on it with `flags`, waits until it answers on `/`.
 local function launch(dir, port, conf, flags)
   conf = conf:gsub("%${([%u_]+)}", {
     PORT = tostring(port),
     LUA_PATH = ("%s/lua/?.lua;%s/lua/?/init.lua;;"):format(dir, dir),
     LUA_CPATH = ("%s/lib/?.so;;"):format(dir),
+    ROOT = dir,
   })
   local f = assert(io.open(dir .. "/nginx.conf", "w"))
   f:write(conf)
