@@ -74,6 +74,14 @@ local function tables_exact(server, cli, revision)
   return counts
 end
 
+--- No Lua error in `server`'s log (a failed timer, a request that raised).
+local function no_lua_errors(server)
+  local log = server:error_log()
+  for _, sign in ipairs { "runtime error", "lua entry thread aborted", "failed to run timer" } do
+    assert.is_nil(log:find(sign, 1, true), "the error log has " .. sign .. ":\n" .. log)
+  end
+end
+
 --- /route?host=&path= asked of every worker: each must answer `want`
 -- (waits for it: the upstreams' dict follows etcd on its own).
 local function routes_to(server, host, path, want)
@@ -140,6 +148,7 @@ describe("examples/gateway", function()
     -- the proxy location: no route, 404
     assert.matches("404", helper.capture(("curl -s -o /dev/null -w '%%{http_code}' -H 'Host: none.example' %s/x")
       :format(server.url)))
+    no_lua_errors(server)
   end)
 
   it("reads every route again where the change log no longer reaches back, still exact", function()
@@ -165,5 +174,6 @@ describe("examples/gateway", function()
       assert.is_true(after[id].applies > counts[id].applies, "worker " .. id .. " applied no change")
     end
     routes_to(server, "r.example", "/r5/x", "no route")
+    no_lua_errors(server)
   end)
 end)

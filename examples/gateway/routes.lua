@@ -49,6 +49,10 @@ end
 -- first matched after a change) }; keys: key -> its route.
 local state = { rev = -1, keys = {}, hosts = {}, count = 0, reloads = 0, applies = 0 }
 
+local function clear()
+  state.keys, state.hosts, state.count = {}, {}, 0
+end
+
 local function remove(key)
   local route = state.keys[key]
   if not route then return end
@@ -79,7 +83,7 @@ function _M.sync()
   if not list then
     -- rev is the RESET error: take the revision first, then read it all
     rev = view:revision()
-    state.keys, state.hosts, state.count = {}, {}, 0
+    clear()
     -- (a value decode rejects gives key, nil, err: the view logged it)
     for key, route in view:pairs() do
       if route then add(key, route) end
