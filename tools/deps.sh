@@ -4,18 +4,20 @@
 # `deps.sh bench`: what the side-by-side benchmark's peers need instead.
 set -e
 if [ "${1:-}" = bench ]; then
-PKGS="golang-go golang-etcd-server-dev python3-etcd3 util-linux"
+PKGS="python3-etcd3 util-linux"
 command -v node > /dev/null 2>&1 || PKGS="$PKGS nodejs npm"
 else
 # python3-grpcio: the gRPC server that is not etcd in the wrong-peer spec;
 # libclang-rt-14-dev: libFuzzer, for the codec's fuzz targets;
 # valgrind: memcheck over the KV, lease and watch specs (`make memcheck`);
-# lua-cjson: the gateway example's JSON decoder (nginx's LuaJIT and the spec)
+# lua-cjson: the gateway example's JSON decoder (nginx's LuaJIT and the spec);
+# golang-go, golang-etcd-server-dev: the Go peers of the interop specs (and
+# of the benchmark), built offline from Debian's etcd sources
 PKGS="make gcc clang pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
 lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua5.3 liblua5.3-dev lua5.1 liblua5.1-0-dev
 lua-busted lua-check luarocks
 etcd-server etcd-client lua-cqueues nginx libnginx-mod-http-lua lua-cjson curl
-python3-grpcio libclang-rt-14-dev valgrind"
+python3-grpcio libclang-rt-14-dev valgrind golang-go golang-etcd-server-dev"
 fi
 missing=""
 for p in $PKGS; do

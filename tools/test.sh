@@ -86,6 +86,9 @@ for v in 5.1 5.3; do
   step "lua$v-demo" $MAKE -s demo LUA="lua$v"
 done
 
+# the Go peer of the interop specs, once, before the runs that use it
+step gopeer sh -c '. tools/env.sh lua5.4 && lua5.4 -e "assert(require(\"spec.helpers.gopeer\").build())"'
+
 if [ "$build_ok" = 1 ]; then
   passed=$((passed + 1))
   start_specs lua5.4 lua5.4 "build/lua5.4/?.so"
