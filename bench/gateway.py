@@ -242,6 +242,10 @@ def workers_cpu(pids):
     return sum(proc_cpu(p) for p in pids)
 
 
+def each_cpu(pids):
+    return [proc_cpu(p) for p in pids]
+
+
 def run_one(args, etcd, client, rnd, seq):
     """One fresh nginx with `client`; returns a record of the 5 figures."""
     W = args.workers
@@ -289,7 +293,7 @@ def run_one(args, etcd, client, rnd, seq):
         c0 = workers_cpu(pids)
         time.sleep(args.idle)
         rec["idle_cpu_ms_per_s"] = (workers_cpu(pids) - c0) * 1000 / args.idle
-        c0, e0, t_a = workers_cpu(pids), etcd.cpu(), time.time()
+        c0, e0, t_a, w0 = workers_cpu(pids), etcd.cpu(), time.time(), each_cpu(pids)
         for _ in range(args.cpu_n):
             i = rng.randrange(args.keys)
             seq += 1
@@ -301,6 +305,7 @@ def run_one(args, etcd, client, rnd, seq):
         dt = time.time() - t_a
         cw, ce = workers_cpu(pids) - c0, etcd.cpu() - e0
         rec["cpu_us_per_change"] = cw * 1e6 / args.cpu_n
+        rec["cpu_us_per_change_each"] = [(b - a) * 1e6 / args.cpu_n for a, b in zip(w0, each_cpu(pids))]
         rec["cpu_us_per_change_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * dt) * 1e6 / args.cpu_n
         rec["etcd_cpu_us_per_change"] = ce * 1e6 / args.cpu_n
         # 5 catch-up after a compaction while disconnected
@@ -319,7 +324,7 @@ def run_one(args, etcd, client, rnd, seq):
             for k, v in kvs:
                 target = etcd.put(k, v)
             etcd.compact(target)
-            c0, e0 = workers_cpu(pids), etcd.cpu()
+            c0, e0, w0 = workers_cpu(pids), etcd.cpu(), each_cpu(pids)
             t_c = time.time()
         finally:
             for p in allp:
@@ -336,6 +341,7 @@ def run_one(args, etcd, client, rnd, seq):
         if client == "resty":  # from each worker's full read's start (after lua-resty-etcd's health check pause)
             rec["catchup_read_s"] = max(done[w] - st.get("read_t0:%d" % w, t_c) for w in range(W))
         rec["catchup_cpu_ms"] = cw * 1000
+        rec["catchup_cpu_ms_each"] = [(b - a) * 1000 for a, b in zip(w0, each_cpu(pids))]
         rec["catchup_cpu_ms_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * win) * 1000
         rec["catchup_etcd_cpu_ms"] = ce * 1000
         rec["catchup_full_reads"] = sum(st.get("reloads:%d" % w, 0) for w in range(W)) - reloads0
