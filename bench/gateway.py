@@ -138,8 +138,22 @@ class Etcd:
         return proc_cpu(self.proc.pid)
 
 
+CPU_SOURCE = ["stat"]
+
+
 def proc_cpu(pid):
-    """utime + stime of the whole process (all its threads), in seconds."""
+    """utime + stime of the whole process (all its threads), in seconds;
+    with --cpu-source schedstat the threads' on-CPU time in ns (threads that
+    ended meanwhile are missing from it)."""
+    if CPU_SOURCE[0] == "schedstat":
+        total = 0
+        for t in os.listdir("/proc/%d/task" % pid):
+            try:
+                with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
+                    total += int(f.read().split()[0])
+            except OSError:
+                pass
+        return total / 1e9
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TCK
@@ -166,7 +180,7 @@ class Nginx:
         subs = {
             "DIR": self.dir, "HERE": os.path.join(HERE, "gateway"), "PROJ": args.proj,
             "WORKERS": str(args.workers), "PORT": str(self.port), "ETCD_PORT": str(etcd_port),
-            "CLIENT": client, "PREFIX": PREFIX, "KEYS": str(args.keys),
+            "CLIENT": client, "PREFIX": PREFIX, "OURS_POLL": repr(args.ours_poll), "KEYS": str(args.keys),
             "USER": "user root root;" if os.getuid() == 0 else "",
             "DICT": "lua_shared_dict etcd_cfg %s;" % args.dict_size if client == "ours" else "",
             "RESTY_PATH": resty_path if client == "resty" else "",
@@ -290,9 +304,10 @@ def run_one(args, etcd, client, rnd, seq):
         rec["lat_p50_ms"] = pctl(rec["lat_ms"], 50)
         rec["lat_p99_ms"] = pctl(rec["lat_ms"], 99)
         # 4 CPU per change (idle first: what the workers burn with nothing changing)
-        c0 = workers_cpu(pids)
+        c0, w0 = workers_cpu(pids), each_cpu(pids)
         time.sleep(args.idle)
         rec["idle_cpu_ms_per_s"] = (workers_cpu(pids) - c0) * 1000 / args.idle
+        rec["idle_cpu_ms_per_s_each"] = [(b - a) * 1000 / args.idle for a, b in zip(w0, each_cpu(pids))]
         c0, e0, t_a, w0 = workers_cpu(pids), etcd.cpu(), time.time(), each_cpu(pids)
         for _ in range(args.cpu_n):
             i = rng.randrange(args.keys)
@@ -386,8 +401,9 @@ def fmt(x, key):
 def summary(args, recs, machine):
     by = {"ours": [r for r in recs if r["client"] == "ours"], "resty": [r for r in recs if r["client"] == "resty"]}
     pairs = sorted(set(r["round"] for r in recs))
-    lines = ["Gateway: %d keys x ~%d B JSON, %d workers, %d pairs (%s)"
-             % (args.keys, args.value_size, args.workers, len(pairs), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
+    lines = ["Gateway: %d keys x ~%d B JSON, %d workers, %d pairs (%s)%s"
+             % (args.keys, args.value_size, args.workers, len(pairs), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                ", ours' workers look every %g s" % args.ours_poll if args.ours_poll else ""),
              "machine: %s" % machine, "",
              "| figure | ours median (min-max) | resty median (min-max) | ours/resty per pair: median (min-max) |",
              "|---|---|---|---|"]
@@ -442,14 +458,19 @@ def main():
     ap.add_argument("--lat-gap", type=float, default=0.1)
     ap.add_argument("--poll", type=float, default=0.005)
     ap.add_argument("--idle", type=float, default=3)
+    ap.add_argument("--ours-poll", type=float, default=0,
+                    help="ours' workers: 0 = view:wait (default), else look at view:changes() every N s")
     ap.add_argument("--cpu-n", type=int, default=400)
     ap.add_argument("--cpu-gap", type=float, default=0.02)
     ap.add_argument("--catchup-n", type=int, default=100)
     ap.add_argument("--window", type=float, default=6)
     ap.add_argument("--settle", type=float, default=1)
     ap.add_argument("--timeout", type=float, default=180)
+    ap.add_argument("--cpu-source", choices=["stat", "schedstat"], default="stat",
+                    help="/proc/PID/stat utime+stime (10 ms ticks) or the threads' schedstat (ns)")
     ap.add_argument("--smoke", action="store_true", help="1 pair, 500 keys, short phases")
     args = ap.parse_args()
+    CPU_SOURCE[0] = args.cpu_source
     if args.smoke:
         args.pairs, args.keys, args.lat_n, args.cpu_n, args.catchup_n = 1, 500, 10, 50, 20
         args.idle, args.window, args.dict_size = 1, 3, "8m"

@@ -50,7 +50,7 @@ end
 
 -- ours ------------------------------------------------------------------
 
-local function ours_loop(premature, dict)
+local function ours_loop(premature, dict, poll)
   if premature then return end
   local ngxm = require "etcd3.ngx"
   local view = ngxm.view(dict, { decode = cjson.decode })
@@ -73,7 +73,7 @@ local function ours_loop(premature, dict)
       end
       if r ~= rev then from, rev = r, r; report() end
     end
-    view:wait(rev, 5)
+    if poll > 0 then ngx.sleep(poll) else view:wait(rev, 5) end
   end
 end
 
@@ -140,14 +140,17 @@ end
 
 -- entry points ----------------------------------------------------------
 
---- client: "ours" | "resty"; etcd "127.0.0.1:PORT"; prefix; expect (keys)
-function _M.init_worker(client, etcd, prefix, expect, dict)
+--- client: "ours" | "resty"; etcd "127.0.0.1:PORT"; prefix; expect (keys);
+-- dict: the mirror's lua_shared_dict (ours)
+-- poll: 0 = follow with view:wait (polls the dict 1 ms doubling to 8 ms),
+-- > 0 = look at view:changes() every `poll` seconds
+function _M.init_worker(client, etcd, prefix, expect, dict, poll)
   W, EXPECT = ngx.worker.id(), expect
   stat:set("pid:" .. W, ngx.worker.pid())
   if client == "ours" then
     local ngxm = require "etcd3.ngx"
     ngxm.mirror { dict = dict, prefix = prefix, endpoints = etcd, page_size = 1000 }
-    assert(ngx.timer.at(0, ours_loop, dict))
+    assert(ngx.timer.at(0, ours_loop, dict, poll or 0))
   else
     assert(ngx.timer.at(0, resty_loop, etcd, prefix))
   end
