@@ -256,6 +256,20 @@ def workers_cpu(pids):
     return sum(proc_cpu(p) for p in pids)
 
 
+def ctx_switches(pid):
+    """Context switches (voluntary + not) of all the process's threads: its wake-ups."""
+    n = 0
+    for t in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/status" % (pid, t)) as f:
+                for line in f:
+                    if "ctxt_switches" in line:
+                        n += int(line.split()[1])
+        except OSError:
+            pass
+    return n
+
+
 def each_cpu(pids):
     return [proc_cpu(p) for p in pids]
 
@@ -309,6 +323,7 @@ def run_one(args, etcd, client, rnd, seq):
         rec["idle_cpu_ms_per_s"] = (workers_cpu(pids) - c0) * 1000 / args.idle
         rec["idle_cpu_ms_per_s_each"] = [(b - a) * 1000 / args.idle for a, b in zip(w0, each_cpu(pids))]
         c0, e0, t_a, w0 = workers_cpu(pids), etcd.cpu(), time.time(), each_cpu(pids)
+        x0 = [ctx_switches(p) for p in pids]
         for _ in range(args.cpu_n):
             i = rng.randrange(args.keys)
             seq += 1
@@ -321,6 +336,7 @@ def run_one(args, etcd, client, rnd, seq):
         cw, ce = workers_cpu(pids) - c0, etcd.cpu() - e0
         rec["cpu_us_per_change"] = cw * 1e6 / args.cpu_n
         rec["cpu_us_per_change_each"] = [(b - a) * 1e6 / args.cpu_n for a, b in zip(w0, each_cpu(pids))]
+        rec["ctx_switches_per_change_each"] = [(ctx_switches(p) - a) / args.cpu_n for a, p in zip(x0, pids)]
         rec["cpu_us_per_change_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * dt) * 1e6 / args.cpu_n
         rec["etcd_cpu_us_per_change"] = ce * 1e6 / args.cpu_n
         # 5 catch-up after a compaction while disconnected
