@@ -54,7 +54,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -129,6 +129,20 @@ bench-openresty:
 	  echo "bench-openresty: no $(OPENRESTY_BENCH)/run.sh (set OPENRESTY_BENCH to the harness directory)" >&2; exit 2; }
 	$(MAKE) -s LUA=luajit
 	PROJ="$(CURDIR)" ROUNDS="$(ROUNDS)" "$(OPENRESTY_BENCH)/run.sh" $(OPENRESTY_BENCH_ARGS)
+
+# A gateway's whole configuration in every nginx worker (bench/README.md,
+# "Gateway"): etcd3.ngx mirror + changes() vs lua-resty-etcd readdir +
+# watchdir per worker, 10 000 x 1 KiB JSON, 4 workers, in pairs.
+# lua-resty-etcd is loaded from the harness's vendor dir at run time.
+# GATEWAY_ARGS=--smoke: 1 pair, 500 keys (~1 min); --pairs N, --help.
+GATEWAY_ARGS ?=
+bench-gateway:
+	@test -e "$(OPENRESTY_BENCH)/vendor/lua-resty-etcd/lib/resty/etcd.lua" || { \
+	  echo "bench-gateway: no lua-resty-etcd under $(OPENRESTY_BENCH)/vendor (set OPENRESTY_BENCH)" >&2; exit 2; }
+	@test -e /usr/lib/x86_64-linux-gnu/lua/5.1/cjson.so || { \
+	  echo "bench-gateway: needs lua-cjson for nginx's LuaJIT (apt-get install lua-cjson)" >&2; exit 2; }
+	$(MAKE) -s LUA=luajit
+	python3 bench/gateway.py --resty-dir "$(OPENRESTY_BENCH)/vendor" $(GATEWAY_ARGS)
 
 demo: deps
 	$(MAKE) -s LUA=$(LUA)
