@@ -58,11 +58,7 @@ describe("OpenResty", function()
 ]])
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, cli, member) end)
 
   it("serves the value read in init_worker_by_lua", function()
     assert.are.equal("config-from-init-worker\n", (server:get("/bootstrap")))

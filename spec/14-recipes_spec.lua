@@ -464,11 +464,7 @@ describe("recipes in OpenResty", function()
 ]])
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, cli, member) end)
 
   it("waits for a lock in a content handler while the worker keeps serving", function()
     local s = assert(cli:session { ttl = 10 })

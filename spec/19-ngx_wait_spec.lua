@@ -123,10 +123,7 @@ describe("OpenResty waits woken by the completion", function()
 ]])
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, member) end)
 
   it("serial gets complete without any ngx.sleep (init_worker read blocking)", function()
     assert.are.equal("bootstrap=value-1 ok=50 sleeps=0\n", (server:get("/gets?n=50", 60)))

@@ -200,11 +200,7 @@ describe("etcd3.ngx", function()
     server = nginx.start(config(member.endpoint, "1m", "/m/"), WORKERS)
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, cli, member) end)
 
   it("serves the prefix in every worker over one connection to etcd", function()
     exact(server, cli, "/m/", 1)
@@ -429,12 +425,7 @@ describe("etcd3.ngx with a namespace", function()
       ', namespace = "/ns", auto_sync = 5, max_recv_bytes = 1048576'))
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if ns_cli then ns_cli:close() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, ns_cli, cli, member) end)
 
   it("keeps the keys under the namespace, stripped of it", function()
     local last = assert(cli:put("/ns/m/c", "in too")).header.revision
@@ -464,11 +455,7 @@ describe("etcd3.ngx with a dict too small", function()
     server = nginx.start(config(member.endpoint, "32k", "/big/", ", log_size = 16"))
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, cli, member) end)
 
   it("says so in view:err() and in the error log, never a silent partial copy", function()
     local err

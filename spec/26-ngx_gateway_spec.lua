@@ -238,11 +238,7 @@ describe("etcd3.ngx for gateways", function()
     server = nginx.start(config(member.endpoint), WORKERS)
   end)
 
-  teardown(function()
-    if server then server:stop() end
-    if cli then cli:close() end
-    if member then member:stop() end
-  end)
+  teardown(function() nginx.stop_all(server, cli, member) end)
 
   it("feeds puts, deletes and a multi-key txn, each key, to every worker", function()
     local before, from = settle(server, cli, "etcd_cfg", "/m/")

@@ -188,4 +188,16 @@ function _M.compacted_while_stopped(opts)
   return err
 end
 
+--- Ends what a spec started, in the order given (an nginx before the
+-- clients and members its workers use): each present one is stopped
+-- (:stop()) or closed (:close()); nil ones are skipped.
+function _M.stop_all(...)
+  for i = 1, select("#", ...) do
+    local thing = select(i, ...)
+    if thing then
+      if thing.stop then thing:stop() else thing:close() end
+    end
+  end
+end
+
 return _M
