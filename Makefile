@@ -12,13 +12,18 @@
 #   make test            installs what is missing, then every spec on both
 #                        runtimes, a sanitizer run, and luacheck
 #   make install         honours LuaRocks' variables (INST_LIBDIR, INST_LUADIR)
+#   make dist            the source rock build/dist/lua-etcd3-$(VERSION)-1.src.rock
 #
 # etcd's .proto files come from an etcd source tree: ETCD_PROTO_DIR, or by
 # default Debian's golang-etcd-server-dev unpacked into build/ (never committed).
+# A source rock carries protoc-c's output instead, in proto/generated/ (made
+# by `make dist`, never in the checkout): built from there, nothing is
+# fetched and protoc-c is not needed.
 
 LUA        ?= lua5.4
 BUILD      ?= build/$(notdir $(LUA))$(if $(SANITIZE),-san)
-PROTO_OUT  := build/proto
+GENERATED_PROTO_DIR := proto/generated
+PROTO_OUT  := $(if $(wildcard $(GENERATED_PROTO_DIR)/rpc.pb-c.c),$(GENERATED_PROTO_DIR),build/proto)
 ETCD_DEB_DIR := build/etcd-src
 ETCD_PROTO_DIR ?= $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd
 
@@ -54,7 +59,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps dist version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -76,6 +81,8 @@ $(BUILD)/%.pb-c.o: $(PROTO_OUT)/%.pb-c.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -fPIC -I$(PROTO_OUT) $(GRPC_CFLAGS) -c $< -o $@
 
+# (no rule in a source rock: its generated sources are never remade)
+ifneq ($(PROTO_OUT),$(GENERATED_PROTO_DIR))
 $(PB_C): $(ETCD_PROTO_DIR)/etcdserver/etcdserverpb/rpc.proto proto/prepare.lua
 	@mkdir -p $(PROTO_OUT)
 	$(LUA) proto/prepare.lua $(ETCD_PROTO_DIR) $(PROTO_OUT)
@@ -86,6 +93,21 @@ $(ETCD_DEB_DIR)/usr/share/gocode/src/go.etcd.io/etcd/etcdserver/etcdserverpb/rpc
 	@mkdir -p $(ETCD_DEB_DIR)
 	cd $(ETCD_DEB_DIR) && rm -f *.deb && apt-get download golang-etcd-server-dev
 	dpkg-deb -x $(ETCD_DEB_DIR)/golang-etcd-server-dev_*.deb $(ETCD_DEB_DIR)
+endif
+
+# The release's version is the one etcd3._VERSION states ("lua-etcd3 X.Y.Z");
+# the rock is X.Y.Z-$(ROCK_REVISION) (LuaRocks' revision of the rockspec,
+# not of the code), from rockspec/lua-etcd3-X.Y.Z-$(ROCK_REVISION).rockspec.
+VERSION       := $(shell sed -n 's/.*_VERSION = "lua-etcd3 \([^"]*\)".*/\1/p' lua/etcd3/init.lua)
+ROCK_REVISION ?= 1
+version:
+	@echo $(VERSION)
+
+# The source rock from the checkout's HEAD plus the generated protobuf-c
+# sources and etcd's licence for them (tools/dist.sh). Run on a dev machine:
+# it may fetch and generate the protos first; installing the rock does not.
+dist: $(PB_C)
+	sh tools/dist.sh $(VERSION)-$(ROCK_REVISION) $(PROTO_OUT) $(ETCD_PROTO_DIR)
 
 deps:
 	sh tools/deps.sh
