@@ -6,8 +6,9 @@
 #    0.1.0-1), and CHANGELOG.md must have a section for that version.
 # 2. From an empty temp directory holding only the rock and a copy of
 #    examples/demo.lua, with a clean environment (no LUA_PATH, no checkout on
-#    any path), `luarocks install` builds it into a fresh tree for Lua 5.4,
-#    5.3, 5.1 and LuaJIT (the four side by side), each runs the demo against
+#    any path, and apt-get, protoc-c, git, curl and wget failing if called),
+#    `luarocks install` builds it into a fresh tree for Lua 5.4, 5.3, 5.1
+#    and LuaJIT (the four side by side), each runs the demo against
 #    one throwaway etcd, then `luarocks remove` must leave no file of it in
 #    its tree. The temp directory goes at the end, trees included.
 #
@@ -47,6 +48,15 @@ clean() {
   env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$work" ETCDCTL_ENDPOINTS="$ETCDCTL_ENDPOINTS" "$@"
 }
 
+# The install must fetch nothing and generate nothing: the tools that would
+# are shadowed on its PATH by ones that record their call and fail.
+mkdir "$work/no-fetch"
+for tool in apt-get apt dpkg-deb protoc-c protoc git curl wget; do
+  printf '#!/bin/sh\necho "%s called during the install: $*" >> "%s/fetched"\nexit 1\n' \
+    "$tool" "$work" > "$work/no-fetch/$tool"
+  chmod +x "$work/no-fetch/$tool"
+done
+
 # runtimes: name, interpreter, luarocks flags; LuaJIT uses Lua 5.1's tree
 # layout and LuaJIT's headers
 runtimes="lua5.4 lua5.3 lua5.1 luajit"
@@ -63,7 +73,8 @@ luadir() { case $1 in lua5.4) echo 5.4 ;; lua5.3) echo 5.3 ;; *) echo 5.1 ;; esa
 
 for rt in $runtimes; do
   # shellcheck disable=SC2046
-  clean luarocks $(flags "$rt") --tree "$work/tree-$rt" install "$rock" $(extra "$rt") \
+  clean env PATH="$work/no-fetch:/usr/local/bin:/usr/bin:/bin" \
+    luarocks $(flags "$rt") --tree "$work/tree-$rt" install "$rock" $(extra "$rt") \
     > "$work/install-$rt.log" 2>&1 &
   echo "$!" > "$work/install-$rt.pid"
 done
@@ -75,6 +86,7 @@ for rt in $runtimes; do
     echo "== $rt: install FAILED"; tail -n 30 "$work/install-$rt.log"; status=1
   fi
 done
+[ ! -e "$work/fetched" ] || { cat "$work/fetched"; status=1; }
 [ "$status" = 0 ] || exit 1
 
 for rt in $runtimes; do

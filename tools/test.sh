@@ -2,8 +2,10 @@
 # The whole test run (`make test`): builds etcd3.core for Lua 5.4 and
 # LuaJIT, runs every spec under both, builds for Lua 5.1 and 5.3 and runs
 # the demo there, runs it again with the module built
-# with AddressSanitizer + UBSan, checks that the rock installs with
-# luarocks, runs luacheck, fuzzes the codec and soaks a client for a
+# with AddressSanitizer + UBSan, checks that the release's source rock
+# (`make dist`) installs offline on Lua 5.4, 5.3, 5.1 and LuaJIT, runs the
+# demo and removes cleanly, and that etcd3._VERSION is the rock's version
+# (tools/check-rock.sh), runs luacheck, fuzzes the codec and soaks a client for a
 # minute each, overloads one and runs the game-server scale at a small
 # size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
