@@ -68,7 +68,7 @@ flags() {
     luajit) echo "--lua-version 5.1 --lua-dir /usr" ;;
   esac
 }
-extra() { [ "$1" = luajit ] && echo "LUA_INCDIR=/usr/include/luajit-2.1" || true; }
+extra() { if [ "$1" = luajit ]; then echo "LUA_INCDIR=/usr/include/luajit-2.1"; fi; }
 luadir() { case $1 in lua5.4) echo 5.4 ;; lua5.3) echo 5.3 ;; *) echo 5.1 ;; esac; }
 
 for rt in $runtimes; do
