@@ -208,8 +208,9 @@ end
 local function leader_of(members, config)
   local etcd3 = require "etcd3"
   for i, m in ipairs(members) do
-    local c = { endpoints = m.scheme .. "://" .. m.endpoint, dial_timeout = 1, timeout = 1 }
+    local c = { dial_timeout = 1, timeout = 1 }
     for k, v in pairs(config or {}) do c[k] = v end
+    c.endpoints = m.scheme .. "://" .. m.endpoint -- this member only
     local cli = etcd3.new(c)
     if cli then
       local st = cli:status()
