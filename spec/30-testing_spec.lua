@@ -159,5 +159,10 @@ describe("etcd3.testing", function()
     p:close()
     assert.truthy(out:match("exit 0\n?$"), out)
     assert.truthy(out:find("ok 1 ", 1, true), out)
+    -- README.md shows this file as it is (after its two comment lines)
+    local function read(path) local f = assert(io.open(path)); local t = f:read("*a"); f:close(); return t end
+    local example = read("examples/testing_spec.lua"):gsub("^%-%-[^\n]*\n%-%-[^\n]*\n", "")
+    assert.truthy(read("README.md"):find("```lua\n" .. example .. "```", 1, true),
+      "README.md's \"Testing your code\" differs from examples/testing_spec.lua")
   end)
 end)
