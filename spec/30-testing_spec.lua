@@ -4,6 +4,7 @@
 local testing = require "etcd3.testing"
 local etcd3 = require "etcd3"
 local helper = require "spec.helpers.etcd"
+local process = require "spec.helpers.process"
 
 local INTERP = jit and "luajit" or "lua5.4"
 
@@ -20,16 +21,8 @@ local function start(opts)
   return testing.start(opts), pids
 end
 
---- The state letter of process `pid` in /proc (nil when it is gone).
-local function state(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s:match("^%d+ %b() (%a)")
-end
-
-local function gone(pid) local s = state(pid); return s == nil or s == "Z" end
+local state = process.state
+local function gone(pid) return not process.running(pid) end
 
 local function exists(path)
   local f = io.open(path)
