@@ -6,24 +6,9 @@ local helper = require "spec.helpers.etcd"
 
 local _M = {}
 
-local function run(dir, cmd)
-  assert(helper.sh("cd " .. dir .. " && " .. cmd .. " >/dev/null 2>&1"), "openssl failed: " .. cmd)
-end
-
-local function ca(dir, name)
-  run(dir, ("openssl req -x509 -newkey rsa:2048 -nodes -keyout %s.key -out %s.pem -days 3650 -subj /CN=%s"):format(
-    name, name, name))
-end
-
--- A certificate signed by `by`, valid `days` (0: expires at once).
-local function leaf(dir, name, by, san, days)
-  run(dir, ("openssl req -newkey rsa:2048 -nodes -keyout %s.key -out %s.csr -subj /CN=%s"):format(name, name, name))
-  local f = assert(io.open(dir .. "/" .. name .. ".ext", "w"))
-  f:write("subjectAltName=" .. san .. "\n")
-  f:close()
-  run(dir, ("openssl x509 -req -in %s.csr -CA %s.pem -CAkey %s.key -CAcreateserial -out %s.pem -days %d -extfile %s.ext"):format(
-    name, by, by, name, days, name))
-end
+-- openssl's command line, as etcd3.testing makes its own certificates
+local parts = require("etcd3.testing").parts
+local ca, leaf = parts.certificate_authority, parts.certificate
 
 function _M.make()
   local dir = helper.capture("mktemp -d /tmp/etcd3-certs.XXXXXX"):gsub("%s+$", "")

@@ -3,13 +3,16 @@
 -- Each member gets free ports (read from /proc/net/tcp{,6}), a data dir of
 -- its own under a temp dir, and is stopped by the PID this helper started.
 -- Every PID is also appended to $ETCD3_SPEC_PIDFILE (when set), so the test
--- runner can stop what a crashed spec run left behind, by PID.
+-- runner can stop what a crashed spec run left behind, by PID. The pieces
+-- (free ports, starting and killing a member) are etcd3.testing's, the
+-- module users get; this file adds what only the specs need.
+local parts = require("etcd3.testing").parts
+
 local _M = {}
 
 -- Under the sanitizer run, LD_PRELOAD carries the ASan runtime: it is for
 -- the Lua process only, never for etcd, etcdctl or the shell tools.
 local PRELOAD = os.getenv("LD_PRELOAD")
-local CLEAN = PRELOAD and "unset LD_PRELOAD; " or ""
 --- True in the sanitizer run: ASan's quarantine makes RSS meaningless there
 -- (LeakSanitizer checks for leaks instead).
 _M.sanitized = PRELOAD ~= nil and PRELOAD:find("asan", 1, true) ~= nil
@@ -27,19 +30,8 @@ if _M.sanitized then
   _M.child_env = _M.child_env .. " ASAN_OPTIONS=" .. q((os.getenv("ASAN_OPTIONS") or "") .. ":detect_leaks=0")
 end
 
-local function sh(cmd)
-  cmd = CLEAN .. cmd
-  local ok = os.execute(cmd)
-  return ok == true or ok == 0
-end
-
-local function capture(cmd)
-  cmd = CLEAN .. cmd
-  local p = assert(io.popen(cmd, "r"))
-  local out = p:read("*a")
-  p:close()
-  return out
-end
+-- etcd3.testing's: they run without LD_PRELOAD (see above)
+local sh, capture = parts.sh, parts.capture
 _M.capture, _M.sh = capture, sh
 
 --- A shell command that runs `script` in this runtime, with this run's
@@ -55,48 +47,7 @@ local function now()
 end
 _M.now = now
 
---- Ports something already holds, in any TCP state.
-local function used_ports()
-  local used = {}
-  for _, path in ipairs { "/proc/net/tcp", "/proc/net/tcp6" } do
-    local f = io.open(path)
-    if f then
-      for line in f:lines() do
-        local port = line:match("^%s*%d+:%s+%x+:(%x+)")
-        if port then used[tonumber(port, 16)] = true end
-      end
-      f:close()
-    end
-  end
-  return used
-end
-
-local taken = {}
-math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
-
---- A TCP port on 127.0.0.1 that nothing listens on or uses right now.
-function _M.free_port()
-  local used = used_ports()
-  for _ = 1, 1000 do
-    local p = math.random(20000, 45000)
-    if not used[p] and not taken[p] then
-      taken[p] = true
-      return p
-    end
-  end
-  error("no free port found")
-end
-
---- Waits for cond() to be true; fails after `timeout` seconds.
-function _M.wait_for(cond, timeout, what)
-  local deadline = now() + (timeout or 10)
-  while true do
-    local v = cond()
-    if v then return v end
-    if now() > deadline then error("timed out waiting for " .. (what or "condition"), 2) end
-    require("etcd3.core").sleep(0.05)
-  end
-end
+_M.free_port, _M.wait_for = parts.free_port, parts.wait_for
 
 --- Stops a process this run started: `signal` (TERM by default), then
 -- KILL when it is still there after `grace` seconds.
@@ -116,35 +67,9 @@ local function record_pid(pid)
 end
 _M.record_pid = record_pid
 
-local Member = {}
+--- A member: etcd3.testing's (start, signal, kill, stop), with etcdctl.
+local Member = setmetatable({}, { __index = parts.Member })
 Member.__index = Member
-
---- (Re)starts this member's etcd process with its own ports and data dir.
-function Member:start()
-  local args = {
-    "etcd", "--name", self.name, "--data-dir", self.dir .. "/data",
-    "--listen-client-urls", self.scheme .. "://" .. self.endpoint,
-    "--advertise-client-urls", self.scheme .. "://" .. self.endpoint,
-    "--listen-peer-urls", self.peer_listen or self.peer_url,
-    "--initial-advertise-peer-urls", self.peer_url,
-    "--initial-cluster", self.initial_cluster,
-    "--initial-cluster-token", self.token,
-    "--initial-cluster-state", self.state or "new",
-  }
-  local tls = self.tls
-  if tls then
-    for _, a in ipairs { "--cert-file", tls.cert, "--key-file", tls.key } do args[#args + 1] = a end
-    if tls.client_auth then
-      for _, a in ipairs { "--trusted-ca-file", tls.ca, "--client-cert-auth" } do args[#args + 1] = a end
-    end
-  end
-  for _, a in ipairs(self.extra or {}) do args[#args + 1] = a end
-  for i, a in ipairs(args) do args[i] = "'" .. a:gsub("'", "'\\''") .. "'" end
-  local cmd = table.concat(args, " ") .. " >>" .. self.dir .. "/etcd.log 2>&1 & echo $!"
-  self.pid = assert(tonumber(capture(cmd)), "etcd did not start")
-  record_pid(self.pid)
-  return self
-end
 
 --- etcdctl's flags to reach this member (TLS members: the test CA and
 -- client certificate, or no verification for the deliberately bad ones).
@@ -176,34 +101,12 @@ function Member:wait_healthy(timeout)
   return self
 end
 
-function Member:signal(sig)
-  if self.pid then sh("kill -" .. sig .. " " .. self.pid .. " 2>/dev/null") end
-end
-
---- Kills the process (SIGKILL) and waits until it is gone.
-function Member:kill()
-  if not self.pid then return end
-  self:signal("CONT")
-  self:signal("KILL")
-  local pid = self.pid
-  _M.wait_for(function() return not sh("kill -0 " .. pid .. " 2>/dev/null") end, 10, "etcd to exit")
-  self.pid = nil
-end
-
---- Stops the process (if any) and removes the data dir.
-function Member:stop()
-  self:kill()
-  if self.dir and self.dir:match("^/tmp/") then sh("rm -rf '" .. self.dir .. "'") end
-end
-
+--- A member in a temp dir of its own, its PID recorded when it starts.
 local function new_member(name, token, opts)
   local dir = capture("mktemp -d /tmp/etcd3-spec.XXXXXX"):gsub("%s+$", "")
-  return setmetatable({
-    name = name, dir = dir, token = token, tls = opts.tls,
-    scheme = opts.tls and "https" or "http",
-    endpoint = "127.0.0.1:" .. _M.free_port(),
-    peer_url = "http://127.0.0.1:" .. _M.free_port(),
-  }, Member)
+  local m = setmetatable(parts.new_member(name, token, dir, opts.tls), Member)
+  m.own_dir, m.on_start = true, record_pid
+  return m
 end
 
 --- Starts `n` members (default 1) as one cluster; waits until healthy.
@@ -243,17 +146,7 @@ end
 --- The index of the cluster's leader among cluster.members, as the
 -- members say (waits for one to be elected).
 function _M.leader_index(cluster)
-  local index
-  _M.wait_for(function()
-    for i, m in ipairs(cluster.members) do
-      local c = assert(require("etcd3").new { endpoints = m.endpoint })
-      local st = c:status()
-      c:close()
-      if st and st.leader == st.header.member_id then index = i end
-    end
-    return index ~= nil
-  end, 20, "a leader")
-  return index
+  return _M.wait_for(function() return parts.leader_of(cluster.members) end, 20, "a leader")
 end
 
 --- A follower's index, and the endpoints with that follower first (a

@@ -27,13 +27,20 @@ function _M.etcdctl(member, args)
   return _M.spawn("ETCDCTL_API=3 exec etcdctl " .. member:etcdctl_flags() .. " " .. args)
 end
 
---- Whether the process still runs (a zombie left for its reaper does not).
-function _M.running(pid)
+--- The process's state letter in /proc ("R", "S", "T" when stopped, "Z"),
+-- nil when there is no such process.
+function _M.state(pid)
   local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
+  if not f then return nil end
   local stat = f:read("*a")
   f:close()
-  return stat:match("^%d+ %b() (%a)") ~= "Z"
+  return stat:match("^%d+ %b() (%a)")
+end
+
+--- Whether the process still runs (a zombie left for its reaper does not).
+function _M.running(pid)
+  local state = _M.state(pid)
+  return state ~= nil and state ~= "Z"
 end
 
 --- Everything the process wrote so far.
