@@ -153,16 +153,20 @@ ETCD3_LOCKED static renewal renewal_pop(keepalive_set *k) {
   return oldest;
 }
 
-/* A third of the TTL (at least a second), unless the owner chose. */
-static double renew_interval(const etcd3_lease *l) {
-  if (l->renew_every > 0) return l->renew_every;
+/* A third of the TTL, at least a second. */
+static double third_of_ttl(const etcd3_lease *l) {
   return l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0;
+}
+
+/* A third of the TTL, unless the owner chose. */
+static double renew_interval(const etcd3_lease *l) {
+  return l->renew_every > 0 ? l->renew_every : third_of_ttl(l);
 }
 
 /* How long a renewal may go unanswered before its stream counts as stuck
  * (before what the stream's answers so far allow). */
 static double answer_within(const etcd3_lease *l) {
-  double third = l->ttl > 3 ? (double)l->ttl / 3.0 : 1.0, every = renew_interval(l);
+  double third = third_of_ttl(l), every = renew_interval(l);
   return every > third ? every : third;
 }
 
