@@ -219,6 +219,31 @@ describe("request policy: retries", function()
     assert.are.equal("1", applied():match('"version":(%d+)'))
   end)
 
+  it("moves the next request on when a put's own wait ran into its deadline", function()
+    -- member 1 black-holed: the put's wait reaches its deadline before
+    -- gRPC's own deadline timer answers (on a loaded machine it lags), so
+    -- the timeout is seen by the wait, not by gRPC. Either way the member
+    -- failed it, and the next request must start elsewhere (a loaded CI
+    -- machine once spent 30 s of puts on an isolated member).
+    local p = proxy.start(cluster.endpoints[1])
+    local cli = assert(etcd3.new {
+      endpoints = { p.endpoint, cluster.endpoints[2], cluster.endpoints[3] }, dial_timeout = 0,
+      wait = function(_, timeout, op) op:wait(math.min(timeout, 0.05)) end,
+    })
+    finally(function()
+      cli:close()
+      p:stop()
+    end)
+    assert(cli:get("/put/warm", { timeout = 20 })) -- connects through the proxy
+    assert.are.equal(1, cli._core:pick())
+    p:blackhole()
+    local res, err = cli:put("/put/late", "v", { timeout = 0.3 })
+    assert.is_nil(res)
+    assert.are.equal("DEADLINE_EXCEEDED", err.code)
+    assert.are_not.equal(1, cli._core:pick())
+    assert(cli:put("/put/late", "w", { timeout = 10 }))
+  end)
+
   it("retries a put that never left (no connection to its first endpoint)", function()
     local cli = assert(etcd3.new {
       endpoints = { "127.0.0.1:1", cluster.endpoints[1] }, dial_timeout = 0,

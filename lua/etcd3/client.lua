@@ -196,12 +196,12 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
     if left <= 0 then break end
     if attempt > 1 then sent = now() end
     local call = handle:call(i, rpc, req, left, self._blocking and self._blocking())
-    local res, call_err, completed = wait.for_response(self, call, deadline, rpc)
+    local res, call_err, ended = wait.for_response(self, call, deadline, rpc)
     if res then
       if prefix then namespace.unwrap_response(prefix, rpc, res) end
       return res
     end
-    if not completed then return nil, call_err end
+    if not ended then return nil, call_err end
     err = call_err
     err.message = endpoints.explain(self, err.message)
     local verdict = handle:verdict(err.code, err.message, idempotent, self._user ~= nil and not reauthenticated)

@@ -379,20 +379,23 @@ function _M.until_ready(client, op, deadline, rpc, message)
 end
 
 --- Waits for a started unary call (etcd3.core's call object) and returns
--- its response; or nil, err, completed: `completed` true when etcd (or
--- gRPC) answered with an error, nil when the wait failed, in which case
--- the call is cancelled: gRPC enforces the same deadline, and a call not
--- complete by then is cancelled here rather than waited for.
+-- its response; or nil, err, ended: `ended` true when etcd (or gRPC)
+-- answered with an error or the deadline passed first, nil when the wait
+-- itself failed (the strategy's error: a worker exiting). A call not
+-- complete by its deadline is cancelled here rather than waited for (gRPC
+-- enforces the same deadline, a little later on a loaded machine): that
+-- timeout is the member's as much as gRPC's own, and the request policy
+-- must hear of it (it moves the next request to another member).
 ---@return table? response
 ---@return etcd3.Error? err
----@return true? completed
+---@return true? ended
 function _M.for_response(client, call, deadline, rpc)
   -- (until_ready inlined: one call less per request)
   local ready, err = client._wait(client, call, deadline)
   if not ready then
-    err = err or deadline_error(rpc)
     call:cancel()
-    return nil, err
+    if err then return nil, err end
+    return nil, deadline_error(rpc), true
   end
   local res, code, _, message = call:result()
   if res then return res end
