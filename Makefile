@@ -59,7 +59,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps dist version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps dist version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -222,6 +222,14 @@ GAME_SCALE_ARGS ?= --procs 20 --per 50 --observers 10
 scale: deps
 	$(MAKE) -s LUA=$(LUA)
 	$(RUN_ENV) $(LUA) bench/scale.lua $(GAME_SCALE_ARGS)
+
+# Linearizable reads: m:sync() + a local read against a linearizable get,
+# in pairs, with nothing else writing and with the store moved on outside
+# the prefix before each read (bench/sync.lua, bench/README.md "Mirror sync").
+SYNC_ARGS ?=
+bench-sync: deps
+	$(MAKE) -s LUA=lua5.4
+	$(BENCH_ENV) lua5.4 bench/sync.lua $(SYNC_ARGS)
 
 # valgrind's memcheck over the KV, lease and watch specs (Lua 5.4): no
 # definite leak, no invalid access (tools/memcheck.sh).

@@ -204,11 +204,96 @@ describe("mirror", function()
     raises("bad argument #1 to 'etcd3%.mirror:update' %(number expected, got string%)", m.update, m, "1")
     raises("bad argument #1 to 'etcd3%.mirror:get' %(string expected, got 1%)", m.get, m, 1)
     raises("etcd3%.mirror:update: called without an object", m.update)
+    raises("bad argument #1 to 'etcd3%.mirror:sync' %(number expected, got string%)", m.sync, m, "1")
+    raises("etcd3%.mirror:sync: called without an object", m.sync)
     m:close()
     m:close() -- idempotent
-    for _, name in ipairs { "update", "get", "pairs", "count", "revision" } do
+    for _, name in ipairs { "update", "get", "pairs", "count", "revision", "sync" } do
       raises("etcd3%.mirror:" .. name .. ": the mirror is closed", m[name], m, "/x/a")
     end
+  end)
+end)
+
+describe("mirror:sync", function()
+  local member, cli, other
+  local start_member, stop_member = helper.member_and_client(function(m, c) member, cli = m, c end)
+  setup(function()
+    start_member()
+    other = assert(etcd3.new { endpoints = member.endpoint })
+  end)
+  teardown(function()
+    if other then other:close() end
+    stop_member()
+  end)
+
+  it("reads what another client wrote, without update(), which then reports it once", function()
+    local m = assert(cli:mirror("/sy/"))
+    local shadow, last = copy_of(m), m:revision()
+    for i = 1, 40 do
+      local rev = assert(other:put("/sy/k", "v" .. i)).header.revision
+      if i % 2 == 0 then assert(other:put("/sy-outside/" .. i, "x")) end -- the store moves on outside the copy
+      local at = assert(m:sync(5))
+      assert.is_true(at >= rev, ("sync at %d, the put at %d"):format(at, rev))
+      assert.are.equal(at, m:revision())
+      assert.are.equal("v" .. i, (m:get("/sy/k")))
+      if i % 10 == 0 then -- what sync applied comes out of update(), once
+        last = replay(shadow, assert(m:update(0)), last)
+        assert.are.same(shadow, (copy_of(m)))
+      end
+    end
+    assert.are.same({}, m:update(0))
+    assert.are.same({ ["/sy/k"] = "v40" }, shadow)
+    -- a change after a sync that moved the revision past the copy's own
+    -- still arrives
+    local rev = assert(other:put("/sy/k2", "after")).header.revision
+    local changes = assert(m:update(5))
+    assert.are.equal(1, #changes)
+    assert.are.equal(rev, changes[1].kv.mod_revision)
+    assert.are.equal("after", (m:get("/sy/k2")))
+    m:close()
+  end)
+
+  it("stays linearizable and exact while another process writes inside and outside the prefix", function()
+    local m = assert(cli:mirror("/syw/"))
+    local shadow, last = copy_of(m), m:revision()
+    local rev_file = helper.capture("mktemp /tmp/etcd3-spec-rev.XXXXXX"):gsub("%s+$", "")
+    os.remove(rev_file)
+    local child = process.lua(writer_script({ member.endpoint }, "/syw/", 1000, rev_file))
+    local i, final = 0, nil
+    helper.wait_for(function()
+      i = i + 1
+      local rev = assert(other:put("/syw/marker", tostring(i))).header.revision
+      assert(other:put("/syw-outside", tostring(i)))
+      local at = assert(m:sync(10))
+      assert.is_true(at >= rev)
+      assert.are.equal(tostring(i), (m:get("/syw/marker")))
+      if i % 5 == 0 then last = replay(shadow, assert(m:update(0)), last) end
+      final = final or read_number(rev_file)
+      return final and m:revision() >= final
+    end, 180, "the writer to finish")
+    local out = child:read("*a")
+    child:close()
+    os.remove(rev_file)
+    assert.matches("exit=0", out)
+    local at = assert(m:sync(10))
+    last = replay(shadow, assert(m:update(0)), last)
+    local want, count = etcdctl_view(member, "/syw/", at)
+    assert.are.same(want, (copy_of(m)))
+    assert.are.same(want, shadow)
+    assert.are.equal(count, m:count())
+    io.stderr:write(("\n[mirror] %d syncs during 1000 random writes: each read its marker\n"):format(i))
+    m:close()
+  end)
+
+  it("returns DEADLINE_EXCEEDED past its timeout, and works after", function()
+    local m = assert(cli:mirror("/syd/"))
+    local res, err = m:sync(1e-6)
+    assert.is_nil(res)
+    assert.are.equal("DEADLINE_EXCEEDED", err.code)
+    assert(other:put("/syd/a", "1"))
+    assert(m:sync(5))
+    assert.are.equal("1", (m:get("/syd/a")))
+    m:close()
   end)
 end)
 

@@ -5,11 +5,12 @@
 --   for _, c in ipairs(assert(m:update(1))) do print(c.type, c.key, c.value) end
 --
 -- A paged snapshot read at one revision, then a watch from the next one.
--- Events wait in the watcher until update() applies them, so the copy
--- changes only inside update(). When the revision to resume from was
--- compacted, a new snapshot replaces the copy and the difference is
--- reported as changes.
+-- Events wait in the watcher until update() (or sync()) applies them, so
+-- the copy changes only inside those two. When the revision to resume
+-- from was compacted, a new snapshot replaces the copy and the difference
+-- is reported as changes.
 local check = require "etcd3.check"
+local errors = require "etcd3.error"
 
 local setmetatable, pairs, ipairs, math_max = setmetatable, pairs, ipairs, math.max
 local table_sort = table.sort
@@ -72,6 +73,13 @@ end
 --- Applies one watch event; appends the change it made.
 function Mirror:_apply(ev, changes)
   local kv = ev.kv
+  local skip = self._skip_to
+  if skip then
+    -- sync() found the copy equal to the store at `skip`: what the watch
+    -- still delivers up to there made no difference (see sync)
+    if kv.mod_revision <= skip then return end
+    self._skip_to = nil
+  end
   local key = kv.key
   local old = self._kvs[key]
   if ev.type == "PUT" then
@@ -116,48 +124,109 @@ function Mirror:_resync(changes)
   table_sort(diff, by_revision)
   for _, c in ipairs(diff) do changes[#changes + 1] = c end
   self._kvs, self._count, self._rev, self._sorted = snap.kvs, snap.count, snap.revision, nil
+  self._skip_to = nil
   return true
 end
 
---- m:update([timeout]) -> { change, … } | nil, err: applies every change
--- that arrived, waiting up to `timeout` seconds (default 0: poll) for the
--- first one. Each change: { type = "PUT"|"DELETE", key, value, prev_value, kv }.
-function Mirror:update(timeout)
-  open_mirror("mirror:update", self)
-  if timeout ~= nil then check.arg("mirror:update", 1, timeout, "number") end
-  local deadline = now() + (timeout or 0)
-  local changes = {}
+--- Applies every change that arrived to the copy, appending them to
+-- `changes`; waits up to `wait` seconds for the first one. Returns true,
+-- or nil, err when it could apply nothing.
+function Mirror:_pull(changes, wait)
+  local deadline, before = now() + wait, #changes
   while true do
     if not self._w then
       local ok, err = self:_watch()
       if not ok then
-        if #changes > 0 then return changes end
+        if #changes > before then return true end
         return nil, err
       end
     end
-    local left = #changes == 0 and math_max(deadline - now(), 0) or 0
+    local left = #changes == before and math_max(deadline - now(), 0) or 0
     local ev, err = self._w:next(left)
     if ev then
       self:_apply(ev, changes)
     elseif err.code == "TIMEOUT" then
-      return changes
+      return true
     else
       self._w:cancel()
       self._w = nil
       if err.code == "COMPACTED" then
         local ok, serr = self:_resync(changes)
         if not ok then
-          if #changes > 0 then return changes end
+          if #changes > before then return true end
           return nil, serr
         end
       else
         -- The watch ended (it is restarted from the copy's revision by
         -- the next update): report what was applied, else why.
-        if #changes > 0 then return changes end
+        if #changes > before then return true end
         return nil, err
       end
     end
   end
+end
+
+--- m:update([timeout]) -> { change, … } | nil, err: applies every change
+-- that arrived, waiting up to `timeout` seconds (default 0: poll) for the
+-- first one. Each change: { type = "PUT"|"DELETE", key, value, prev_value, kv }.
+-- What sync() applied since the last update comes first.
+function Mirror:update(timeout)
+  open_mirror("mirror:update", self)
+  if timeout ~= nil then check.arg("mirror:update", 1, timeout, "number") end
+  local changes = self._synced or {}
+  self._synced = nil
+  local ok, err = self:_pull(changes, #changes == 0 and timeout or 0)
+  if not ok then return nil, err end
+  return changes
+end
+
+--- m:sync([timeout]) -> revision | nil, err: brings the copy up to etcd's
+-- revision at the time of the call, so that a read from the copy after it
+-- sees every write that completed before it (a linearizable read, served
+-- from memory). The revision comes from a linearizable read of one key;
+-- the copy reaches it by applying what the watch delivered. When the
+-- store moved on outside the prefix (or a change under it is still on its
+-- way), one range read at that revision, sorted by modification and
+-- returning a single key, tells whether the prefix changed since the
+-- copy's revision: etcd 3.4 may answer a progress request ahead of events
+-- already queued on the stream, so a progress response cannot prove it.
+-- What it applied is reported by the next update().
+function Mirror:sync(timeout)
+  open_mirror("mirror:sync", self)
+  if timeout ~= nil then check.arg("mirror:sync", 1, timeout, "number") end
+  local client = self.client
+  local deadline = now() + (timeout or self._timeout or client.timeout)
+  local head, err = client:get(self.prefix, { count_only = true, timeout = deadline - now() })
+  if not head then return nil, err end
+  local target = head.header.revision
+  local changes = self._synced or {}
+  self._synced = changes
+  local wait = 0 -- (first take what already arrived)
+  while self._rev < target do
+    local ok, perr = self:_pull(changes, wait)
+    if not ok then return nil, perr end
+    if self._rev >= target then break end
+    local left = deadline - now()
+    if left <= 0 then
+      return nil, errors.new("DEADLINE_EXCEEDED", ("mirror:sync: the copy is at revision %d, etcd at %d")
+        :format(self._rev, target))
+    end
+    local at, verr = client:get(self.prefix, { prefix = true, revision = target, keys_only = true,
+      sort_target = "mod", sort_order = "descend", limit = 1, timeout = left })
+    if not at then return nil, verr end
+    local newest = at.kvs[1]
+    if at.count == self._count and (not newest or newest.mod_revision <= self._rev) then
+      -- every key there at `target` is in the copy, unchanged, and no
+      -- other: the prefix did not change in between (a key made and
+      -- deleted meanwhile left nothing), so the copy is the store at
+      -- `target`, and those events are skipped when they arrive
+      self._rev, self._skip_to = target, target
+      break
+    end
+    wait = deadline - now() -- a change is on its way: wait for it
+  end
+  if #changes == 0 then self._synced = nil end
+  return target
 end
 
 --- m:get(key) -> value, kv (nil when the key is not in the copy)
