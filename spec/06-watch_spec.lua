@@ -3,6 +3,7 @@
 local etcd3 = require "etcd3"
 local helper = require "spec.helpers.etcd"
 local core = require "etcd3.core"
+local process = require "spec.helpers.process"
 
 local function collect(w, n, timeout)
   local out = {}
@@ -107,6 +108,43 @@ describe("watch", function()
       return w:revision() >= target
     end, 10, "a progress notification")
     assert.is_true(w:revision() > start)
+    w:cancel()
+  end)
+
+  it("loses no event to request_progress answers while events flow", function()
+    -- etcd 3.4 may send a progress answer ahead of events already queued
+    -- for the stream; those events must still be delivered, once
+    local w = assert(cli:watch("/flow/", { prefix = true }))
+    local children = {}
+    for c = 1, 3 do
+      children[c] = process.lua([[
+        local etcd3 = require "etcd3"
+        local cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" })
+        for i = 1, 1000 do assert(cli:put("/flow/]] .. c .. [[-" .. (i % 50), tostring(i))) end
+      ]])
+    end
+    local seen, last, asked = 0, 0, 0
+    helper.wait_for(function()
+      local ev = w:next(0.05)
+      while ev do
+        assert.is_true(ev.kv.mod_revision > last, "revision order")
+        last = ev.kv.mod_revision
+        seen = seen + 1
+        if seen % 3 == 0 then
+          w:request_progress()
+          asked = asked + 1
+        end
+        ev = w:next(0)
+      end
+      return seen >= 3000
+    end, 60, "3000 events")
+    for _, child in ipairs(children) do
+      assert.matches("exit=0", child:read("*a"))
+      child:close()
+    end
+    assert.are.equal(3000, seen)
+    assert.is_nil(w:next(0.2))
+    assert.is_true(asked > 0)
     w:cancel()
   end)
 

@@ -365,9 +365,18 @@ ETCD3_LOCKED static void on_watch_response(void *owner, etcd3_stream *s, Protobu
     r->watch_id = oldest->id;
   }
   if (r->watch_id == -1) {
-    /* progress for every wire of the stream (request_progress) */
-    for (w = m->wires; w; w = w->next)
-      if (w->created && !w->ended) advance(w, header_rev);
+    /* The answer to request_progress, for every wire of the stream. etcd
+     * 3.4 sends it on the stream's control queue, which its send loop
+     * serves in random turn with the queue of events already notified:
+     * it can arrive ahead of events at or below its revision. So it moves
+     * only what revision() reports, never a wire's revision (below which
+     * events are dropped as seen, and after which a watch resumes): that
+     * would lose the events it overtook. */
+    for (w = m->wires; w; w = w->next) {
+      if (!w->created || w->ended) continue;
+      for (etcd3_watcher *sub = w->watchers; sub; sub = sub->next)
+        if (sub->created && header_rev > sub->revision) sub->revision = header_rev;
+    }
     protobuf_c_message_free_unpacked(msg, NULL);
     return;
   }

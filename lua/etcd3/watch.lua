@@ -127,7 +127,8 @@ end
 
 --- Asks etcd for a progress notification, which moves revision() forward
 -- on a quiet watch. false when nothing was sent (no watch stream is open,
--- or out of memory).
+-- or out of memory). etcd 3.4 may send the answer ahead of events at or
+-- below its revision: they still arrive (once), after revision() moved.
 ---@return boolean
 function Watcher:request_progress()
   check.self("watcher:request_progress", self, "Watcher")
