@@ -16,6 +16,10 @@
 set -u
 cd "$(dirname "$0")/.."
 MAKE=${MAKE:-make}
+# every build of this run has warnings as errors (a user's build does not:
+# see the Makefile)
+WERROR=-Werror
+export WERROR
 LOG=$(mktemp -d /tmp/etcd3-test.XXXXXX)
 export ETCD3_SPEC_PIDFILE="$LOG/pids"
 : > "$ETCD3_SPEC_PIDFILE"
