@@ -8,54 +8,26 @@
 #    examples/demo.lua, with a clean environment (no LUA_PATH, no checkout on
 #    any path, and apt-get, protoc-c, git, curl and wget failing if called),
 #    `luarocks install` builds it into a fresh tree for Lua 5.4, 5.3, 5.1
-#    and LuaJIT (the four side by side), each runs the demo against
+#    and LuaJIT (the four side by side; the compiler's warnings on, none
+#    as an error), each runs the demo against
 #    one throwaway etcd, then `luarocks remove` must leave no file of it in
 #    its tree. The temp directory goes at the end, trees included.
 #
 # The throwaway etcd is tools/with-etcd.lua's, which runs this script again
-# with --installs ROCK VERSION.
+# with --installs ROCK VERSION; the pieces are tools/rock-lib.sh's, shared
+# with tools/check-openresty-tree.sh.
 set -eu
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
+. tools/rock-lib.sh
 
 if [ "${1:-}" != --installs ]; then
-  make -s dist > /dev/null
-  version=$(make -s version)
-  rock_version=$(sed -n 's/^version = "\(.*\)"$/\1/p' rockspec/lua-etcd3-"$version"-*.rockspec)
-  # the rockspec's revision (-1) is LuaRocks', the code's version is before it
-  if [ "lua-etcd3 ${rock_version%-*}" != "lua-etcd3 $version" ]; then
-    echo "rock: rock $rock_version but etcd3._VERSION says $version" >&2; exit 1
-  fi
-  grep -q "^## \[$version\]" CHANGELOG.md ||
-    { echo "rock: CHANGELOG.md has no \"## [$version]\" section" >&2; exit 1; }
-  make -s LUA=lua5.4 # the throwaway etcd's helper uses etcd3.core
-  ETCD3_LUA=lua5.4 . tools/env.sh
-  exec lua5.4 tools/with-etcd.lua sh tools/check-rock.sh --installs \
-    "$top/build/dist/lua-etcd3-$rock_version.src.rock" "$rock_version"
+  rock_dist
+  rock_with_etcd tools/check-rock.sh
 fi
 
-rock=$2 rock_version=$3
-work=$(mktemp -d /tmp/etcd3-rock.XXXXXX)
-trap 'rm -rf "$work"' EXIT
-cp "$rock" "$work/"
-cp examples/demo.lua "$work/demo.lua"
-cd "$work"
-rock=$(basename "$rock")
-
-# clean LUA: runs a command with nothing of the caller's environment but
-# PATH, HOME (the temp dir) and etcd's endpoint
-clean() {
-  env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$work" ETCDCTL_ENDPOINTS="$ETCDCTL_ENDPOINTS" "$@"
-}
-
-# The install must fetch nothing and generate nothing: the tools that would
-# are shadowed on its PATH by ones that record their call and fail.
-mkdir "$work/no-fetch"
-for tool in apt-get apt dpkg-deb protoc-c protoc git curl wget; do
-  printf '#!/bin/sh\necho "%s called during the install: $*" >> "%s/fetched"\nexit 1\n' \
-    "$tool" "$work" > "$work/no-fetch/$tool"
-  chmod +x "$work/no-fetch/$tool"
-done
+rock_version=$3
+rock_workdir rock "$2"
 
 # runtimes: name, interpreter, luarocks flags; LuaJIT uses Lua 5.1's tree
 # layout and LuaJIT's headers
@@ -73,38 +45,22 @@ luadir() { case $1 in lua5.4) echo 5.4 ;; lua5.3) echo 5.3 ;; *) echo 5.1 ;; esa
 
 for rt in $runtimes; do
   # shellcheck disable=SC2046
-  clean env PATH="$work/no-fetch:/usr/local/bin:/usr/bin:/bin" \
-    luarocks $(flags "$rt") --tree "$work/tree-$rt" install "$rock" $(extra "$rt") \
-    > "$work/install-$rt.log" 2>&1 &
+  rock_luarocks "$work/install-$rt.log" $(flags "$rt") --tree "$work/tree-$rt" install "$rock" $(extra "$rt") &
   echo "$!" > "$work/install-$rt.pid"
 done
 status=0
 for rt in $runtimes; do
   if wait "$(cat "$work/install-$rt.pid")"; then
-    echo "== $rt: installed"
+    rock_installed "$rt" "$work/install-$rt.log" || status=1
   else
     echo "== $rt: install FAILED"; tail -n 30 "$work/install-$rt.log"; status=1
   fi
 done
-[ ! -e "$work/fetched" ] || { cat "$work/fetched"; status=1; }
 [ "$status" = 0 ] || exit 1
 
 for rt in $runtimes; do
   tree=$work/tree-$rt v=$(luadir "$rt")
-  share=$tree/share/lua/$v lib=$tree/lib/lua/$v
-  # the installed module's version is the rock's (the check of step 1,
-  # on what was installed)
-  clean env LUA_PATH="$share/?.lua;$share/?/init.lua" LUA_CPATH="$lib/?.so" "$rt" -e "
-    local want = 'lua-etcd3 ' .. ('$rock_version'):match('^(.*)%-%d+$')
-    local got = require('etcd3')._VERSION
-    assert(got == want, 'etcd3._VERSION is ' .. got .. ', the rock is $rock_version')"
-  clean env LUA_PATH="$share/?.lua;$share/?/init.lua" LUA_CPATH="$lib/?.so" "$rt" demo.lua \
-    > "$work/demo-$rt.log" 2>&1 || { echo "== $rt: demo FAILED"; cat "$work/demo-$rt.log"; exit 1; }
-  echo "== $rt: demo ok"
+  rock_demo "$rt" "$rt" "$tree/share/lua/$v" "$tree/lib/lua/$v"
   # shellcheck disable=SC2046
-  clean luarocks $(flags "$rt") --tree "$tree" remove lua-etcd3 > "$work/remove-$rt.log" 2>&1 ||
-    { echo "== $rt: remove FAILED"; cat "$work/remove-$rt.log"; exit 1; }
-  left=$(cd "$tree" && find . -path '*etcd3*')
-  [ -z "$left" ] || { echo "== $rt: left behind after remove:"; echo "$left"; exit 1; }
-  echo "== $rt: removed, nothing left"
+  rock_removed "$rt" "$tree" $(flags "$rt")
 done

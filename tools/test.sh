@@ -5,7 +5,9 @@
 # with AddressSanitizer + UBSan, checks that the release's source rock
 # (`make dist`) installs offline on Lua 5.4, 5.3, 5.1 and LuaJIT, runs the
 # demo and removes cleanly, and that etcd3._VERSION is the rock's version
-# (tools/check-rock.sh), runs luacheck, fuzzes the codec and soaks a client for a
+# (tools/check-rock.sh), installs it into OpenResty's tree as the README
+# says and loads it from there in nginx (tools/check-openresty-tree.sh),
+# runs luacheck, fuzzes the codec and soaks a client for a
 # minute each, overloads one and runs the game-server scale at a small
 # size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
@@ -16,6 +18,10 @@
 set -u
 cd "$(dirname "$0")/.."
 MAKE=${MAKE:-make}
+# every build of this run has warnings as errors (a user's build does not:
+# see the Makefile)
+WERROR=-Werror
+export WERROR
 LOG=$(mktemp -d /tmp/etcd3-test.XXXXXX)
 export ETCD3_SPEC_PIDFILE="$LOG/pids"
 : > "$ETCD3_SPEC_PIDFILE"
@@ -120,6 +126,10 @@ fi
 # the folders to check are the Makefile's (`make lint`)
 step luacheck $MAKE -s lint
 step rock sh tools/check-rock.sh
+# the rock installed into OpenResty's tree (its layout reproduced with
+# Debian's luajit2) by README's luarocks line, loaded by Debian's nginx from
+# README's lua_package_path lines
+step openresty-tree sh tools/check-openresty-tree.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke

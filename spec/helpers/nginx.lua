@@ -13,20 +13,26 @@ local MODULES = "/usr/lib/nginx/modules"
 --- A temp dir with a readable copy of the Lua layer, the examples and the
 -- LuaJIT build:
 -- nginx workers run as nobody when started by root (the checkout may sit
--- in a private dir).
-local function prepare()
-  local root = helper.capture("pwd"):gsub("%s+$", "")
+-- in a private dir). `bare`: the dir holds the logs only, nothing of the
+-- checkout.
+local function prepare(bare)
   local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
-  assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/examples %s "
-    .. "&& cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
-    :format(dir, dir, root, root, dir, root, dir, dir)))
+  if bare then
+    assert(helper.sh(("mkdir -p %s/logs && chmod -R a+rX %s"):format(dir, dir)))
+  else
+    local root = helper.capture("pwd"):gsub("%s+$", "")
+    assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/examples %s "
+      .. "&& cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
+      :format(dir, dir, root, root, dir, root, dir, dir)))
+  end
   return dir, helper.free_port()
 end
 
 --- Writes `conf` (`${PORT}`, `${LUA_PATH}`, `${LUA_CPATH}` replaced, and
 -- `${ROOT}`: the dir holding the copies of lua/ and examples/),
--- starts nginx on it with `flags`, waits until it answers on `/`.
-local function launch(dir, port, conf, flags)
+-- starts nginx on it with `flags` (after `env`, a command nginx runs
+-- under, as `env -i PATH=...`), waits until it answers on `/`.
+local function launch(dir, port, conf, flags, env)
   conf = conf:gsub("%${([%u_]+)}", {
     PORT = tostring(port),
     LUA_PATH = ("%s/lua/?.lua;%s/lua/?/init.lua;;"):format(dir, dir),
@@ -36,8 +42,8 @@ local function launch(dir, port, conf, flags)
   local f = assert(io.open(dir .. "/nginx.conf", "w"))
   f:write(conf)
   f:close()
-  local pid = assert(tonumber(helper.capture(("nginx -p %s -c %s/nginx.conf %s >%s/stderr.log 2>&1 & echo $!"):format(
-    dir, dir, flags, dir))))
+  local pid = assert(tonumber(helper.capture(("%s nginx -p %s -c %s/nginx.conf %s >%s/stderr.log 2>&1 & echo $!"):format(
+    env or "", dir, dir, flags, dir))))
   local file = os.getenv("ETCD3_SPEC_PIDFILE")
   if file then
     local pf = io.open(file, "a")
@@ -84,11 +90,14 @@ end
 --- Starts nginx on a complete configuration, as a user writes it (the
 -- lua module is loaded in front of it; foreground mode, pid file and error
 -- log come from the command line). `${PORT}`, `${LUA_PATH}` and
--- `${LUA_CPATH}` in it are replaced.
-function _M.start_conf(conf)
-  local dir, port = prepare()
+-- `${LUA_CPATH}` in it are replaced. `bare`: nothing of the checkout is
+-- on any path (no copies, `${LUA_PATH}` unused), and nginx runs with an
+-- empty environment but PATH (LUA_PATH and LUA_CPATH would be the
+-- defaults that ";;" stands for).
+function _M.start_conf(conf, bare)
+  local dir, port = prepare(bare)
   return launch(dir, port, LOAD_MODULES .. conf, ("-g 'daemon off; master_process on; pid %s/nginx.pid; "
-    .. "error_log %s/error.log info;'"):format(dir, dir))
+    .. "error_log %s/error.log info;'"):format(dir, dir), bare and "env -i PATH=/usr/sbin:/usr/bin:/bin")
 end
 
 --- GET path -> body, seconds taken
