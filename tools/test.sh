@@ -5,7 +5,9 @@
 # with AddressSanitizer + UBSan, checks that the release's source rock
 # (`make dist`) installs offline on Lua 5.4, 5.3, 5.1 and LuaJIT, runs the
 # demo and removes cleanly, and that etcd3._VERSION is the rock's version
-# (tools/check-rock.sh), runs luacheck, fuzzes the codec and soaks a client for a
+# (tools/check-rock.sh), that the Debian package (`make deb`) installs, runs
+# the demo with the system paths only under Lua 5.4 to 5.1 and LuaJIT and
+# purges cleanly (tools/check-deb.sh), runs luacheck, fuzzes the codec and soaks a client for a
 # minute each, overloads one and runs the game-server scale at a small
 # size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
@@ -120,6 +122,7 @@ fi
 # the folders to check are the Makefile's (`make lint`)
 step luacheck $MAKE -s lint
 step rock sh tools/check-rock.sh
+step deb sh tools/check-deb.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke
