@@ -13,6 +13,7 @@
 #                        runtimes, a sanitizer run, and luacheck
 #   make install         honours LuaRocks' variables (INST_LIBDIR, INST_LUADIR)
 #   make dist            the source rock build/dist/lua-etcd3-$(VERSION)-1.src.rock
+#   make deb             the Debian package build/deb/lua-etcd3_$(VERSION)-1_amd64.deb
 #
 # etcd's .proto files come from an etcd source tree: ETCD_PROTO_DIR, or by
 # default Debian's golang-etcd-server-dev unpacked into build/ (never committed).
@@ -65,7 +66,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps dist version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps dist deb version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -116,6 +117,13 @@ version:
 # it may fetch and generate the protos first; installing the rock does not.
 dist: $(PB_C)
 	sh tools/dist.sh $(VERSION)-$(ROCK_REVISION) $(PROTO_OUT) $(ETCD_PROTO_DIR)
+
+# The Debian package lua-etcd3 (debian/, built with dh-lua) for Lua 5.1 to
+# 5.4 and LuaJIT, from the source rock's tree (tools/deb.sh): HEAD, as the
+# rock is.
+deb: deps
+	$(MAKE) -s dist > /dev/null
+	sh tools/deb.sh build/dist/lua-etcd3-$(VERSION)-$(ROCK_REVISION).src.rock
 
 deps:
 	sh tools/deps.sh
@@ -257,7 +265,7 @@ soak: deps
 	  $(SOAK_LUA) tools/soak.lua $(SOAK_MINUTES)
 
 lint:
-	luacheck lua spec examples tools $(wildcard bench)
+	luacheck lua spec examples tools debian $(wildcard bench)
 
 install: $(MODULE)
 	mkdir -p $(INST_LIBDIR)/etcd3 $(INST_LUADIR)/etcd3

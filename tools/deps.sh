@@ -12,9 +12,11 @@ else
 # valgrind: memcheck over the KV, lease and watch specs (`make memcheck`);
 # lua-cjson: the gateway example's JSON decoder (nginx's LuaJIT and the spec);
 # golang-go, golang-etcd-server-dev: the Go peers of the interop specs (and
-# of the benchmark), built offline from Debian's etcd sources
+# of the benchmark), built offline from Debian's etcd sources;
+# dh-lua, debhelper, dpkg-dev (and Lua 5.2): the Debian package (`make deb`)
 PKGS="make gcc clang pkg-config libgrpc-dev libprotobuf-c-dev protobuf-c-compiler
 lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua5.3 liblua5.3-dev lua5.1 liblua5.1-0-dev
+lua5.2 liblua5.2-dev dh-lua debhelper dpkg-dev
 lua-busted lua-check luarocks
 etcd-server etcd-client lua-cqueues nginx libnginx-mod-http-lua lua-cjson curl
 python3-grpcio libclang-rt-14-dev valgrind golang-go golang-etcd-server-dev"

@@ -7,7 +7,9 @@
 # demo and removes cleanly, and that etcd3._VERSION is the rock's version
 # (tools/check-rock.sh), installs it into OpenResty's tree as the README
 # says and loads it from there in nginx (tools/check-openresty-tree.sh),
-# runs luacheck, fuzzes the codec and soaks a client for a
+# that the Debian package (`make deb`) installs, runs the demo with the
+# system paths only under Lua 5.4 to 5.1 and LuaJIT and purges cleanly
+# (tools/check-deb.sh), runs luacheck, fuzzes the codec and soaks a client for a
 # minute each, overloads one and runs the game-server scale at a small
 # size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
@@ -130,6 +132,7 @@ step rock sh tools/check-rock.sh
 # Debian's luajit2) by README's luarocks line, loaded by Debian's nginx from
 # README's lua_package_path lines
 step openresty-tree sh tools/check-openresty-tree.sh
+step deb sh tools/check-deb.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke
