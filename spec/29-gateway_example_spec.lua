@@ -5,6 +5,7 @@
 -- changes or, after a RESET, by reading every route again. The spec
 -- process may run on either runtime: nginx runs the example under LuaJIT.
 local etcd3 = require "etcd3"
+local core = require "etcd3.core"
 local cjson = require "cjson.safe"
 local helper = require "spec.helpers.etcd"
 local nginx = require "spec.helpers.nginx"
@@ -148,6 +149,41 @@ describe("examples/gateway", function()
     -- the proxy location: no route, 404
     assert.matches("404", helper.capture(("curl -s -o /dev/null -w '%%{http_code}' -H 'Host: none.example' %s/x")
       :format(server.url)))
+    no_lua_errors(server)
+  end)
+
+  it("wakes every worker when the routes move, and an idle one about once a second", function()
+    local server = nginx.start_conf(config(member.endpoint))
+    finally(function() server:stop() end)
+    tables_exact(server, cli, assert(cli:get(ROUTES, { prefix = true })).header.revision)
+    local pids = {}
+    for pid in helper.capture("ps -o pid= --ppid " .. server.pid):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
+    assert.are.equal(WORKERS, #pids)
+    --- how often the worker's main thread went to sleep and was woken
+    local function wakes(pid)
+      local f = assert(io.open(("/proc/%d/task/%d/status"):format(pid, pid)))
+      local status = f:read("*a")
+      f:close()
+      return tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)"))
+    end
+    local before = {}
+    for i, pid in ipairs(pids) do before[i] = wakes(pid) end
+    local t0 = helper.now()
+    core.sleep(3) -- the measurement window (nothing to wait for)
+    local took = helper.now() - t0
+    for i, pid in ipairs(pids) do
+      -- each worker's follower waits in view:wait, woken by the writer's
+      -- feed: at its heartbeat (1 s) when nothing changes; polling the
+      -- dict every 8 ms would be 375 wake-ups
+      local n = wakes(pid) - before[i]
+      io.stderr:write(("\n[gateway] idle worker %d: %d wake-ups in %.1f s"):format(pid, n, took))
+      assert.is_true(n <= 4 * took, ("worker %d woke %d times in %.1f s"):format(pid, n, took))
+    end
+    local last
+    for i = 1, 20 do
+      last = assert(cli:put(ROUTES .. "w" .. i, route("w.example", "/" .. i, "127.0.0.1:8200"))).header.revision
+    end
+    tables_exact(server, cli, last)
     no_lua_errors(server)
   end)
 

@@ -16,6 +16,7 @@
 #include "codec.h"
 #include "engine.h"
 #include "lease.h"
+#include "feed.h"
 #include "notifier.h"
 #include "registration.h"
 #include "server_stream.h"
@@ -54,6 +55,7 @@ int luaopen_etcd3_core(lua_State *L) {
   static const lua_CFunction open_types[] = {
     etcd3_codec_open, etcd3_call_open, etcd3_lease_open, etcd3_watcher_open,
     etcd3_server_stream_open, etcd3_registration_open, etcd3_notifier_open, etcd3_client_open,
+    etcd3_feed_open,
     NULL,
   };
   static const luaL_Reg functions[] = {

@@ -58,12 +58,8 @@ typedef struct notifier_ref {
 
 /* The socket file and its directory go as soon as they served. */
 static void drop_listener(notifier *n) {
-  if (n->listen_fd >= 0) close(n->listen_fd);
+  etcd3_unlisten_private(n->listen_fd, n->dir, n->path);
   n->listen_fd = -1;
-  if (n->path[0]) unlink(n->path);
-  n->path[0] = '\0';
-  if (n->dir[0]) rmdir(n->dir);
-  n->dir[0] = '\0';
 }
 
 static void drop_all(notifier *n) {
@@ -136,38 +132,51 @@ static etcd3_engine *check_ref(lua_State *L) {
   return ((notifier_ref *)etcd3_bound_check(L, ETCD3_NOTIFIER_MT, "notifier"))->engine;
 }
 
-/* Opens the listening socket in a new private directory; 0 and a message
- * in err on failure (nothing left behind). */
-ETCD3_LOCKED static int listen_private(notifier *n, char *err, size_t errlen) {
+int etcd3_listen_private(const char *name, int backlog, char *dir, size_t dirlen, char *path,
+                         size_t pathlen, char *err, size_t errlen) {
   const char *tmp = getenv("TMPDIR");
   struct sockaddr_un addr;
   int fd;
+  path[0] = '\0';
   if (!tmp || !*tmp) tmp = "/tmp";
-  if (snprintf(n->dir, sizeof n->dir, "%s/etcd3-XXXXXX", tmp) >= (int)sizeof n->dir ||
-      !mkdtemp(n->dir)) {
+  if (snprintf(dir, dirlen, "%s/etcd3-XXXXXX", tmp) >= (int)dirlen || !mkdtemp(dir)) {
     snprintf(err, errlen, "cannot make a private directory in %s: %s", tmp, strerror(errno));
-    n->dir[0] = '\0';
-    return 0;
+    dir[0] = '\0';
+    return -1;
   }
-  if (snprintf(n->path, sizeof n->path, "%s/n", n->dir) >= (int)sizeof n->path) {
-    snprintf(err, errlen, "socket path too long: %s/n", n->dir);
-    n->path[0] = '\0';
-    drop_listener(n);
-    return 0;
+  if (snprintf(path, pathlen, "%s/%s", dir, name) >= (int)pathlen ||
+      strlen(path) >= sizeof addr.sun_path) {
+    snprintf(err, errlen, "socket path too long: %s/%s", dir, name);
+    path[0] = '\0';
+    etcd3_unlisten_private(-1, dir, path);
+    return -1;
   }
   memset(&addr, 0, sizeof addr);
   addr.sun_family = AF_UNIX;
-  memcpy(addr.sun_path, n->path, strlen(n->path) + 1);
+  memcpy(addr.sun_path, path, strlen(path) + 1);
   fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, 4) != 0) {
-    snprintf(err, errlen, "cannot listen on %s: %s", n->path, strerror(errno));
-    if (fd >= 0) close(fd);
+  if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(fd, backlog) != 0) {
+    snprintf(err, errlen, "cannot listen on %s: %s", path, strerror(errno));
     /* bind may have made the file: remove both */
-    drop_listener(n);
-    return 0;
+    etcd3_unlisten_private(fd, dir, path);
+    return -1;
   }
-  n->listen_fd = fd;
-  return 1;
+  return fd;
+}
+
+void etcd3_unlisten_private(int fd, char *dir, char *path) {
+  if (fd >= 0) close(fd);
+  if (path[0]) unlink(path);
+  path[0] = '\0';
+  if (dir[0]) rmdir(dir);
+  dir[0] = '\0';
+}
+
+/* Opens the listening socket in a new private directory; 0 and a message
+ * in err on failure (nothing left behind). */
+ETCD3_LOCKED static int listen_private(notifier *n, char *err, size_t errlen) {
+  n->listen_fd = etcd3_listen_private("n", 4, n->dir, sizeof n->dir, n->path, sizeof n->path, err, errlen);
+  return n->listen_fd >= 0;
 }
 
 /* notifier:listen() -> path | nil, message: a new socket to connect to

@@ -141,17 +141,31 @@ function _M.status()
     routes = state.keys }
 end
 
+--- This worker's follower: syncs its table, then waits until the routes'
+-- copy moves (view:wait: woken by the process that writes it, no polling)
+-- or 5 s pass, until the worker exits.
+local function follow(premature)
+  if premature then return end
+  local view = ngxm.view(_M.ROUTES_DICT)
+  while not ngx.worker.exiting() do
+    local ok, err = pcall(_M.sync)
+    if not ok then
+      ngx.log(ngx.ERR, "gateway: syncing the routes: ", tostring(err))
+      ngx.sleep(1)
+    end
+    view:wait(state.rev, 5)
+  end
+end
+
 --- In init_worker_by_lua* of every worker: one mirror per prefix (one
 -- process writes them, with a connection per prefix), and a timer that
--- syncs this worker's table every `interval` seconds (requests sync too).
+-- follows the routes into this worker's table (requests sync too).
 -- opts: endpoints (etcd's), log_size (the change log's length, default
--- etcd3.ngx's), interval (default 0.1).
+-- etcd3.ngx's).
 function _M.init_worker(opts)
   ngxm.mirror { dict = _M.ROUTES_DICT, prefix = _M.ROUTES, endpoints = opts.endpoints, log_size = opts.log_size }
   ngxm.mirror { dict = _M.UPSTREAMS_DICT, prefix = _M.UPSTREAMS, endpoints = opts.endpoints }
-  assert(ngx.timer.every(opts.interval or 0.1, function(premature)
-    if not premature then _M.sync() end
-  end))
+  assert(ngx.timer.at(0, follow))
 end
 
 return _M

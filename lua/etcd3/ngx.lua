@@ -49,6 +49,7 @@ local BEAT = "\0etcd3:beat"     -- refreshed by the writer in step with the copy
 local LOCK = "\0etcd3:lock"     -- held while a batch is written
 local WRITER = "\0etcd3:writer" -- the writing process's pid (for operators)
 local COUNT = "\0etcd3:count"   -- the number of keys in the copy (bounds a view's decode cache)
+local FEED = "\0etcd3:feed"     -- the path of the writer's wake-up socket (view:wait)
 -- The change log's state, one value so a reader gets all of it at once:
 -- "head tail from size". Entries head-1 down to tail are kept; they hold
 -- every change after revision `from`; entry seq lives in slot seq % size.
@@ -315,6 +316,7 @@ function Writer:finish(rev)
   self:set_internal(COUNT, self.m:count())
   self:set_internal(BEAT, ngx.now(), BEAT_TTL)
   self:set_internal(WRITER, ngx.worker.pid())
+  if self.feed_path then self:set_internal(FEED, self.feed_path) end
   self.written = rev
   local message
   for _ = 1, 2 do
@@ -393,6 +395,10 @@ function Writer:sync(changes)
   self.in_batch = false
   dict:delete(LOCK)
   if not ok then error(err, 0) end
+  -- the views waiting for a newer copy: woken once it is in the dict (a
+  -- newer writer's copy counts too: they look at the dict's revision);
+  -- also at each heartbeat, when a reader in an exiting worker ends
+  if self.feed then self.feed:post() end
 end
 
 --- A watch does not end when etcd becomes unreachable (the client resumes
@@ -457,16 +463,23 @@ function Writer:session()
   return true
 end
 
+--- Stops waking the views (they poll the dict until a writer's feed
+-- answers again) and removes the socket.
+function Writer:close_feed()
+  if self.feed then self.feed:close() end
+  self.feed, self.feed_path = nil, nil
+end
+
 local run
 
 --- The writer's timer: one session after another until the worker exits.
 function run(premature, self)
-  if premature or ngx.worker.exiting() then return end
+  if premature or ngx.worker.exiting() then return self:close_feed() end
   local ok, done, err = pcall(Writer.session, self)
   if self.m then pcall(self.m.close, self.m) end
   if self.cli then pcall(self.cli.close, self.cli) end
   self.m, self.cli = nil, nil
-  if ok and done then return end
+  if ok and done then return self:close_feed() end
   local why = ok and tostring(err) or ("error: " .. tostring(done))
   log(ngx.ERR, "mirroring ", self.cfg.prefix, " into ", self.name, ": ", why)
   self:set_error("the copy may be stale: " .. why)
@@ -512,6 +525,13 @@ function _M.mirror(cfg)
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
     retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE }, Writer)
+  -- the views' wake-up (without it they poll the dict)
+  local feed, ferr = require("etcd3.core").feed()
+  if feed then
+    self.feed, self.feed_path = feed, feed:path()
+  else
+    log(ngx.WARN, "views of ", cfg.dict, " will poll: ", tostring(ferr))
+  end
   local ok, err = ngx.timer.at(0, run, self)
   if not ok then error("etcd3.ngx.mirror: cannot start the writer's timer: " .. tostring(err), 2) end
   return true
@@ -717,14 +737,74 @@ function View:err()
   return nil
 end
 
--- view:wait polls the dict's revision: nginx has no cross-process wake-up
--- a shared dict could carry, and a dict read costs well under a microsecond.
+-- Without the writer's feed (init_worker, where nothing may yield, or no
+-- writer listening) view:wait polls the dict's revision, this often.
 local WAIT_STEP_MIN, WAIT_STEP_MAX = 0.001, 0.008
+-- A worker whose reader of a feed ended connects again after this long.
+local FEED_RETRY = 1
+-- (a cosocket's longest timeout: the reader waits for the writer's bytes)
+local READ_FOREVER = 2147483647
+
+-- This worker's reader of each dict's feed: dict name -> { path, sema,
+-- started, connected, ended }.
+local feeds = {}
+
+--- Wakes every view waiting on the feed: they look at the dict again.
+local function wake(st)
+  local waiting = -st.sema:count()
+  if waiting > 0 then st.sema:post(waiting) end
+end
+
+--- The light thread that reads a writer's feed (src/feed.c) in this
+-- worker: one byte after each batch and at each heartbeat. Ends when the
+-- writer closes it (it stopped, or went) or the worker exits.
+local function feed_reader(premature, st)
+  local sock = not premature and ngx.socket.tcp()
+  if sock and sock:connect("unix:" .. st.path) then
+    st.connected = true
+    sock:settimeout(READ_FOREVER)
+    -- a batch posted before this connection was queued: look at the dict again
+    wake(st)
+    while not ngx.worker.exiting() do
+      local _, err = sock:receiveany(64)
+      if err and err ~= "timeout" then break end
+      wake(st)
+    end
+  end
+  if sock then sock:close() end
+  st.ended = true
+  wake(st)
+end
+
+--- This worker's reader of the dict's feed, started when there is none
+-- (or the writer changed); nil when views must poll.
+local function feed_of(view)
+  local path = view.dict:get(FEED)
+  if not path then return nil end
+  local st = feeds[view.name]
+  ngx.update_time()
+  if not st or st.path ~= path or (st.ended and ngx.now() - st.started >= FEED_RETRY) then
+    local ok, semaphore = pcall(require, "ngx.semaphore")
+    if not ok then return nil end
+    st = { path = path, sema = semaphore.new(0), started = ngx.now() }
+    feeds[view.name] = st
+    if not ngx.timer.at(0, feed_reader, st) then st.ended = true end
+  end
+  if st.ended then return nil end
+  return st
+end
+
+--- The error of a wait in a worker that exits.
+local function exiting()
+  return errors.new("CANCELLED", "the nginx worker is exiting (reload or shutdown): the wait was ended",
+    "view:wait")
+end
 
 --- view:wait(revision [, timeout]) -> the copy's revision once it is newer
--- than `revision` | nil, err (err.code "TIMEOUT"). Polls the dict with
--- ngx.sleep, 1 ms then growing to 8 ms between polls; in init_worker it
--- blocks the worker instead (it serves nothing yet).
+-- than `revision` | nil, err (err.code "TIMEOUT"; "CANCELLED" in a worker
+-- that exits, at once). Parks on the worker's reader of the writer's feed,
+-- woken once a batch is in the dict; without one it polls the dict, and
+-- in init_worker it blocks the worker instead (it serves nothing yet).
 function View:wait(revision, timeout)
   check.self("view:wait", self, "View")
   check.arg("view:wait", 1, revision, "number")
@@ -734,8 +814,10 @@ function View:wait(revision, timeout)
   if rev > revision then return rev end
   local perr = require("etcd3.wait").precheck()
   if perr then return nil, perr end
+  if ngx.worker.exiting() then return nil, exiting() end
   local phase = ngx.get_phase()
-  local sleep = (phase == "init_worker" or phase == "init") and require("etcd3.core").sleep or ngx.sleep
+  local blocking = phase == "init_worker" or phase == "init"
+  local sleep = blocking and require("etcd3.core").sleep or ngx.sleep
   ngx.update_time()
   local deadline = ngx.now() + (timeout or 5)
   local step = WAIT_STEP_MIN
@@ -746,8 +828,14 @@ function View:wait(revision, timeout)
       return nil, errors.new("TIMEOUT", ("the copy did not pass revision %d in time (it is at %d)"):format(
         revision, rev), "view:wait")
     end
-    sleep(math_min(step, left))
-    if step < WAIT_STEP_MAX then step = step * 2 end
+    local st = not blocking and feed_of(self)
+    if st then
+      st.sema:wait(left) -- until the writer's next byte (or the deadline)
+      if ngx.worker.exiting() then return nil, exiting() end
+    else
+      sleep(math_min(step, left))
+      if step < WAIT_STEP_MAX then step = step * 2 end
+    end
     rev = dict:get(REV) or 0
     if rev > revision then return rev end
   end
