@@ -70,7 +70,7 @@ describe("OpenResty", function()
     assert.are.equal("live-2\n", (server:get("/live")))
   end)
 
-  it("keeps answering within 100 ms while a watch waits in the same worker", function()
+  it("keeps answering while a watch waits in the same worker", function()
     local finish = server:get_async("/watch")
     -- the watch is established well within these 2 s of reads
     local slowest = 0
@@ -81,7 +81,10 @@ describe("OpenResty", function()
       if took > slowest then slowest = took end
     end
     io.stderr:write(("\n[openresty] slowest /live while a watch waits: %.1f ms\n"):format(slowest * 1000))
-    assert.is_true(slowest < 0.1, "slowest " .. slowest)
+    -- a worker blocked by the watch would answer only once the watch ends,
+    -- after the put below (over 2 s); the rest is the machine's load (a
+    -- loaded CI run once took 189 ms): speed is measured in bench/
+    assert.is_true(slowest < 1, "slowest " .. slowest)
     assert(cli:put("/ngx/watched", "changed"))
     assert.are.equal("watching\nchanged\n", finish())
   end)
