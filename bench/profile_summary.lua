@@ -136,22 +136,24 @@ for _, id in ipairs { "A", "B", "C", "D" } do
   print()
   local cs, ts = strace(("%s/strace-%s-%d.txt"):format(OUT, id, SMALL))
   local cl, tl = strace(("%s/strace-%s-%d.txt"):format(OUT, id, LARGE))
-  local per = diff(cl, cs, LARGE - SMALL)
-  local parts = {}
-  for _, k in ipairs(sorted(per)) do
-    if per[k] >= 0.05 then parts[#parts + 1] = ("%s %.2f"):format(k, per[k]) end
-  end
-  print(("syscalls per op (strace -c -f, %d - %d ops): %.2f: %s"):format(LARGE, SMALL,
-    (tl - ts) / (LARGE - SMALL), table.concat(parts, ", ")))
-  print()
+  if tl > 0 then -- (not with CALLGRIND_ONLY)
+    local per = diff(cl, cs, LARGE - SMALL)
+    local parts = {}
+    for _, k in ipairs(sorted(per)) do
+      if per[k] >= 0.05 then parts[#parts + 1] = ("%s %.2f"):format(k, per[k]) end
+    end
+    print(("syscalls per op (strace -c -f, %d - %d ops): %.2f: %s"):format(LARGE, SMALL,
+      (tl - ts) / (LARGE - SMALL), table.concat(parts, ", ")))
+    print()
 
-  local share = perf_dso(("%s/perf-%s-dso.txt"):format(OUT, id))
-  local g = {}
-  for dso, pct in pairs(share) do g[group(dso)] = (g[group(dso)] or 0) + pct end
-  parts = {}
-  for _, k in ipairs(sorted(g)) do parts[#parts + 1] = ("%s %.1f %%"):format(k, g[k]) end
-  print("perf cpu-clock samples by part: " .. table.concat(parts, ", "))
-  print()
+    local share = perf_dso(("%s/perf-%s-dso.txt"):format(OUT, id))
+    local g = {}
+    for dso, pct in pairs(share) do g[group(dso)] = (g[group(dso)] or 0) + pct end
+    parts = {}
+    for _, k in ipairs(sorted(g)) do parts[#parts + 1] = ("%s %.1f %%"):format(k, g[k]) end
+    print("perf cpu-clock samples by part: " .. table.concat(parts, ", "))
+    print()
+  end
 
   local small = callgrind(("%s/callgrind-%s-%d.out"):format(OUT, id, SMALL))
   local large = callgrind(("%s/callgrind-%s-%d.out"):format(OUT, id, CG_LARGE))
@@ -164,7 +166,17 @@ for _, id in ipairs { "A", "B", "C", "D" } do
   print(("callgrind: %.0f user-space instructions per op (%d - %d ops): main thread %.0f "
     .. "(Lua layer, outside calls into etcd3.core: %.0f; inside them: %.0f), gRPC's and the engine's threads %.0f"):format(
     total, CG_LARGE, SMALL, main, main - inside, inside, others))
-  parts = {}
+  -- Go clientv3's driver on the same workload (all threads: goroutines
+  -- move between them), when profile.sh found it built
+  local go_small = callgrind(("%s/callgrind-go-%s-%d.out"):format(OUT, id, SMALL))
+  local go_large = callgrind(("%s/callgrind-go-%s-%d.out"):format(OUT, id, CG_LARGE))
+  if go_large.total > 0 then
+    local go = (go_large.total - go_small.total) / n
+    print()
+    print(("Go clientv3, same workload and sizes: %.0f user-space instructions per op; lua-etcd3 / Go %.2f"):format(
+      go, total / go))
+  end
+  local parts = {}
   for i, k in ipairs(sorted(entry)) do
     if i > 6 then break end
     parts[#parts + 1] = ("`%s` %.0f"):format(k, entry[k])
