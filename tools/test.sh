@@ -5,9 +5,10 @@
 # with AddressSanitizer + UBSan, checks that the release's source rock
 # (`make dist`) installs offline on Lua 5.4, 5.3, 5.1 and LuaJIT, runs the
 # demo and removes cleanly, and that etcd3._VERSION is the rock's version
-# (tools/check-rock.sh), runs luacheck, fuzzes the codec and soaks a client for a
-# minute each, overloads one and runs the game-server scale at a small
-# size, runs valgrind's memcheck over the KV, lease and watch specs, and
+# (tools/check-rock.sh), runs luacheck, runs the benchmark harness and the
+# STM hot-key benchmark at a small size, fuzzes the codec and soaks a
+# client for a minute each, overloads one and runs the game-server scale
+# at a small size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
 #
 # Every etcd (and nginx, and wrong peer) the specs start is recorded by PID
@@ -123,6 +124,10 @@ step rock sh tools/check-rock.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke
+# the STM hot-key benchmark at a small size: 4 processes x 50 increments,
+# one pair per runtime, no callgrind; every round's counter must equal its
+# commits (`make bench-stm` runs 5 pairs of 4 x 500 and callgrind)
+step bench-stm-smoke $MAKE -s bench-stm STM_ARGS="--n 50 --pairs 1 --callgrind 0"
 
 # the codec's libFuzzer targets, 60 s each, on a seed corpus recorded
 # from etcd afresh (`make fuzz` runs them longer)
