@@ -66,7 +66,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps dist deb version demo run test check lint install clean bench bench-smoke bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps dist deb version demo run test check lint install clean bench bench-smoke bench-stm bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -141,6 +141,16 @@ bench-smoke: deps
 	sh tools/deps.sh bench
 	$(MAKE) -s LUA=lua5.4
 	$(BENCH_ENV) lua5.4 bench/run.lua --scale 50 --pairs 1
+
+# STM increments of one hot key from 4 processes, lua-etcd3 (Lua 5.4 and
+# LuaJIT) against Go's concurrency.NewSTM, in pairs; then instructions per
+# commit under callgrind (bench/stm.lua, bench/README.md "STM hot key").
+# STM_ARGS="--n 50 --pairs 1 --callgrind 0": the smoke size CI runs.
+STM_ARGS ?=
+bench-stm: deps
+	$(MAKE) -s LUA=lua5.4
+	$(MAKE) -s LUA=luajit
+	$(BENCH_ENV) lua5.4 bench/stm.lua $(STM_ARGS)
 
 # RSS after require, after connect and per 1000 watchers (bench/README.md).
 bench-memory: deps

@@ -63,6 +63,88 @@ function _M.start_etcd(cpus)
   return { endpoint = ep, pid = pid, dir = dir }
 end
 
+--- etcd's own CPU time in µs, all its threads (the first field of each
+-- thread's schedstat is its time on a CPU in ns; Go keeps its threads).
+function _M.etcd_cpu_us(e)
+  local total = 0
+  for ns in capture(("cat /proc/%d/task/*/schedstat 2>/dev/null"):format(e.pid)):gmatch("(%d+) %d+ %d+") do
+    total = total + tonumber(ns)
+  end
+  return total / 1000
+end
+
+--- Builds bench/peers/peersbench.go into OUT (an absolute path) in GOPATH
+-- mode, offline, from Debian's golang-etcd-server-dev; returns the binary's
+-- path (not rebuilt while newer than the source), or nil when it did not
+-- build (OUT/go-build.log says why).
+function _M.build_go(out)
+  local bin = out .. "/peersbench-go"
+  local src = out .. "/gopath/src/peersbench"
+  sh("mkdir -p " .. src .. " && cp bench/peers/peersbench.go " .. src .. "/main.go")
+  if sh(("[ %s -nt bench/peers/peersbench.go ]"):format(bin)) then return bin end
+  io.stderr:write("building the Go clientv3 driver (GOPATH mode, Debian's golang-etcd-server-dev)\n")
+  local ok = sh(("cd %s && GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=%s/gopath:/usr/share/gocode "
+    .. "GOCACHE=%s/gocache go build -o %s . >%s/go-build.log 2>&1"):format(src, out, out, bin, out))
+  return ok and bin or nil
+end
+
+--- The command running bench/lua_driver.lua under `lua` (lua5.4, luajit)
+-- with the module built in ROOT/build/LUA, against `endpoint`, with `args`.
+function _M.lua_driver_command(root, lua, endpoint, args)
+  return ("env LUA_PATH=%s LUA_CPATH=%s %s bench/lua_driver.lua -endpoint %s %s"):format(
+    q(root .. "/lua/?.lua;" .. root .. "/lua/?/init.lua"), q(root .. "/build/" .. lua .. "/?.so"), lua, endpoint, args)
+end
+
+--- "CPU model, N cores, kernel, etcd version, date" for a table's header.
+function _M.machine()
+  local cpu = capture("grep -m1 'model name' /proc/cpuinfo"):match(":%s*(.-)%s*$") or "?"
+  return ("%s, %s cores, %s, etcd %s, %s"):format(cpu, capture("nproc"):gsub("%s", ""),
+    capture("uname -sr"):gsub("%s+$", ""), (capture("etcd --version"):match("etcd Version: (%S+)") or "?"),
+    os.date("!%Y-%m-%d %H:%M UTC"))
+end
+
+--- The load average over 1, 5 and 15 minutes, as one string.
+function _M.loadavg()
+  local f = io.open("/proc/loadavg")
+  local l = f and f:read("l") or ""
+  if f then f:close() end
+  return l:match("^(%S+ %S+ %S+)") or "?"
+end
+
+--- A flat table of numbers and strings as one JSON line (keys sorted).
+function _M.json(r)
+  local parts = {}
+  for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
+  table.sort(parts)
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+--- One JSON line of the drivers (a flat object of numbers and strings).
+function _M.parse(line)
+  local t = {}
+  for k, v in line:gmatch('"([%w_]+)"%s*:%s*("?[^,}]*)') do
+    if v:sub(1, 1) == '"' then t[k] = v:sub(2, -2) else t[k] = tonumber(v) end
+  end
+  return t
+end
+
+--- The median of a list of numbers, then its min and max (nil when empty).
+function _M.stats(list)
+  if #list == 0 then return nil end
+  local s = {}
+  for i, v in ipairs(list) do s[i] = v end
+  table.sort(s)
+  local m = (#s + 1) / 2
+  return (s[math.floor(m)] + s[math.ceil(m)]) / 2, s[1], s[#s]
+end
+
+--- "median× (min–max)" of a list of per-pair ratios ("" when empty).
+function _M.fmt_ratio(list)
+  local m, lo, hi = _M.stats(list)
+  if not m then return "" end
+  return ("%.2f× (%.2f–%.2f)"):format(m, lo, hi)
+end
+
 --- Stops the member start_etcd started, by its PID, and removes its data dir.
 function _M.stop_etcd(e)
   sh("kill " .. e.pid .. " 2>/dev/null")

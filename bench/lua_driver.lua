@@ -1,4 +1,5 @@
--- lua-etcd3 driver for the peer workloads A-G, with the Go driver's CLI:
+-- lua-etcd3 driver for the peer workloads A-G and bench/stm.lua's hot key,
+-- with the Go driver's CLI:
 --   lua5.4 bench/lua_driver.lua -endpoint 127.0.0.1:23791 -mode put -n 5000
 -- Prints one JSON line per measurement (as bench/peers/* do).
 local etcd3 = require "etcd3"
@@ -143,6 +144,26 @@ elseif mode == "watch" then
   emit { workload = opt.rev > 0 and "E2_watch_replay" or "E_watch_live", n = opt.n, received = got,
     secs = secs, ops = secs > 0 and got / secs or 0, cpu_ms = cpu_ms,
     cpu_us_per_op = cpu_ms * 1000 / math.max(got, 1) }
+elseif mode == "stm" then
+  -- bench/stm.lua's worker: says it is ready (puts KEY/ready/LABEL), waits
+  -- for KEY/go, then commits n STM increments of KEY (the default
+  -- isolation, serializable snapshot, as Go's), counting the runs of the
+  -- function (a run more than the commits is a conflict retried).
+  local hot = opt.prefix
+  local ready = assert(cli:put(hot .. "/ready/" .. opt.label, ""))
+  local go = assert(cli:watch(hot .. "/go", { start_revision = ready.header.revision + 1 }))
+  assert(go:next(60))
+  go:cancel()
+  local runs = 0
+  local function increment(stm)
+    runs = runs + 1
+    stm:put(hot, tostring((tonumber(stm:get(hot)) or 0) + 1))
+  end
+  local c0, t0 = cpu(), now()
+  for _ = 1, opt.n do assert(cli:stm(increment)) end
+  local secs, cpu_ms = now() - t0, (cpu() - c0) * 1000
+  emit { workload = "stm_hot_key", n = opt.n, commits = opt.n, runs = runs, secs = secs,
+    cpu_ms = cpu_ms, cpu_us_per_op = cpu_ms * 1000 / opt.n }
 elseif mode == "watchers" then
   collectgarbage()
   local base = rss_kb()

@@ -27,20 +27,9 @@ sh("mkdir -p " .. OUT)
 
 local function log(...) io.stderr:write(table.concat({ ... }), "\n") end
 
-local q = harness.quote
-
 -- Peers ---------------------------------------------------------------------
 
-local function build_go()
-  local bin = OUT .. "/peersbench-go"
-  local src = OUT .. "/gopath/src/peersbench"
-  sh("mkdir -p " .. src .. " && cp bench/peers/peersbench.go " .. src .. "/main.go")
-  if sh(("[ %s -nt bench/peers/peersbench.go ]"):format(bin)) then return bin end
-  log("building the Go clientv3 driver (GOPATH mode, Debian's golang-etcd-server-dev)")
-  local ok = sh(("cd %s && GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH=%s/gopath:/usr/share/gocode "
-    .. "GOCACHE=%s/gocache go build -o %s . >%s/go-build.log 2>&1"):format(src, OUT, OUT, bin, OUT))
-  return ok and bin or nil
-end
+local function build_go() return harness.build_go(OUT) end
 
 local function install_node()
   local dir = OUT .. "/node"
@@ -57,10 +46,7 @@ local PEERS = {}
 PEERS.lua = {
   name = "lua-etcd3",
   available = function() return sh("[ -f build/lua5.4/etcd3/core.so ]") end,
-  command = function(endpoint, args)
-    return ("env LUA_PATH=%s LUA_CPATH=%s lua5.4 bench/lua_driver.lua -endpoint %s %s"):format(
-      q(ROOT .. "/lua/?.lua;" .. ROOT .. "/lua/?/init.lua"), q(ROOT .. "/build/lua5.4/?.so"), endpoint, args)
-  end,
+  command = function(endpoint, args) return harness.lua_driver_command(ROOT, "lua5.4", endpoint, args) end,
 }
 
 PEERS.go = {
@@ -104,13 +90,7 @@ local stop_etcd = harness.stop_etcd
 
 -- JSON lines (flat objects of numbers and strings) -----------------------------
 
-local function parse(line)
-  local t = {}
-  for k, v in line:gmatch('"([%w_]+)"%s*:%s*("?[^,}]*)') do
-    if v:sub(1, 1) == '"' then t[k] = v:sub(2, -2) else t[k] = tonumber(v) end
-  end
-  return t
-end
+local parse = harness.parse
 
 local function run_json(cmd)
   local out = capture(cmd .. " 2>>" .. OUT .. "/stderr.log")
@@ -146,15 +126,7 @@ local NAMES = {
 -- table compares; `higher` tells whether more of it is better.
 local workloads = {}
 
--- etcd's own CPU time in µs, all its threads (the first field of each
--- thread's schedstat is its time on a CPU in ns; Go keeps its threads).
-local function etcd_cpu_us(etcd)
-  local total = 0
-  for ns in capture(("cat /proc/%d/task/*/schedstat 2>/dev/null"):format(etcd.pid)):gmatch("(%d+) %d+ %d+") do
-    total = total + tonumber(ns)
-  end
-  return total / 1000
-end
+local etcd_cpu_us = harness.etcd_cpu_us
 
 -- A-D also record etcd's CPU per operation: what serving this client cost
 -- the server (bench/README.md, "Why serial throughput stops at parity").
@@ -230,25 +202,12 @@ end }
 
 -- Run -------------------------------------------------------------------------------
 
-local function machine()
-  local cpu = capture("grep -m1 'model name' /proc/cpuinfo"):match(":%s*(.-)%s*$") or "?"
-  return ("%s, %s cores, %s, etcd %s, %s"):format(cpu, capture("nproc"):gsub("%s", ""),
-    capture("uname -sr"):gsub("%s+$", ""), (capture("etcd --version"):match("etcd Version: (%S+)") or "?"),
-    os.date("!%Y-%m-%d %H:%M UTC"))
-end
-
+local machine, loadavg = harness.machine, harness.loadavg
 local ours = PEERS.lua
 local peers = {}
 -- pairs[workload id][peer name] = list of { ours = result, peer = result }
 local pairs_of = {}
 local header
-
-local function loadavg()
-  local f = io.open("/proc/loadavg")
-  local l = f and f:read("l") or ""
-  if f then f:close() end
-  return l:match("^(%S+ %S+ %S+)") or "?"
-end
 
 -- Runs every workload in pairs; records every measurement in results.jsonl.
 local function run_all()
@@ -268,10 +227,7 @@ local function run_all()
 
   local jsonl = assert(io.open(OUT .. "/results.jsonl", "w"))
   local function record(r)
-    local parts = {}
-    for k, v in pairs(r) do parts[#parts + 1] = ("%q:%s"):format(k, type(v) == "number" and v or ("%q"):format(v)) end
-    table.sort(parts)
-    jsonl:write("{", table.concat(parts, ","), "}\n")
+    jsonl:write(harness.json(r), "\n")
     jsonl:flush()
   end
 
@@ -365,15 +321,7 @@ if opts.from ~= "" then read_results(opts.from) else run_all() end
 
 -- Table ---------------------------------------------------------------------------
 
--- The median of a list of numbers, then its min and max (nil when empty).
-local function stats(list)
-  if #list == 0 then return nil end
-  local s = {}
-  for i, v in ipairs(list) do s[i] = v end
-  table.sort(s)
-  local m = (#s + 1) / 2
-  return (s[math.floor(m)] + s[math.ceil(m)]) / 2, s[1], s[#s]
-end
+local stats = harness.stats
 local function median(list) return (stats(list)) end
 
 -- The values of one field over a list of pairs: ours, the peer's, and the
@@ -395,11 +343,7 @@ local function fmt_num(v, digits)
   return ("%." .. (digits or 0) .. "f"):format(v)
 end
 
-local function fmt_ratio(list)
-  local m, lo, hi = stats(list)
-  if not m then return "" end
-  return ("%.2f× (%.2f–%.2f)"):format(m, lo, hi)
-end
+local fmt_ratio = harness.fmt_ratio
 
 local lines = {}
 local function out(s) lines[#lines + 1] = s end

@@ -9,9 +9,10 @@
 # says and loads it from there in nginx (tools/check-openresty-tree.sh),
 # that the Debian package (`make deb`) installs, runs the demo with the
 # system paths only under Lua 5.4 to 5.1 and LuaJIT and purges cleanly
-# (tools/check-deb.sh), runs luacheck, fuzzes the codec and soaks a client for a
-# minute each, overloads one and runs the game-server scale at a small
-# size, runs valgrind's memcheck over the KV, lease and watch specs, and
+# (tools/check-deb.sh), runs luacheck, runs the benchmark harness and the
+# STM hot-key benchmark at a small size, fuzzes the codec and soaks a
+# client for a minute each, overloads one and runs the game-server scale
+# at a small size, runs valgrind's memcheck over the KV, lease and watch specs, and
 # ends with one line "N passed, M failed".
 #
 # Every etcd (and nginx, and wrong peer) the specs start is recorded by PID
@@ -136,6 +137,10 @@ step deb sh tools/check-deb.sh
 # the benchmark harness at 1/50 size (benchmarks are not tests: no figure
 # is asserted, only that every workload ran for every client)
 step bench-smoke $MAKE -s bench-smoke
+# the STM hot-key benchmark at a small size: 4 processes x 50 increments,
+# one pair per runtime, no callgrind; every round's counter must equal its
+# commits (`make bench-stm` runs 5 pairs of 4 x 500 and callgrind)
+step bench-stm-smoke $MAKE -s bench-stm STM_ARGS="--n 50 --pairs 1 --callgrind 0"
 
 # the codec's libFuzzer targets, 60 s each, on a seed corpus recorded
 # from etcd afresh (`make fuzz` runs them longer)

@@ -24,17 +24,21 @@
 -- With the two serializable levels a failed commit reads every key read
 -- back in its `failure` branch, and the next run starts from those values
 -- (Go's prefetch of the Else ops), which saves a round trip per conflict.
+--
+-- The reads and the commit are TxnRequest tables built here and sent as
+-- they are, not through the txn builder: every key, value and option was
+-- checked when stm:get, stm:put or stm:delete took it, and the builder's
+-- objects and checks were a quarter of an uncontended commit's
+-- instructions (bench/README.md, "STM hot key").
 local core = require "etcd3.core"
 local check = require "etcd3.check"
 local errors = require "etcd3.error"
-local txn = require "etcd3.txn"
 
 local setmetatable, select, pcall, error = setmetatable, select, pcall, error
 local ipairs, pairs, next, getmetatable = ipairs, pairs, next, getmetatable
 local math_min = math.min
 local unpack = table.unpack or unpack -- luacheck: ignore 143 (unpack: Lua 5.1's global)
 local now = core.now
-local cmp, op = txn.compare, txn.op
 
 local _M = {}
 
@@ -55,15 +59,14 @@ local STM_OPTIONS = {
 }
 local PUT_OPTIONS = { lease = "id" }
 
--- The non-snapshot levels read with serializable gets, as Go's do.
-local SERIALIZABLE_GET = { serializable = true }
-
 --- One run's state: `_reads` key -> { kv = kv|false, revision = the
--- read's store revision }; `_writes` key -> { value = string|false, op };
--- `_order` the written keys in the order of their first write (the commit
--- sends its ops in that order); `_prefetched` what the last failed commit
--- read back (serializable levels); `_get_opts` the options of every read
--- once the snapshot revision is fixed.
+-- read's store revision }; `_writes` key -> { value = string|false, op =
+-- the RequestOp }; `_order` the written keys in the order of their first
+-- write (the commit sends its ops in that order); `_prefetched` what the
+-- last failed commit read back (serializable levels); `_serializable` and
+-- `_revision` how every read asks (the non-snapshot levels read with
+-- serializable gets, as Go's do; the snapshot levels at the revision of
+-- their first read, once they made it).
 local STM = { __class = "STM" }
 STM.__index = STM
 
@@ -106,19 +109,21 @@ local function fetch(self, keys)
   end
   if #missing > 0 then
     local ops = {}
-    for i, key in ipairs(missing) do ops[i] = op.get(key, self._get_opts) end
+    local serializable, revision = self._serializable, self._revision
+    for i, key in ipairs(missing) do
+      ops[i] = { request_range = { key = key, serializable = serializable, revision = revision } }
+    end
     local timeout = request_timeout(self)
     if timeout <= 0 then abort(self, deadline_error()) end
-    local res, err = self.client:txn():success(unpack(ops)):commit { timeout = timeout }
+    local res, err = self.client:_request("stm", "KV.Txn", { success = ops }, timeout, true)
     if not res then abort(self, err) end
+    local responses = res.responses
     for i, key in ipairs(missing) do
-      reads[key] = { kv = res.responses[i].kvs[1] or false, revision = res.header.revision }
+      reads[key] = { kv = responses[i].response_range.kvs[1] or false, revision = res.header.revision }
     end
   end
   local read = reads[keys[1]]
-  if first and self._level.snapshot then
-    self._get_opts = { revision = read.revision, serializable = true }
-  end
+  if first and self._level.snapshot then self._serializable, self._revision = true, read.revision end
   return read
 end
 
@@ -141,9 +146,9 @@ function STM:rev(key)
   return kv and kv.mod_revision or 0
 end
 
-local function buffer(self, key, value, write_op)
+local function buffer(self, key, value, request_op)
   if not self._writes[key] then self._order[#self._order + 1] = key end
-  self._writes[key] = { value = value, op = write_op }
+  self._writes[key] = { value = value, op = request_op }
 end
 
 --- stm:put(key, value [, { lease = id }]): buffered until the commit.
@@ -152,14 +157,14 @@ function STM:put(key, value, opts)
   check.arg("stm:put", 1, key, "string")
   check.arg("stm:put", 2, value, "string")
   opts = check.options("stm:put", opts, PUT_OPTIONS)
-  buffer(self, key, value, op.put(key, value, opts.lease and { lease = opts.lease } or nil))
+  buffer(self, key, value, { request_put = { key = key, value = value, lease = opts.lease } })
 end
 
 --- stm:delete(key): buffered until the commit.
 function STM:delete(key)
   check.self("stm:delete", self, "STM")
   check.arg("stm:delete", 1, key, "string")
-  buffer(self, key, false, op.delete(key))
+  buffer(self, key, false, { request_delete_range = { key = key } })
 end
 
 function STM:__tostring()
@@ -170,48 +175,51 @@ end
 --- Starts a run from scratch (what the last failed commit read back stays).
 function STM:_reset()
   self._reads, self._writes, self._order, self._failed = {}, {}, {}, nil
-  self._get_opts = not self._level.snapshot and SERIALIZABLE_GET or nil
+  self._serializable, self._revision = not self._level.snapshot or nil, nil
 end
 
---- The commit txn of this run (Go's conflicts() and puts(), plus for the
--- serializable levels a read of every key read in the failure branch);
--- also the keys those reads are of.
-function STM:_commit_txn()
-  local level, reads = self._level, self._reads
-  local t = self.client:txn()
-  local read_keys = {}
+--- The commit's TxnRequest for this run (Go's conflicts() and puts(), plus
+-- for the serializable levels a read of every key read in the failure
+-- branch); also the keys those reads are of.
+function STM:_commit_request()
+  local level, reads, order, writes = self._level, self._reads, self._order, self._writes
+  local compare, success, failure, read_keys = {}, {}, {}, {}
   if level.guard_reads then
     local first = nil
     for key, read in pairs(reads) do
       read_keys[#read_keys + 1] = key
-      t:when(cmp.mod_revision(key):eq(read.kv and read.kv.mod_revision or 0))
+      compare[#compare + 1] = { result = "EQUAL", target = "MOD", key = key,
+        mod_revision = read.kv and read.kv.mod_revision or 0 }
       if not first or read.revision < first then first = read.revision end
     end
     -- not modified after the first read (without reads nothing to guard)
     if level.guard_writes and first then
-      for _, key in ipairs(self._order) do t:when(cmp.mod_revision(key):lt(first + 1)) end
+      for _, key in ipairs(order) do
+        compare[#compare + 1] = { result = "LESS", target = "MOD", key = key, mod_revision = first + 1 }
+      end
     end
   end
-  for _, key in ipairs(self._order) do t:success(self._writes[key].op) end
+  for i, key in ipairs(order) do success[i] = writes[key].op end
   if level.snapshot then
-    for _, key in ipairs(read_keys) do t:failure(op.get(key)) end
+    for i, key in ipairs(read_keys) do failure[i] = { request_range = { key = key } } end
   end
-  return t, read_keys
+  return { compare = compare, success = success, failure = failure }, read_keys
 end
 
 --- Commits the run's writes: true (committed), false (a conflict), or
 -- nil, err.
 function STM:_commit()
-  local t, read_keys = self:_commit_txn()
+  local req, read_keys = self:_commit_request()
   local timeout = request_timeout(self)
   if timeout <= 0 then return nil, deadline_error() end
-  local res, err = t:commit { timeout = timeout }
+  -- without writes it only reads: it may be retried on another endpoint
+  local res, err = self.client:_request("stm", "KV.Txn", req, timeout, #req.success == 0)
   if not res then return nil, err end
   if res.succeeded then return true end
   if self._level.snapshot then
-    local prefetched = {}
+    local prefetched, responses = {}, res.responses
     for i, key in ipairs(read_keys) do
-      prefetched[key] = { kv = res.responses[i].kvs[1] or false, revision = res.header.revision }
+      prefetched[key] = { kv = responses[i].response_range.kvs[1] or false, revision = res.header.revision }
     end
     self._prefetched = prefetched
   end
