@@ -145,6 +145,15 @@ function _M.fmt_ratio(list)
   return ("%.2f× (%.2f–%.2f)"):format(m, lo, hi)
 end
 
+--- Prints `text` and writes it to `path` (a benchmark's table, kept
+-- beside its raw figures).
+function _M.publish(text, path)
+  print(text)
+  local f = assert(io.open(path, "w"))
+  f:write(text, "\n")
+  f:close()
+end
+
 --- Stops the member start_etcd started, by its PID, and removes its data dir.
 function _M.stop_etcd(e)
   sh("kill " .. e.pid .. " 2>/dev/null")

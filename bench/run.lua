@@ -432,9 +432,5 @@ for _, w in ipairs(workloads) do
   out("| " .. table.concat(row, " | ") .. " |")
 end
 
-local table_text = table.concat(lines, "\n")
-print(table_text)
-local f = assert(io.open(OUT .. "/table.md", "w"))
-f:write(table_text, "\n")
-f:close()
+harness.publish(table.concat(lines, "\n"), OUT .. "/table.md")
 if failed > 0 then os.exit(1) end

@@ -244,9 +244,5 @@ if next(instructions) then
     .. "every thread): %s"):format(large, small, large - small, table.concat(parts, ", "))
 end
 
-local text = table.concat(lines, "\n")
-print(text)
-local f = assert(io.open(OUT .. "/stm.md", "w"))
-f:write(text, "\n")
-f:close()
+harness.publish(table.concat(lines, "\n"), OUT .. "/stm.md")
 if failed > 0 or inexact > 0 then os.exit(1) end

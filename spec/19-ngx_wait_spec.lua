@@ -21,12 +21,7 @@ end
 
 --- How often the main thread of a process went to sleep by itself (each
 -- wait in epoll that blocked counts once).
-local function main_thread_wakes(pid)
-  local f = assert(io.open(("/proc/%d/task/%d/status"):format(pid, pid)))
-  local status = f:read("*a")
-  f:close()
-  return tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)"))
-end
+local main_thread_wakes = require("spec.helpers.process").main_thread_wakes
 
 --- Whether the process is gone (an exited child the master has not reaped
 -- yet counts as gone).

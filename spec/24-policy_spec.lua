@@ -167,6 +167,22 @@ describe("request policy: retries", function()
   setup(function() cluster = helper.cluster(3) end)
   teardown(function() if cluster then cluster.stop() end end)
 
+  --- A client whose first endpoint is `p` (a proxy in front of member 1),
+  -- waiting with `wait`, connected through the proxy; closed, and the
+  -- proxy stopped, when the test ends.
+  local function through_proxy(p, wait)
+    local cli = assert(etcd3.new {
+      endpoints = { p.endpoint, cluster.endpoints[2], cluster.endpoints[3] }, dial_timeout = 0, wait = wait,
+    })
+    finally(function()
+      cli:close()
+      p:stop()
+    end)
+    assert(cli:get("/put/warm", { timeout = 20 })) -- connects through the proxy
+    assert.are.equal(1, cli._core:pick())
+    return cli
+  end
+
   it("moves a get to another member when its member dies", function()
     -- (busted keeps one finally per test: it does every cleanup)
     local cli = assert(etcd3.new { endpoints = cluster.endpoints })
@@ -194,23 +210,14 @@ describe("request policy: retries", function()
       local out = cluster.members[2]:etcdctl("get -w json /put/k")
       return out:match('"version":') and out
     end
-    local cli = assert(etcd3.new {
-      endpoints = { p.endpoint, cluster.endpoints[2], cluster.endpoints[3] }, dial_timeout = 0,
-      wait = function(_, timeout, op)
-        if putting and not cut then
-          helper.wait_for(applied, 10, "the put applied")
-          p:stop()
-          cut = true
-        end
-        op:wait(math.min(timeout, 0.05))
-      end,
-    })
-    finally(function()
-      cli:close()
-      p:stop()
+    local cli = through_proxy(p, function(_, timeout, op)
+      if putting and not cut then
+        helper.wait_for(applied, 10, "the put applied")
+        p:stop()
+        cut = true
+      end
+      op:wait(math.min(timeout, 0.05))
     end)
-    assert(cli:get("/put/warm", { timeout = 20 })) -- connects through the proxy
-    assert.are.equal(1, cli._core:pick())
     putting = true
     local res, err = cli:put("/put/k", "v", { timeout = 20 })
     assert.is_true(cut)
@@ -226,16 +233,7 @@ describe("request policy: retries", function()
     -- failed it, and the next request must start elsewhere (a loaded CI
     -- machine once spent 30 s of puts on an isolated member).
     local p = proxy.start(cluster.endpoints[1])
-    local cli = assert(etcd3.new {
-      endpoints = { p.endpoint, cluster.endpoints[2], cluster.endpoints[3] }, dial_timeout = 0,
-      wait = function(_, timeout, op) op:wait(math.min(timeout, 0.05)) end,
-    })
-    finally(function()
-      cli:close()
-      p:stop()
-    end)
-    assert(cli:get("/put/warm", { timeout = 20 })) -- connects through the proxy
-    assert.are.equal(1, cli._core:pick())
+    local cli = through_proxy(p, function(_, timeout, op) op:wait(math.min(timeout, 0.05)) end)
     p:blackhole()
     local res, err = cli:put("/put/late", "v", { timeout = 0.3 })
     assert.is_nil(res)

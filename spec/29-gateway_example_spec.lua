@@ -159,13 +159,7 @@ describe("examples/gateway", function()
     local pids = {}
     for pid in helper.capture("ps -o pid= --ppid " .. server.pid):gmatch("%d+") do pids[#pids + 1] = tonumber(pid) end
     assert.are.equal(WORKERS, #pids)
-    --- how often the worker's main thread went to sleep and was woken
-    local function wakes(pid)
-      local f = assert(io.open(("/proc/%d/task/%d/status"):format(pid, pid)))
-      local status = f:read("*a")
-      f:close()
-      return tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)"))
-    end
+    local wakes = require("spec.helpers.process").main_thread_wakes
     local before = {}
     for i, pid in ipairs(pids) do before[i] = wakes(pid) end
     local t0 = helper.now()

@@ -31,10 +31,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 . tools/rock-lib.sh
 
-if [ "${1:-}" != --installs ]; then
-  rock_dist
-  rock_with_etcd tools/check-openresty-tree.sh
-fi
+rock_begin tools/check-openresty-tree.sh "$@"
 
 rock_version=$3
 rock_workdir openresty-tree "$2"

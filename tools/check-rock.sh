@@ -21,10 +21,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 . tools/rock-lib.sh
 
-if [ "${1:-}" != --installs ]; then
-  rock_dist
-  rock_with_etcd tools/check-rock.sh
-fi
+rock_begin tools/check-rock.sh "$@"
 
 rock_version=$3
 rock_workdir rock "$2"

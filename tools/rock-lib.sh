@@ -6,6 +6,15 @@
 # etcd with --installs ROCK ROCK_VERSION), then in an empty temp directory
 # (rock_workdir) where it installs, runs and removes the rock.
 
+# rock_begin SCRIPT "$@": in the checkout (no --installs), rock_dist then
+# rock_with_etcd SCRIPT, which does not return; with --installs, nothing.
+rock_begin() {
+  if [ "${2:-}" != --installs ]; then
+    rock_dist
+    rock_with_etcd "$1"
+  fi
+}
+
 # rock_dist: `make dist`; sets rock (its path) and rock_version (0.1.0-1).
 # etcd3._VERSION must be the rock's version without its rockspec revision
 # ("lua-etcd3 0.1.0" for rock 0.1.0-1), and CHANGELOG.md must have a

@@ -38,6 +38,15 @@ function _M.state(pid)
 end
 
 --- Whether the process still runs (a zombie left for its reaper does not).
+--- How often the main thread of process `pid` went to sleep and was woken
+-- (its voluntary context switches).
+function _M.main_thread_wakes(pid)
+  local f = assert(io.open(("/proc/%d/task/%d/status"):format(pid, pid)))
+  local status = f:read("*a")
+  f:close()
+  return tonumber(status:match("voluntary_ctxt_switches:%s*(%d+)"))
+end
+
 function _M.running(pid)
   local state = _M.state(pid)
   return state ~= nil and state ~= "Z"
