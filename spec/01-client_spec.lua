@@ -19,6 +19,33 @@ describe("client", function()
     end
   end)
 
+  it("loads the recipes' files only once one of their methods is used", function()
+    local out = require("spec.helpers.process").lua([[
+      local etcd3 = require "etcd3"
+      local cli = assert(etcd3.new { endpoints = "]] .. member.endpoint .. [[" })
+      assert(cli:put("/lazy/k", "v"))
+      assert(cli:get("/lazy/k").kvs[1].value == "v")
+      local later = { "admin", "registration", "session", "mirror", "stm", "queue", "priority_queue",
+        "barrier", "mutex", "election", "double_barrier", "rwmutex" }
+      local loaded = {}
+      for _, file in ipairs(later) do
+        if package.loaded["etcd3." .. file] then loaded[#loaded + 1] = file end
+      end
+      print("after put and get: " .. table.concat(loaded, ","))
+      -- the first use of one loads them all, session methods included
+      local m = assert(cli:mirror("/lazy/"))
+      assert(m:get("/lazy/k") == "v")
+      local s = assert(cli:session { ttl = 5 })
+      assert(type(s.mutex) == "function" and type(s.election) == "function" and type(cli.stm) == "function")
+      s:close()
+      for _, file in ipairs(later) do assert(package.loaded["etcd3." .. file], file) end
+      assert(cli.no_such_method == nil)
+      print("all loaded")
+    ]]):read("*a")
+    assert.matches("after put and get: \n", out)
+    assert.matches("all loaded\nexit=0", out)
+  end)
+
   it("takes $ETCDCTL_ENDPOINTS when no endpoints are given", function()
     local script = [[
       local etcd3 = require "etcd3"
