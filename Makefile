@@ -69,7 +69,7 @@ INST_LUADIR ?= /usr/local/share/lua/$(LUA_VERSION_DIR)
 
 SPEC_FORK := $(BUILD)/spec_fork.so
 
-.PHONY: all deps dist deb version demo run test check lint install clean bench bench-smoke bench-stm bench-memory bench-profile bench-openresty bench-gateway bench-sync spec-helpers fuzz fuzz-build soak overload scale memcheck
+.PHONY: all deps dist deb version demo run test check lint install clean bench bench-smoke bench-stm bench-memory bench-profile bench-openresty bench-gateway bench-sync bench-ngx-instructions spec-helpers fuzz fuzz-build soak overload scale memcheck
 all: $(MODULE)
 
 # Test-only helper module (fork for the "use after fork" spec); not installed.
@@ -184,6 +184,14 @@ bench-openresty:
 	  echo "bench-openresty: no $(OPENRESTY_BENCH)/run.sh (set OPENRESTY_BENCH to the harness directory)" >&2; exit 2; }
 	$(MAKE) -s LUA=luajit
 	PROJ="$(CURDIR)" ROUNDS="$(ROUNDS)" "$(OPENRESTY_BENCH)/run.sh" $(OPENRESTY_BENCH_ARGS)
+
+# Instructions per serial get inside one nginx worker (callgrind), ours
+# against lua-resty-etcd, by layer (bench/ngx_instructions.py, bench/README.md
+# "OpenResty"); the harness's configuration and vendor dir at run time.
+bench-ngx-instructions: deps
+	$(MAKE) -s LUA=luajit
+	$(MAKE) -s LUA=lua5.4
+	ETCD3_LUA=lua5.4 ETCD3_BUILD=build/lua5.4 . tools/env.sh && lua5.4 tools/with-etcd.lua python3 bench/ngx_instructions.py --harness "$(OPENRESTY_BENCH)"
 
 # A gateway's whole configuration in every nginx worker (bench/README.md,
 # "Gateway"): etcd3.ngx mirror + changes() vs lua-resty-etcd readdir +
