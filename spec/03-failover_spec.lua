@@ -84,6 +84,44 @@ describe("a 3-member cluster with one member killed", function()
   end)
 end)
 
+describe("a 3-member cluster whose members all went down", function()
+  local cluster
+  setup(function() cluster = helper.cluster(3) end)
+  teardown(function() if cluster then cluster.stop() end end)
+
+  it("retries a read in rounds, pausing between them, until two are back", function()
+    local started = false
+    local cli = assert(etcd3.new {
+      endpoints = cluster.endpoints, dial_timeout = 0, timeout = 30,
+      -- the first pause between two rounds restarts two members (a
+      -- rolling restart): the read must ride it out
+      wait = function(_, timeout, op)
+        if op.polling and not started then
+          started = true
+          cluster.members[1]:start()
+          cluster.members[2]:start()
+        end
+        op:wait(math.min(timeout, 0.05))
+      end,
+    })
+    finally(function() cli:close() end)
+    assert(cli:put("/down/k", "v"))
+    for _, m in ipairs(cluster.members) do m:kill() end
+    local res, err = cli:get("/down/k")
+    assert.is_truthy(res, tostring(err))
+    assert.is_true(started)
+    assert.are.equal("v", res.kvs[1].value)
+    -- a single endpoint still fails at once: it has nowhere else to go
+    local one = assert(etcd3.new { endpoints = cluster.endpoints[3], dial_timeout = 0, timeout = 30 })
+    local t0 = helper.now()
+    local none, one_err = one:get("/down/k")
+    assert.is_nil(none)
+    assert.are.equal("UNAVAILABLE", one_err.code)
+    assert.is_true(helper.now() - t0 < 5, "took " .. helper.now() - t0)
+    one:close()
+  end)
+end)
+
 describe("waiting", function()
   local member
   setup(function() member = helper.single() end)

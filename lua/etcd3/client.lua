@@ -16,7 +16,7 @@ local endpoints = require "etcd3.endpoints"
 local auth = require "etcd3.auth"
 
 local setmetatable, tostring, io_open = setmetatable, tostring, io.open
-local math_floor = math.floor
+local math_floor, math_min = math.floor, math.min
 local now = core.now
 
 ---@alias etcd3.WaitFunction fun(client: etcd3.Client, timeout: number, op: { ready: fun(self: table): boolean })
@@ -69,6 +69,10 @@ local CONFIG = {
 }
 Client.CONFIG = CONFIG
 local TLS = { ca = "string", cert = "string", key = "string", server_name = "string" }
+
+-- The pause between two rounds over every endpoint of a request that all
+-- of them failed (UNAVAILABLE, retried), doubling up to the maximum.
+local ROUND_BACKOFF_MIN, ROUND_BACKOFF_MAX = 0.05, 0.5
 
 local DEFAULT_MAX_RECV = 2 ^ 31 - 1
 
@@ -188,6 +192,7 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   local reauthenticated = false
   local sent = started
   local attempt, attempts = 0, #set.list
+  local backoff = ROUND_BACKOFF_MIN
   while attempt < attempts do
     attempt = attempt + 1
     local i = endpoint or handle:pick()
@@ -219,6 +224,17 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
       return nil, err
     else
       handle:failed(i)
+      if attempt == attempts and attempts >= 2 then
+        -- every endpoint of several failed it in this round: an election,
+        -- a rolling restart. Another round after a pause, until the
+        -- deadline, as clientv3 retries until its context's; a single
+        -- endpoint fails fast (it has nowhere else to go)
+        local pause = math_min(backoff, deadline - now())
+        if pause <= 0 then break end
+        wait.pause(self, pause)
+        backoff = math_min(backoff * 2, ROUND_BACKOFF_MAX)
+        attempts = attempts + #set.list
+      end
     end
   end
   return nil, err or errors.new("DEADLINE_EXCEEDED", "deadline exceeded", rpc)

@@ -402,6 +402,13 @@ function _M.for_response(client, call, deadline, rpc)
   return nil, errors.new(code, message, rpc), true
 end
 
+--- Waits `seconds` by the client's strategy (a coroutine under OpenResty
+-- or cqueues yields; a plain script sleeps).
+function _M.pause(client, seconds)
+  local stop = now() + seconds
+  client._wait(client, _M.polling_op(function() return now() >= stop end), stop)
+end
+
 -- How long a polling op sleeps between two probes, at most.
 local POLL_STEP = 0.01
 
