@@ -285,6 +285,14 @@ describe("mirror:sync", function()
     m:close()
   end)
 
+  it("syncs a mirror of the whole keyspace", function()
+    local m = assert(cli:mirror(""))
+    local rev = assert(other:put("/sy-all/k", "1")).header.revision
+    assert.is_true(assert(m:sync(5)) >= rev)
+    assert.are.equal("1", (m:get("/sy-all/k")))
+    m:close()
+  end)
+
   it("returns DEADLINE_EXCEEDED past its timeout, and works after", function()
     local m = assert(cli:mirror("/syd/"))
     local res, err = m:sync(1e-6)

@@ -196,7 +196,9 @@ function Mirror:sync(timeout)
   if timeout ~= nil then check.arg("mirror:sync", 1, timeout, "number") end
   local client = self.client
   local deadline = now() + (timeout or self._timeout or client.timeout)
-  local head, err = client:get(self.prefix, { count_only = true, timeout = deadline - now() })
+  -- (any one key will do; "" is not a key etcd takes)
+  local head, err = client:get(self.prefix ~= "" and self.prefix or "\0", { count_only = true,
+    timeout = deadline - now() })
   if not head then return nil, err end
   local target = head.header.revision
   local changes = self._synced or {}
