@@ -57,10 +57,7 @@ PROTOS   := kv auth rpc
 PB_C     := $(PROTOS:%=$(PROTO_OUT)/%.pb-c.c)
 SRCS     := $(wildcard src/*.c)
 OBJS     := $(SRCS:src/%.c=$(BUILD)/%.o) $(PROTOS:%=$(BUILD)/%.pb-c.o)
-# etcd3.core is two files: core.so, which Lua loads, loads core_impl.so
-# (src/*.c) with lazy binding (src/loader/core.c says why).
 MODULE   := $(BUILD)/etcd3/core.so
-IMPL     := $(BUILD)/etcd3/core_impl.so
 
 # Lua's version directory: 5.1 for LuaJIT, else the interpreter's own.
 LUA_VERSION_DIR := $(if $(filter luajit,$(notdir $(LUA))),5.1,$(patsubst lua%,%,$(notdir $(LUA))))
@@ -80,11 +77,7 @@ $(SPEC_FORK): spec/helpers/fork.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) $(WARN) -fPIC -I$(LUA_INCDIR) $(LIBFLAG) -o $@ $<
 
-$(MODULE): src/loader/core.c $(IMPL)
-	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) $(WARN) -fPIC -I$(LUA_INCDIR) $(LIBFLAG) -o $@ $< -ldl $(LDFLAGS)
-
-$(IMPL): $(OBJS)
+$(MODULE): $(OBJS)
 	@mkdir -p $(dir $@)
 	$(CC) $(LIBFLAG) -o $@ $(OBJS) $(GRPC_LIBS) $(LDFLAGS)
 
@@ -295,7 +288,6 @@ lint:
 install: $(MODULE)
 	mkdir -p $(INST_LIBDIR)/etcd3 $(INST_LUADIR)/etcd3
 	cp $(MODULE) $(INST_LIBDIR)/etcd3/core.so
-	cp $(IMPL) $(INST_LIBDIR)/etcd3/core_impl.so
 	cp lua/etcd3/*.lua $(INST_LUADIR)/etcd3/
 
 clean:

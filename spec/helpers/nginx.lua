@@ -22,9 +22,8 @@ local function prepare(bare)
   else
     local root = helper.capture("pwd"):gsub("%s+$", "")
     assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/examples %s "
-      .. "&& cp %s/build/luajit/etcd3/core.so %s/build/luajit/etcd3/core_impl.so %s/lib/etcd3/ "
-      .. "&& chmod -R a+rX %s")
-      :format(dir, dir, root, root, dir, root, root, dir, dir)))
+      .. "&& cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
+      :format(dir, dir, root, root, dir, root, dir, dir)))
   end
   return dir, helper.free_port()
 end
