@@ -27,23 +27,17 @@ import tempfile
 import time
 from collections import Counter
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gateway import free_port  # noqa: E402 (the gateway bench's, one copy)
+
 GET_KEY, GET_VALUE = "/orbench/get/k01", "v" * 64
 WATCH_KEY = "/orbench/watch/k"
-
-
-def free_port():
-    import socket
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def layer(obj):
     """A shared object's group for the table."""
     name = os.path.basename(obj)
-    for pattern, group in (("core_impl.so", "etcd3.core (our C)"), ("core.so", "etcd3.core (our C)"),
+    for pattern, group in (("core.so", "etcd3.core (our C)"),
                            ("libgrpc", "gRPC (+ absl, upb, gpr)"), ("libabsl", "gRPC (+ absl, upb, gpr)"),
                            ("libupb", "gRPC (+ absl, upb, gpr)"), ("libgpr", "gRPC (+ absl, upb, gpr)"),
                            ("libprotobuf-c", "protobuf-c"), ("libluajit", "LuaJIT (VM, JIT, Lua code)"),
