@@ -87,6 +87,11 @@ describe("OpenResty waits woken by the completion", function()
         end
         state.second = assert(require("etcd3").new { endpoints = "]] .. member.endpoint .. [[" })
         local res, err = state.second:get("/nw/get")
+        -- a wait that parks for sure (the get may be answered before it
+        -- would have to), so that the client's notifier connection exists
+        local w = assert(state.second:watch("/nw/second-quiet"))
+        assert(not w:next(0.05))
+        w:cancel()
         ngx.say(res and res.kvs[1].value or tostring(err))
       }
     }

@@ -172,9 +172,27 @@ function Member:start()
   return self
 end
 
---- Sends `sig` ("STOP", "CONT", …) to the process, when it runs.
+--- Whether every thread of process `pid` is stopped (by SIGSTOP).
+local function stopped(pid)
+  local states = capture("cat /proc/" .. pid .. "/task/*/stat 2>/dev/null")
+  local any = false
+  for state in states:gmatch("%d+ %b() (%a)") do
+    if state ~= "T" and state ~= "t" then return false end
+    any = true
+  end
+  return any
+end
+
+--- Sends `sig` ("STOP", "CONT", …) to the process, when it runs. After
+-- STOP it returns once every thread has stopped: kill() only queues the
+-- signal, and a thread busy on another CPU still answers a request or two
+-- before it notices.
 function Member:signal(sig)
-  if self.pid then sh("kill -" .. sig .. " " .. self.pid .. " 2>/dev/null") end
+  if not self.pid then return end
+  sh("kill -" .. sig .. " " .. self.pid .. " 2>/dev/null")
+  if sig == "STOP" and running(self.pid) then
+    wait_for(function() return stopped(self.pid) end, 10, "etcd " .. self.pid .. " to stop")
+  end
 end
 
 --- Kills the process (SIGKILL) and waits until it is gone.
