@@ -152,11 +152,14 @@ static void on_recv(etcd3_tag *tag, int ok) {
   if (s->recv_buf) {
     grpc_byte_buffer_destroy(s->recv_buf);
     s->recv_buf = NULL;
+    /* The next read first: starting it, gRPC may write (flow control
+     * updates) at once, and a message's owner wakes Lua, which then
+     * waits for this lock; woken last, it finds the lock nearly free. */
+    if (may_start(s)) start_recv(s);
     if (msg && s->owner) {
       s->ops->on_message(s->owner, s, msg);
       msg = NULL;
     }
-    if (may_start(s)) start_recv(s);
   }
   /* no message: the stream is ending; its status follows */
   stream_maybe_free(s);
