@@ -66,6 +66,9 @@ local LOCK_TTL = 5
 -- reports the copy stale once BEAT is older than BEAT_TTL.
 local UPDATE_WAIT = 1
 local BEAT_TTL = 10
+-- A batch rewrites the internal keys that did not change (BEAT, WRITER,
+-- FEED, ERR; something else may have removed them) at most this often.
+local REFRESH_EVERY = 1
 -- The writer checks that etcd answers this often,
 -- waiting this long for the answer.
 local PROBE_EVERY, PROBE_TIMEOUT = 5, 3
@@ -134,6 +137,21 @@ end
 local Writer = {}
 Writer.__index = Writer
 
+-- The writers in this process: dict name -> writer.
+local writers = {}
+
+-- What wakes this worker's views of each dict: dict name -> { path, sema,
+-- started, connected, ended, here }. A light thread reads the writer's
+-- feed; when the writer runs in this very process (here), it wakes them
+-- itself, with no connection.
+local feeds = {}
+
+--- Wakes every view waiting on the feed: they look at the dict again.
+local function wake(st)
+  local waiting = -st.sema:count()
+  if waiting > 0 then st.sema:post(waiting) end
+end
+
 local function log(level, ...)
   ngx.log(level, "etcd3.ngx: ", ...)
 end
@@ -141,20 +159,24 @@ end
 --- Takes the dict's lock, waiting (without blocking the worker) while
 -- another writer holds it. -> true, or false once the worker exits.
 function Writer:lock()
-  local dict = self.dict
+  local dict, pid = self.dict, self.pid
   while true do
-    if dict:add(LOCK, ngx.worker.pid(), LOCK_TTL) then return true end
+    if dict:add(LOCK, pid, LOCK_TTL) then return true end
     if ngx.worker.exiting() then return false end
     ngx.sleep(0.001)
   end
 end
 
-function Writer:set_error(message)
+--- Sets (or clears, nil) the error the views see. `known`: the dict
+-- holds what this writer last set (no need to look).
+function Writer:set_error(message, known)
+  if known and message == self.err_set then return end
   if message == nil then
     self.dict:delete(ERR)
   elseif self.dict:get(ERR) ~= message then
     self:set_internal(ERR, message)
   end
+  self.err_set = message
 end
 
 --- Stores one key at its mod revision `rev`; a key that cannot be stored
@@ -199,6 +221,7 @@ end
 --- The whole copy: every key of the mirror, and no other key.
 function Writer:write_all()
   local dict, m = self.dict, self.m
+  self.refreshed = nil -- (the internal keys too, at the end of the batch)
   for _, key in ipairs(dict:get_keys(0)) do
     if not internal(key) and m:get(key) == nil then dict:delete(key) end
   end
@@ -228,9 +251,14 @@ end
 --- Reads the log's state from the dict (another writer may have written
 -- it) -> whether it is there and kept at this writer's size.
 function Writer:load_log()
-  local head, tail, from, size = parse_log(self.dict:get(LOG))
-  self.head, self.tail, self.from = head or 0, tail or head or 0, from or 0
-  return head ~= nil and size == self.log_size
+  local text = self.dict:get(LOG)
+  -- (most batches find the text this writer left: its state is known)
+  if text == nil or text ~= self.log_text then
+    local head, tail, from, size = parse_log(text)
+    self.head, self.tail, self.from = head or 0, tail or head or 0, from or 0
+    self.log_text, self.log_ok = nil, head ~= nil and size == self.log_size
+  end
+  return self.log_ok
 end
 
 --- The log starts afresh after revision `rev`: a reader further back gets
@@ -289,7 +317,9 @@ function Writer:append(change)
 end
 
 function Writer:write_log()
-  self:set_internal(LOG, ("%d %d %d %d"):format(self.head, self.tail, self.from, self.log_size))
+  local text = ("%d %d %d %d"):format(self.head, self.tail, self.from, self.log_size)
+  local ok = self:set_internal(LOG, text)
+  self.log_text, self.log_ok = ok and text or nil, true
 end
 
 --- Sets an internal key; in a full dict it may evict a key of the copy
@@ -313,10 +343,20 @@ end
 function Writer:finish(rev)
   self.evicted = false
   self:set_internal(REV, rev)
-  self:set_internal(COUNT, self.m:count())
-  self:set_internal(BEAT, ngx.now(), BEAT_TTL)
-  self:set_internal(WRITER, ngx.worker.pid())
-  if self.feed_path then self:set_internal(FEED, self.feed_path) end
+  local count, now = self.m:count(), ngx.now()
+  -- the keys that did not change: at most every REFRESH_EVERY seconds
+  -- (the heartbeat: a batch that wrote nothing, every UPDATE_WAIT)
+  local refresh = not self.refreshed or now - self.refreshed >= REFRESH_EVERY
+  if refresh or count ~= self.count_set then
+    self:set_internal(COUNT, count)
+    self.count_set = count
+  end
+  if refresh then
+    self:set_internal(BEAT, now, BEAT_TTL)
+    self:set_internal(WRITER, self.pid)
+    if self.feed_path then self:set_internal(FEED, self.feed_path) end
+    self.refreshed = now
+  end
   self.written = rev
   local message
   for _ = 1, 2 do
@@ -325,7 +365,7 @@ function Writer:finish(rev)
       self.name, missing, tostring(self.missing_reason or "no memory"), self.name)
       or self.log_short and ("the dict %q is full: the change log holds fewer than the last %d changes; "
         .. "make lua_shared_dict %s larger"):format(self.name, self.log_size, self.name) or nil
-    self:set_error(message or self.unreachable)
+    self:set_error(message or self.unreachable, not refresh and not self.evicted)
     if not self.evicted then break end
     -- an internal key took the place of a key of the copy: count again
     self.evicted = false
@@ -344,54 +384,60 @@ function Writer:finish(rev)
   self.reported = message
 end
 
+--- sync's work, with the lock held.
+function Writer:batch(changes)
+  local dict, rev = self.dict, self.m:revision()
+  local current = dict:get(REV)
+  if current and current > rev then
+    -- a newer writer's copy: leave it, and rewrite everything once this
+    -- mirror has caught up (the writer may have stopped meanwhile)
+    self.written = nil
+    return
+  end
+  if current == rev and self.written == rev then
+    -- nothing new: the heartbeat, and the error cleared once etcd answers again
+    self:finish(rev)
+    return
+  end
+  -- the log (its state written before REV: a reader that sees this
+  -- batch's revision sees its entries) and the copy, in one batch
+  self.in_batch, self.log_dirty = true, false
+  if changes and current == self.written and self:load_log() then
+    for _, c in ipairs(changes) do
+      self:store(c.key, c.value, c.kv.mod_revision)
+      self:append(c)
+    end
+  else
+    -- a new writer, or the dict was written by another one: the whole
+    -- copy (keys whose value is already right are left as they are),
+    -- and a log that starts at it
+    -- (the old log's entries first: their room goes to the copy)
+    self:reset_log(rev)
+    self:write_all()
+  end
+  self:write_log()
+  self:finish(rev)
+  -- an internal key evicted something: maybe log entries
+  if self.evicted_log then
+    self.evicted_log = false
+    self:reset_log(rev)
+    self.log_dirty = true
+  end
+  -- the log shrank to make room for an internal key: its state again
+  while self.log_dirty do
+    self.log_dirty = false
+    self:write_log()
+  end
+end
+
 --- Brings the dict to the mirror's revision when it is older.
 -- `changes`: what the mirror applied since its last sync (nil: unknown).
 function Writer:sync(changes)
   if not self:lock() then return end
-  local dict, rev = self.dict, self.m:revision()
-  local ok, err = pcall(function()
-    local current = dict:get(REV)
-    if current and current > rev then
-      -- a newer writer's copy: leave it, and rewrite everything once this
-      -- mirror has caught up (the writer may have stopped meanwhile)
-      self.written = nil
-      return
-    end
-    if current == rev and self.written == rev then
-      -- nothing new: the heartbeat, and the error cleared once etcd answers again
-      self:finish(rev)
-      return
-    end
-    -- the log (its state written before REV: a reader that sees this
-    -- batch's revision sees its entries) and the copy, in one batch
-    self.in_batch, self.log_dirty = true, false
-    if changes and current == self.written and self:load_log() then
-      for _, c in ipairs(changes) do
-        self:store(c.key, c.value, c.kv.mod_revision)
-        self:append(c)
-      end
-    else
-      -- a new writer, or the dict was written by another one: the whole
-      -- copy (keys whose value is already right are left as they are),
-      -- and a log that starts at it
-      -- (the old log's entries first: their room goes to the copy)
-      self:reset_log(rev)
-      self:write_all()
-    end
-    self:write_log()
-    self:finish(rev)
-    -- an internal key evicted something: maybe log entries
-    if self.evicted_log then
-      self.evicted_log = false
-      self:reset_log(rev)
-      self.log_dirty = true
-    end
-    -- the log shrank to make room for an internal key: its state again
-    while self.log_dirty do
-      self.log_dirty = false
-      self:write_log()
-    end
-  end)
+  -- (a method, not a closure: a closure made at each batch keeps LuaJIT
+  -- from compiling the batch)
+  local ok, err = pcall(self.batch, self, changes)
+  local dict = self.dict
   self.in_batch = false
   dict:delete(LOCK)
   if not ok then error(err, 0) end
@@ -399,6 +445,8 @@ function Writer:sync(changes)
   -- newer writer's copy counts too: they look at the dict's revision);
   -- also at each heartbeat, when a reader in an exiting worker ends
   if self.feed then self.feed:post() end
+  local st = feeds[self.name]
+  if st and st.here then wake(st) end
 end
 
 --- A watch does not end when etcd becomes unreachable (the client resumes
@@ -468,6 +516,11 @@ end
 function Writer:close_feed()
   if self.feed then self.feed:close() end
   self.feed, self.feed_path = nil, nil
+  local st = feeds[self.name]
+  if st and st.here then
+    st.ended = true
+    wake(st)
+  end
 end
 
 local run
@@ -524,7 +577,7 @@ function _M.mirror(cfg)
   mirrored[cfg.dict] = cfg.prefix
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
-    retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE }, Writer)
+    retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE, pid = ngx.worker.pid() }, Writer)
   -- the views' wake-up (without it they poll the dict)
   local feed, ferr = require("etcd3.core").feed()
   if feed then
@@ -532,6 +585,7 @@ function _M.mirror(cfg)
   else
     log(ngx.WARN, "views of ", cfg.dict, " will poll: ", tostring(ferr))
   end
+  writers[cfg.dict] = self
   local ok, err = ngx.timer.at(0, run, self)
   if not ok then error("etcd3.ngx.mirror: cannot start the writer's timer: " .. tostring(err), 2) end
   return true
@@ -745,15 +799,6 @@ local FEED_RETRY = 1
 -- (a cosocket's longest timeout: the reader waits for the writer's bytes)
 local READ_FOREVER = 2147483647
 
--- This worker's reader of each dict's feed: dict name -> { path, sema,
--- started, connected, ended }.
-local feeds = {}
-
---- Wakes every view waiting on the feed: they look at the dict again.
-local function wake(st)
-  local waiting = -st.sema:count()
-  if waiting > 0 then st.sema:post(waiting) end
-end
 
 --- The light thread that reads a writer's feed (src/feed.c) in this
 -- worker: one byte after each batch and at each heartbeat. Ends when the
@@ -788,7 +833,12 @@ local function feed_of(view)
     if not ok then return nil end
     st = { path = path, sema = semaphore.new(0), started = ngx.now() }
     feeds[view.name] = st
-    if not ngx.timer.at(0, feed_reader, st) then st.ended = true end
+    local writer = writers[view.name]
+    if writer and writer.feed_path == path then
+      st.here = true
+    elseif not ngx.timer.at(0, feed_reader, st) then
+      st.ended = true
+    end
   end
   if st.ended then return nil end
   return st
