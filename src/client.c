@@ -233,6 +233,14 @@ static int client_verdict(lua_State *L) {
   return 1;
 }
 
+/* client:pause(round) -> seconds: the request policy's pause after
+ * `round` rounds in a row in which every endpoint failed a read. */
+static int client_pause(lua_State *L) {
+  lua_Integer round = luaL_checkinteger(L, 2);
+  lua_pushnumber(L, etcd3_backoff_round(round < 1 ? 1 : round > 64 ? 64 : (int)round));
+  return 1;
+}
+
 static const char *const state_names[] = {
   "IDLE", "CONNECTING", "READY", "TRANSIENT_FAILURE", "SHUTDOWN",
 };
@@ -302,7 +310,7 @@ int etcd3_client_open(lua_State *L) {
     {"set_token", client_set_token}, {"set_credentials", client_set_credentials},
     {"reauth", client_reauth}, {"add_endpoint", client_add_endpoint},
     {"pick", client_pick}, {"failed", client_failed}, {"prefer", client_prefer},
-    {"retire", client_retire}, {"verdict", client_verdict},
+    {"retire", client_retire}, {"verdict", client_verdict}, {"pause", client_pause},
     {"snapshot", client_snapshot}, {"token", client_token},
     {"register", client_register}, {"notifier", client_notifier}, {NULL, NULL},
   };

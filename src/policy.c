@@ -18,6 +18,14 @@ double etcd3_backoff_next(etcd3_backoff *b) {
   return wait;
 }
 
+double etcd3_backoff_round(int round) {
+  etcd3_backoff b;
+  double wait = 0;
+  etcd3_backoff_reset(&b);
+  for (int i = 0; i < round && wait < MAX_BACKOFF; i++) wait = etcd3_backoff_next(&b);
+  return wait;
+}
+
 /* ---- endpoint --------------------------------------------------------- */
 
 /* Whether channel i may take a request; `connect` asks an idle channel to

@@ -18,9 +18,10 @@
  *             failure that is not retried but is the member's (a timeout)
  *             still sends the next request to the next endpoint.
  *   backoff   background retries wait 0.1 s, doubling up to 1 s, and start
- *             over once something succeeds. Lua's unary calls do not back
- *             off: they move to the next endpoint at once, within their
- *             deadline, as clientv3's unary retries do.
+ *             over once something succeeds. Lua's unary calls move to the
+ *             next endpoint at once, within their deadline, as clientv3's
+ *             unary retries do; only once every endpoint of several failed
+ *             a read do they pause by the same steps before another round.
  *   re-auth   a request refused for its token renews it through one
  *             Authenticate shared by everyone waiting (auth.c), then is
  *             tried once more; a wrong password is not retried.
@@ -39,6 +40,9 @@ typedef struct etcd3_backoff {
 void etcd3_backoff_reset(etcd3_backoff *b);
 /* The wait before the next try (and doubles the one after it). */
 double etcd3_backoff_next(etcd3_backoff *b);
+/* The pause after `round` (1, 2, ...) rounds in a row, each of which every
+ * endpoint failed: the backoff's steps. */
+double etcd3_backoff_round(int round);
 
 /* ---- endpoint --------------------------------------------------------- */
 

@@ -70,10 +70,6 @@ local CONFIG = {
 Client.CONFIG = CONFIG
 local TLS = { ca = "string", cert = "string", key = "string", server_name = "string" }
 
--- The pause between two rounds over every endpoint of a request that all
--- of them failed (UNAVAILABLE, retried), doubling up to the maximum.
-local ROUND_BACKOFF_MIN, ROUND_BACKOFF_MAX = 0.05, 0.5
-
 local DEFAULT_MAX_RECV = 2 ^ 31 - 1
 
 -- Raises at the user's call of etcd3.new: check.fail -> helper -> new -> user
@@ -192,7 +188,7 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
   local reauthenticated = false
   local sent = started
   local attempt, attempts = 0, #set.list
-  local backoff = ROUND_BACKOFF_MIN
+  local rounds = 0
   while attempt < attempts do
     attempt = attempt + 1
     local i = endpoint or handle:pick()
@@ -229,10 +225,10 @@ function Client:_request(fname, rpc, req, timeout, idempotent, endpoint)
         -- a rolling restart. Another round after a pause, until the
         -- deadline, as clientv3 retries until its context's; a single
         -- endpoint fails fast (it has nowhere else to go)
-        local pause = math_min(backoff, deadline - now())
+        rounds = rounds + 1
+        local pause = math_min(handle:pause(rounds), deadline - now())
         if pause <= 0 then break end
         wait.pause(self, pause)
-        backoff = math_min(backoff * 2, ROUND_BACKOFF_MAX)
         attempts = attempts + #set.list
       end
     end
