@@ -256,18 +256,18 @@ def workers_cpu(pids):
     return sum(proc_cpu(p) for p in pids)
 
 
+def task_switches(pid, tid):
+    """Context switches (voluntary + not) of one thread (0 once it ended)."""
+    try:
+        with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+            return sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    except OSError:
+        return 0
+
+
 def ctx_switches(pid):
-    """Context switches (voluntary + not) of all the process's threads: its wake-ups."""
-    n = 0
-    for t in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/status" % (pid, t)) as f:
-                for line in f:
-                    if "ctxt_switches" in line:
-                        n += int(line.split()[1])
-        except OSError:
-            pass
-    return n
+    """Context switches of all the process's threads: its wake-ups."""
+    return sum(task_switches(pid, t) for t in os.listdir("/proc/%d/task" % pid))
 
 
 def each_cpu(pids):

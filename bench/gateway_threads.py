@@ -33,14 +33,9 @@ def threads(pid):
                 comm = f.read().strip()
             with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
                 ns = int(f.read().split()[0])
-            switches = 0
-            with open("/proc/%d/task/%s/status" % (pid, t)) as f:
-                for line in f:
-                    if "ctxt_switches" in line:
-                        switches += int(line.split()[1])
         except OSError:
             continue
-        out["%s/%s" % (comm, t)] = (ns, switches)
+        out["%s/%s" % (comm, t)] = (ns, g.task_switches(pid, t))
     return out
 
 
