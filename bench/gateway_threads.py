@@ -53,7 +53,7 @@ def main():
     args.work = tempfile.mkdtemp(prefix="gwthreads.")
     args.workers, args.value_size, args.dict_size = 4, 1024, "48m"
     etcd = g.Etcd(args.work)
-    ng, st = None, None
+    ng, st, loaded = None, None, None
     try:
         etcd.start()
         batch = []
@@ -67,6 +67,7 @@ def main():
         st = g.wait_all(ng, lambda s: all("full:%d" % w in s for w in range(4)), 120, 0.05)
         if not st:
             sys.exit("the workers did not load the keys (see %s)" % ng.dir)
+        loaded = st  # (its pids let stop() kill stuck workers)
         time.sleep(1)
         pids = ng.pids(st)
         before, etcd0 = {p: threads(p) for p in pids}, etcd.cpu()
@@ -76,6 +77,8 @@ def main():
             rev = etcd.put(g.PREFIX + "k%05d" % i, g.make_value(i, seq, args.value_size))
             time.sleep(args.gap)
         st = g.wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= rev for w in range(4)), 60, 0.05)
+        if not st:
+            sys.exit("the workers did not reach revision %d (see %s)" % (rev, ng.dir))
         after, n = {p: threads(p) for p in pids}, args.changes
         sums = []
         for w, p in enumerate(pids):
@@ -91,7 +94,7 @@ def main():
             " ".join("%.0f" % s for s in sums), sum(sums), (etcd.cpu() - etcd0) * 1e6 / n))
     finally:
         if ng:
-            ng.stop(st)
+            ng.stop(st or loaded)
         etcd.stop()
         shutil.rmtree(etcd.data, ignore_errors=True)
         shutil.rmtree(args.work, ignore_errors=True)

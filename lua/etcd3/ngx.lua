@@ -167,16 +167,12 @@ function Writer:lock()
   end
 end
 
---- Sets (or clears, nil) the error the views see. `known`: the dict
--- holds what this writer last set (no need to look).
-function Writer:set_error(message, known)
-  if known and message == self.err_set then return end
+function Writer:set_error(message)
   if message == nil then
     self.dict:delete(ERR)
   elseif self.dict:get(ERR) ~= message then
     self:set_internal(ERR, message)
   end
-  self.err_set = message
 end
 
 --- Stores one key at its mod revision `rev`; a key that cannot be stored
@@ -344,9 +340,12 @@ function Writer:finish(rev)
   self.evicted = false
   self:set_internal(REV, rev)
   local count, now = self.m:count(), ngx.now()
-  -- the keys that did not change: at most every REFRESH_EVERY seconds
-  -- (the heartbeat: a batch that wrote nothing, every UPDATE_WAIT)
-  local refresh = not self.refreshed or now - self.refreshed >= REFRESH_EVERY
+  -- the keys that did not change: at most every REFRESH_EVERY seconds (the
+  -- heartbeat: a batch that wrote nothing, every UPDATE_WAIT), and at once
+  -- when another writer (an old worker in a reload) wrote them meanwhile
+  local refreshed = self.refreshed
+  local refresh = not refreshed or now - refreshed >= REFRESH_EVERY or now < refreshed
+    or self.dict:get(WRITER) ~= self.pid
   if refresh or count ~= self.count_set then
     self:set_internal(COUNT, count)
     self.count_set = count
@@ -365,7 +364,7 @@ function Writer:finish(rev)
       self.name, missing, tostring(self.missing_reason or "no memory"), self.name)
       or self.log_short and ("the dict %q is full: the change log holds fewer than the last %d changes; "
         .. "make lua_shared_dict %s larger"):format(self.name, self.log_size, self.name) or nil
-    self:set_error(message or self.unreachable, not refresh and not self.evicted)
+    self:set_error(message or self.unreachable)
     if not self.evicted then break end
     -- an internal key took the place of a key of the copy: count again
     self.evicted = false
@@ -824,21 +823,23 @@ end
 --- This worker's reader of the dict's feed, started when there is none
 -- (or the writer changed); nil when views must poll.
 local function feed_of(view)
-  local path = view.dict:get(FEED)
+  -- the writer of this process wakes its views itself, whatever FEED says
+  -- (in a reload, an old writer of another process may have written it)
+  local writer = writers[view.name]
+  local here = writer and writer.feed_path
+  local path = here or view.dict:get(FEED)
   if not path then return nil end
-  local st = feeds[view.name]
+  local old = feeds[view.name]
+  local st = old
   ngx.update_time()
   if not st or st.path ~= path or (st.ended and ngx.now() - st.started >= FEED_RETRY) then
     local ok, semaphore = pcall(require, "ngx.semaphore")
     if not ok then return nil end
-    st = { path = path, sema = semaphore.new(0), started = ngx.now() }
+    st = { path = path, sema = semaphore.new(0), started = ngx.now(), here = here and true or nil }
     feeds[view.name] = st
-    local writer = writers[view.name]
-    if writer and writer.feed_path == path then
-      st.here = true
-    elseif not ngx.timer.at(0, feed_reader, st) then
-      st.ended = true
-    end
+    -- views parked on the one replaced go on with this one
+    if old then wake(old) end
+    if not here and not ngx.timer.at(0, feed_reader, st) then st.ended = true end
   end
   if st.ended then return nil end
   return st
