@@ -141,19 +141,31 @@ class Etcd:
 CPU_SOURCE = ["stat"]
 
 
+def task_cpu_ns(pid, tid):
+    """One thread's on-CPU time, ns (schedstat; 0 once it ended)."""
+    try:
+        with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+            return int(f.read().split()[0])
+    except OSError:
+        return 0
+
+
+def load_keys(etcd, keys, size):
+    """Puts the `keys` keys of a configuration, 100 to a txn."""
+    batch = []
+    for i in range(keys):
+        batch.append((PREFIX + "k%05d" % i, make_value(i, 0, size)))
+        if len(batch) == 100 or i == keys - 1:
+            etcd.txn_puts(batch)
+            batch = []
+
+
 def proc_cpu(pid):
     """utime + stime of the whole process (all its threads), in seconds;
     with --cpu-source schedstat the threads' on-CPU time in ns (threads that
     ended meanwhile are missing from it)."""
     if CPU_SOURCE[0] == "schedstat":
-        total = 0
-        for t in os.listdir("/proc/%d/task" % pid):
-            try:
-                with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
-                    total += int(f.read().split()[0])
-            except OSError:
-                pass
-        return total / 1e9
+        return sum(task_cpu_ns(pid, t) for t in os.listdir("/proc/%d/task" % pid)) / 1e9
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TCK
@@ -504,14 +516,7 @@ def main():
     try:
         etcd.start()
         t = time.time()
-        batch = []
-        for i in range(args.keys):
-            batch.append((PREFIX + "k%05d" % i, make_value(i, 0, args.value_size)))
-            if len(batch) == 100:
-                etcd.txn_puts(batch)
-                batch = []
-        if batch:
-            etcd.txn_puts(batch)
+        load_keys(etcd, args.keys, args.value_size)
         print("loaded %d keys in %.1f s" % (args.keys, time.time() - t), flush=True)
         seq = 0
         with open(os.path.join(args.work, "results.jsonl"), "a") as out:

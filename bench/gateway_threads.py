@@ -31,11 +31,9 @@ def threads(pid):
         try:
             with open("/proc/%d/task/%s/comm" % (pid, t)) as f:
                 comm = f.read().strip()
-            with open("/proc/%d/task/%s/schedstat" % (pid, t)) as f:
-                ns = int(f.read().split()[0])
         except OSError:
             continue
-        out["%s/%s" % (comm, t)] = (ns, g.task_switches(pid, t))
+        out["%s/%s" % (comm, t)] = (g.task_cpu_ns(pid, t), g.task_switches(pid, t))
     return out
 
 
@@ -56,12 +54,7 @@ def main():
     ng, st, loaded = None, None, None
     try:
         etcd.start()
-        batch = []
-        for i in range(args.keys):
-            batch.append((g.PREFIX + "k%05d" % i, g.make_value(i, 0, args.value_size)))
-            if len(batch) == 100 or i == args.keys - 1:
-                etcd.txn_puts(batch)
-                batch = []
+        g.load_keys(etcd, args.keys, args.value_size)
         ng = g.Nginx(args, args.client, etcd.port, args.client)
         ng.start()
         st = g.wait_all(ng, lambda s: all("full:%d" % w in s for w in range(4)), 120, 0.05)
