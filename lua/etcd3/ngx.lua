@@ -436,9 +436,8 @@ function Writer:sync(changes)
   -- (a method, not a closure: a closure made at each batch keeps LuaJIT
   -- from compiling the batch)
   local ok, err = pcall(self.batch, self, changes)
-  local dict = self.dict
   self.in_batch = false
-  dict:delete(LOCK)
+  self.dict:delete(LOCK)
   if not ok then error(err, 0) end
   -- the views waiting for a newer copy: woken once it is in the dict (a
   -- newer writer's copy counts too: they look at the dict's revision);
@@ -797,7 +796,6 @@ local WAIT_STEP_MIN, WAIT_STEP_MAX = 0.001, 0.008
 local FEED_RETRY = 1
 -- (a cosocket's longest timeout: the reader waits for the writer's bytes)
 local READ_FOREVER = 2147483647
-
 
 --- The light thread that reads a writer's feed (src/feed.c) in this
 -- worker: one byte after each batch and at each heartbeat. Ends when the
