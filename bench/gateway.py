@@ -17,6 +17,11 @@ Runs in pairs (ours, resty / resty, ours, ...), each run in a fresh nginx:
   5 catch-up after a compaction: nginx SIGSTOPped, etcd restarted (every
     connection drops), --catchup-n puts, compaction, SIGCONT; the time and
     worker CPU until every worker's table is at the last revision
+--traffic measures 3-5 through requests instead (a keep-alive connection to
+each worker, GET /route): visible = served by every worker; CPU per change
+with one request to each worker after each change, minus the same requests
+without changes. --ours-request: ours' workers apply the changes when a
+request comes (as a gateway's router does), with no follower at all.
 Everything it starts (etcd, nginx) is stopped by PID.
 """
 import argparse
@@ -254,6 +259,55 @@ class Nginx:
                 self.proc.wait()
 
 
+class Workers:
+    """One keep-alive connection to each nginx worker (the listener is
+    reuseport: the kernel spreads connections over the workers, and GET
+    /route answers with the worker's id), to ask a given worker what its
+    table holds, as a request routed there would see it."""
+
+    def __init__(self, ng, timeout=30):
+        self.conns, self.requests = {}, 0
+        end, spare = time.time() + timeout, []
+        while len(self.conns) < ng.args.workers:
+            if time.time() > end:
+                raise RuntimeError("could not reach every worker: %s" % sorted(self.conns))
+            c = http.client.HTTPConnection("127.0.0.1", ng.port, timeout=30)
+            w = self._get(c, "")[0]
+            if w in self.conns:
+                spare.append(c)  # kept open: a closed one's port may come back to the same worker
+            else:
+                self.conns[w] = c
+        for c in spare:
+            c.close()
+
+    def _get(self, c, key):
+        c.request("GET", "/route?k=" + key)
+        self.requests += 1
+        return [int(x) for x in c.getresponse().read().split()]
+
+    def ask(self, w, key):
+        """-> (its table's revision, the key's seq there)"""
+        return self._get(self.conns[w], key)[1:]
+
+    def until(self, cond, key, timeout, every):
+        """Asks every worker not yet there until cond(rev, seq) holds for all;
+        returns the time each first answered so."""
+        done, end = {}, time.time() + timeout
+        while len(done) < len(self.conns):
+            for w in self.conns:
+                if w not in done and cond(*self.ask(w, key)):
+                    done[w] = time.time()
+            if len(done) < len(self.conns):
+                if time.time() > end:
+                    return None
+                time.sleep(every)
+        return done
+
+    def close(self):
+        for c in self.conns.values():
+            c.close()
+
+
 def wait_all(ng, cond, timeout, every):
     end = time.time() + timeout
     while time.time() < end:
@@ -291,7 +345,7 @@ def run_one(args, etcd, client, rnd, seq):
     W = args.workers
     ng = Nginx(args, client, etcd.port, "%s-%d" % (client, rnd))
     rec = {"client": client, "round": rnd}
-    st = None
+    st, wk = None, None
     try:
         # 1 start -> every worker holds every key decoded
         t0 = ng.start()
@@ -312,6 +366,8 @@ def run_one(args, etcd, client, rnd, seq):
         rec["anon_kb_mean"] = statistics.mean(m["RssAnon"] for m in mems)
         if "dict_capacity" in st:
             rec["dict_used_kb"] = (st["dict_capacity"] - st["dict_free"]) / 1024
+        # --traffic: a connection to each worker; what it serves is what counts
+        wk = Workers(ng) if args.traffic else None
         # 3 put -> visible in every worker
         rng = random.Random(rnd * 7919 + (client == "ours"))
         lats = []
@@ -321,10 +377,17 @@ def run_one(args, etcd, client, rnd, seq):
             val = make_value(i, seq, args.value_size)
             ts = time.time()
             rev = etcd.put(PREFIX + "k%05d" % i, val)
-            st = wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= rev for w in range(W)), 30, args.poll)
-            if not st:
-                raise RuntimeError("%s: put rev %d not seen in 30 s" % (client, rev))
-            lats.append(max(st["t:%d" % w] for w in range(W)) - ts)
+            if wk:
+                want = seq
+                done = wk.until(lambda r, s: s >= want, PREFIX + "k%05d" % i, 30, args.poll)
+                if not done:
+                    raise RuntimeError("%s: put seq %d not served in 30 s" % (client, want))
+                lats.append(max(done.values()) - ts)
+            else:
+                st = wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= rev for w in range(W)), 30, args.poll)
+                if not st:
+                    raise RuntimeError("%s: put rev %d not seen in 30 s" % (client, rev))
+                lats.append(max(st["t:%d" % w] for w in range(W)) - ts)
             time.sleep(args.lat_gap)
         rec["lat_ms"] = [x * 1000 for x in lats]
         rec["lat_p50_ms"] = pctl(rec["lat_ms"], 50)
@@ -334,24 +397,43 @@ def run_one(args, etcd, client, rnd, seq):
         time.sleep(args.idle)
         rec["idle_cpu_ms_per_s"] = (workers_cpu(pids) - c0) * 1000 / args.idle
         rec["idle_cpu_ms_per_s_each"] = [(b - a) * 1000 / args.idle for a, b in zip(w0, each_cpu(pids))]
+        if wk:  # the same requests without puts: what the traffic alone costs
+            c0, r0 = workers_cpu(pids), wk.requests
+            for _ in range(args.cpu_n):
+                time.sleep(args.cpu_gap)
+                for w in range(W):
+                    wk.ask(w, PREFIX + "k%05d" % rng.randrange(args.keys))
+            req_cpu = (workers_cpu(pids) - c0) / (wk.requests - r0)  # s per request (and its share of idle)
+            rec["req_cpu_us"] = req_cpu * 1e6
         c0, e0, t_a, w0 = workers_cpu(pids), etcd.cpu(), time.time(), each_cpu(pids)
         x0 = [ctx_switches(p) for p in pids]
+        r0 = wk.requests if wk else 0
         for _ in range(args.cpu_n):
             i = rng.randrange(args.keys)
             seq += 1
             rev = etcd.put(PREFIX + "k%05d" % i, make_value(i, seq, args.value_size))
             time.sleep(args.cpu_gap)
-        st = wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= rev for w in range(W)), 60, 0.05)
-        if not st:
+            if wk:  # one request to each worker after each change
+                for w in range(W):
+                    wk.ask(w, PREFIX + "k%05d" % i)
+        if wk:
+            ok = wk.until(lambda r, s: r >= rev, "", 60, 0.05)
+        else:
+            ok = st = wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= rev for w in range(W)), 60, 0.05)
+        if not ok:
             raise RuntimeError("%s: cpu phase: rev %d not reached" % (client, rev))
         dt = time.time() - t_a
         cw, ce = workers_cpu(pids) - c0, etcd.cpu() - e0
         rec["cpu_us_per_change"] = cw * 1e6 / args.cpu_n
         rec["cpu_us_per_change_each"] = [(b - a) * 1e6 / args.cpu_n for a, b in zip(w0, each_cpu(pids))]
         rec["ctx_switches_per_change_each"] = [(ctx_switches(p) - a) / args.cpu_n for a, p in zip(x0, pids)]
-        rec["cpu_us_per_change_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * dt) * 1e6 / args.cpu_n
+        if wk:  # minus what the same requests cost without changes
+            rec["cpu_us_per_change_net"] = (cw - req_cpu * (wk.requests - r0)) * 1e6 / args.cpu_n
+        else:
+            rec["cpu_us_per_change_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * dt) * 1e6 / args.cpu_n
         rec["etcd_cpu_us_per_change"] = ce * 1e6 / args.cpu_n
         # 5 catch-up after a compaction while disconnected
+        st = ng.status()
         allp = ng.all_pids(st)
         reloads0 = sum(st.get("reloads:%d" % w, 0) for w in range(W))
         for p in allp:
@@ -372,24 +454,35 @@ def run_one(args, etcd, client, rnd, seq):
         finally:
             for p in allp:
                 os.kill(p, signal.SIGCONT)
-        time.sleep(args.window)  # no polling inside the window, then until every worker is there
+        if wk:  # each worker asked every 50 ms what its table holds
+            r0 = wk.requests
+            served = wk.until(lambda r, s: r >= target, "", 60, 0.05)
+            if not served:
+                raise RuntimeError("%s: catch-up: rev %d not served" % (client, target))
+        else:
+            time.sleep(args.window)  # no polling inside the window, then until every worker is there
         st = wait_all(ng, lambda s: all(s.get("rev:%d" % w, 0) >= target for w in range(W)), 60, 0.2)
         if not st:
             raise RuntimeError("%s: catch-up: rev %d not reached" % (client, target))
         time.sleep(args.settle)
         cw, ce = workers_cpu(pids) - c0, etcd.cpu() - e0
         win = time.time() - t_c
-        done = [st["t:%d" % w] for w in range(W)]
+        done = [served[w] for w in range(W)] if wk else [st["t:%d" % w] for w in range(W)]
         rec["catchup_s"] = max(done) - t_c
         if client == "resty":  # from each worker's full read's start (after lua-resty-etcd's health check pause)
             rec["catchup_read_s"] = max(done[w] - st.get("read_t0:%d" % w, t_c) for w in range(W))
         rec["catchup_cpu_ms"] = cw * 1000
         rec["catchup_cpu_ms_each"] = [(b - a) * 1000 for a, b in zip(w0, each_cpu(pids))]
-        rec["catchup_cpu_ms_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * win) * 1000
+        if wk:  # minus the requests' own cost
+            rec["catchup_cpu_ms_net"] = (cw - req_cpu * (wk.requests - r0)) * 1000
+        else:
+            rec["catchup_cpu_ms_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * win) * 1000
         rec["catchup_etcd_cpu_ms"] = ce * 1000
         rec["catchup_full_reads"] = sum(st.get("reloads:%d" % w, 0) for w in range(W)) - reloads0
         rec["keys_held"] = [st.get("n:%d" % w) for w in range(W)]
     finally:
+        if wk:
+            wk.close()
         ng.stop(st)
     return rec, seq
 
@@ -431,11 +524,20 @@ def summary(args, recs, machine):
     pairs = sorted(set(r["round"] for r in recs))
     lines = ["Gateway: %d keys x ~%d B JSON, %d workers, %d pairs (%s)%s"
              % (args.keys, args.value_size, args.workers, len(pairs), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                ", ours' workers look every %g s" % args.ours_poll if args.ours_poll else ""),
+                mode_line(args)),
              "machine: %s" % machine, "",
              "| figure | ours median (min-max) | resty median (min-max) | ours/resty per pair: median (min-max) |",
              "|---|---|---|---|"]
+    relabel = {  # --traffic: phases 3-5 as every worker's requests see them
+        "lat_p50_ms": "3. put -> served by every worker, p50 (ms)",
+        "lat_p99_ms": "3. put -> served by every worker, p99 (ms)",
+        "cpu_us_per_change": "4. worker CPU per change with its requests, sum of 4 (us)",
+        "cpu_us_per_change_net": "4. the same minus the same requests without changes (us)",
+        "catchup_s": "5. catch-up after compaction: until every worker serves it (s)",
+        "catchup_cpu_ms_net": "5. catch-up: worker CPU minus the requests' (ms)",
+    } if args.traffic else {}
     for key, label in FIGS:
+        label = relabel.get(key, label)
         o = [r[key] for r in by["ours"] if key in r]
         s = [r[key] for r in by["resty"] if key in r]
         if not o and not s:
@@ -457,6 +559,17 @@ def summary(args, recs, machine):
     fr = {c: [r.get("catchup_full_reads") for r in by[c]] for c in by}
     lines.append("full reads by the workers in catch-up (per run): ours %s, resty %s" % (fr["ours"], fr["resty"]))
     return "\n".join(lines) + "\n"
+
+
+def mode_line(args):
+    out = ""
+    if args.ours_poll < 0:
+        out += ", ours' workers apply changes at request time"
+    elif args.ours_poll > 0:
+        out += ", ours' workers look every %g s" % args.ours_poll
+    if args.traffic:
+        out += ", traffic: after each change one request to each worker (keep-alive, one connection per worker)"
+    return out
 
 
 def machine_line():
@@ -484,7 +597,8 @@ def main():
     ap.add_argument("--dict-size", default="48m")
     ap.add_argument("--lat-n", type=int, default=50)
     ap.add_argument("--lat-gap", type=float, default=0.1)
-    ap.add_argument("--poll", type=float, default=0.005)
+    ap.add_argument("--poll", type=float, default=None,
+                    help="phase 3: look again every N s (default 0.005, with --traffic 0.001)")
     ap.add_argument("--idle", type=float, default=3)
     ap.add_argument("--ours-poll", type=float, default=0,
                     help="ours' workers: 0 = view:wait (default), else look at view:changes() every N s")
@@ -497,7 +611,17 @@ def main():
     ap.add_argument("--cpu-source", choices=["stat", "schedstat"], default="stat",
                     help="/proc/PID/stat utime+stime (10 ms ticks) or the threads' schedstat (ns)")
     ap.add_argument("--smoke", action="store_true", help="1 pair, 500 keys, short phases")
+    ap.add_argument("--traffic", action="store_true",
+                    help="phases 3-5 through requests: a connection to each worker; visible = served by every "
+                         "worker; CPU per change with one request to each worker per change, minus the same "
+                         "requests without changes")
+    ap.add_argument("--ours-request", action="store_true",
+                    help="ours' workers apply changes at request time only (no follower); implies --traffic")
     args = ap.parse_args()
+    if args.ours_request:
+        args.ours_poll, args.traffic = -1, True
+    if args.poll is None:
+        args.poll = 0.001 if args.traffic else 0.005
     CPU_SOURCE[0] = args.cpu_source
     if args.smoke:
         args.pairs, args.keys, args.lat_n, args.cpu_n, args.catchup_n = 1, 500, 10, 50, 20

@@ -30,6 +30,7 @@ end
 
 local stat = ngx.shared.gwstat
 local W, EXPECT
+local MODE = 0 -- ours: the follow mode (init_worker's poll)
 local tab, count, rev = {}, 0, 0
 
 local function report()
@@ -50,29 +51,37 @@ end
 
 -- ours ------------------------------------------------------------------
 
-local function ours_loop(premature, dict, poll)
-  if premature then return end
-  local ngxm = require "etcd3.ngx"
-  local view = ngxm.view(dict, { decode = cjson.decode })
-  local from = -1
-  while not ngx.worker.exiting() do
-    local list, r = view:changes(from)
-    if not list then -- RESET (always at the first call): read the whole copy
-      r = view:revision()
-      if r > 0 then
-        tab, count = {}, 0
-        for key, value in view:pairs() do put(key, value) end
-        stat:incr("reloads:" .. W, 1, 0)
-        from, rev = r, r
-        report()
-      end
-    else
-      for i = 1, #list do
-        local c = list[i]
-        if c.type == "DELETE" then del(c.key) else put(c.key, view:get(c.key)) end
-      end
-      if r ~= rev then from, rev = r, r; report() end
+local view -- ours: this worker's view of the mirror's dict
+
+--- One step: brings this worker's table to the copy's revision (the
+-- changes since its revision, or the whole copy on RESET).
+local function ours_sync()
+  local list, r = view:changes(rev == 0 and -1 or rev)
+  if not list then -- RESET (always at the first call): read the whole copy
+    r = view:revision()
+    if r > 0 then
+      tab, count = {}, 0
+      for key, value in view:pairs() do put(key, value) end
+      stat:incr("reloads:" .. W, 1, 0)
+      rev = r
+      report()
     end
+  else
+    for i = 1, #list do
+      local c = list[i]
+      if c.type == "DELETE" then del(c.key) else put(c.key, view:get(c.key)) end
+    end
+    if r ~= rev then rev = r; report() end
+  end
+end
+
+--- poll > 0: look every `poll` s; 0: view:wait; < 0: only until the table
+-- holds every key, then at request time (GET /route) only.
+local function ours_loop(premature, poll)
+  if premature then return end
+  while not ngx.worker.exiting() do
+    ours_sync()
+    if poll < 0 and count >= EXPECT then return end
     if poll > 0 then ngx.sleep(poll) else view:wait(rev, 5) end
   end
 end
@@ -142,18 +151,29 @@ end
 
 --- client: "ours" | "resty"; etcd "127.0.0.1:PORT"; prefix; expect (keys);
 -- dict: the mirror's lua_shared_dict (ours)
--- poll: 0 = follow with view:wait (polls the dict 1 ms doubling to 8 ms),
--- > 0 = look at view:changes() every `poll` seconds
+-- poll: 0 = follow with view:wait (woken by the writer), > 0 = look at
+-- view:changes() every `poll` seconds, < 0 = at request time (GET /route)
 function _M.init_worker(client, etcd, prefix, expect, dict, poll)
   W, EXPECT = ngx.worker.id(), expect
   stat:set("pid:" .. W, ngx.worker.pid())
   if client == "ours" then
     local ngxm = require "etcd3.ngx"
     ngxm.mirror { dict = dict, prefix = prefix, endpoints = etcd, page_size = 1000 }
-    assert(ngx.timer.at(0, ours_loop, dict, poll or 0))
+    view = ngxm.view(dict, { decode = cjson.decode })
+    MODE = poll or 0
+    assert(ngx.timer.at(0, ours_loop, MODE))
   else
     assert(ngx.timer.at(0, resty_loop, etcd, prefix))
   end
+end
+
+--- GET /route?k=KEY: "W REV SEQ": this worker's id, its table's revision
+-- and the key's "seq" in its table (0 if absent). Ours at request time
+-- (poll < 0) first brings the table up to date, as a gateway's request does.
+function _M.route()
+  if MODE < 0 then ours_sync() end
+  local v = tab[ngx.var.arg_k or ""]
+  ngx.print(W, " ", rev, " ", type(v) == "table" and v.seq or 0)
 end
 
 --- GET /status: every gwstat entry, plus the mirror dict's use, as JSON
