@@ -25,11 +25,11 @@ local _M = {}
 
 -- Compares --------------------------------------------------------------
 
---- One condition of a transaction (etcd3.compare).
+--- One condition of a transaction (etcd3.compare): the Compare message
+--- itself, marked by its metatable (no methods: its fields are the
+--- message's, read as they are by the codec and namespaces).
 ---@class etcd3.Compare
----@field req table the Compare message
 local Compare = {}
-Compare.__index = Compare
 
 -- target name -> the proto's enum name, the oneof field holding the value,
 -- the value's kind
@@ -57,23 +57,33 @@ Target.__index = Target
 ---@field range_end? string the keys in [key, range_end)
 local COMPARE_OPTIONS = { prefix = "boolean", range_end = "string" }
 
+-- The names errors give, made once (a txn is built in a hot path):
+-- target -> "compare.value", and target -> method -> "compare.value(...):eq"
+local TARGET_FNAMES, METHOD_FNAMES = {}, {}
+for name in pairs(TARGETS) do
+  TARGET_FNAMES[name], METHOD_FNAMES[name] = "compare." .. name, {}
+  for method in pairs(RESULTS) do METHOD_FNAMES[name][method] = ("compare.%s(...):%s"):format(name, method) end
+end
+
 local function new_target(name, key, opts, level)
-  local fname = "compare." .. name
-  check.arg(fname, 1, key, "string", level)
-  opts = check.options(fname, opts, COMPARE_OPTIONS, level)
-  return setmetatable({
-    name = name, encoding = TARGETS[name], key = key,
-    range_end = kv.range_end(fname, key, opts, COMPARE_OPTIONS, level + 1),
-  }, Target)
+  local range_end
+  if opts ~= nil or type(key) ~= "string" then -- (one key, no options: nothing to check)
+    local fname = TARGET_FNAMES[name]
+    check.arg(fname, 1, key, "string", level)
+    opts = check.options(fname, opts, COMPARE_OPTIONS, level)
+    range_end = kv.range_end(fname, key, opts, COMPARE_OPTIONS, level + 1)
+  end
+  return setmetatable({ name = name, encoding = TARGETS[name], key = key, range_end = range_end }, Target)
 end
 
 local function compare_with(target, method, value, level)
   local encoding = target.encoding
-  local fname = ("compare.%s(...):%s"):format(target.name, method)
-  check.arg(fname, 1, value, encoding.kind, level)
+  if type(value) ~= encoding.kind then -- ("integer" and "id" are checked there)
+    check.arg(METHOD_FNAMES[target.name][method], 1, value, encoding.kind, level)
+  end
   local req = { result = RESULTS[method], target = encoding.enum, key = target.key, range_end = target.range_end }
   req[encoding.field] = value
-  return setmetatable({ req = req }, Compare)
+  return setmetatable(req, Compare)
 end
 
 -- target:eq(v), :ne(v), :lt(v), :gt(v) -> etcd3.Compare
@@ -130,16 +140,15 @@ local function is_compare(value) return getmetatable(value) == Compare end
 
 -- Ops -------------------------------------------------------------------
 
---- One operation of a transaction (etcd3.op).
+--- One operation of a transaction (etcd3.op): the RequestOp message
+--- itself ({ request_put = PutRequest }, …), marked by its metatable:
+--- ReadOp when it only reads, else WriteOp (no methods: namespaces read
+--- its one field with next()).
 ---@class etcd3.Op
----@field field string the RequestOp field ("request_range", …)
----@field req table the request
----@field readonly boolean
-local Op = {}
-Op.__index = Op
+local ReadOp, WriteOp = {}, {}
 
 local function new_op(field, req, readonly)
-  return setmetatable({ field = field, req = req, readonly = readonly }, Op)
+  return setmetatable({ [field] = req }, readonly and ReadOp or WriteOp)
 end
 
 -- An op's options are those of the plain call, less `timeout` (the
@@ -180,7 +189,10 @@ function _M.op.delete(key, opts)
   return new_op("request_delete_range", (kv.delete_request("op.delete", key, opts, 4)), false)
 end
 
-local function is_op(value) return getmetatable(value) == Op end
+local function is_op(value)
+  local mt = getmetatable(value)
+  return mt == ReadOp or mt == WriteOp
+end
 
 -- The builder -----------------------------------------------------------
 
@@ -225,20 +237,25 @@ Txn.If, Txn.Then, Txn.Else = Txn.when, Txn.success, Txn.failure
 -- (nested ones too) only reads.
 ---@return table request
 ---@return boolean readonly
-function Txn:request()
-  local readonly = true
-  local function ops(list)
-    local out = {}
-    for i, o in ipairs(list) do
-      out[i] = { [o.field] = o.req }
-      readonly = readonly and o.readonly
-    end
-    return out
+-- copy(list, readonly) -> a copy of a list of compares or ops (the builder
+-- may grow after a nested op.txn took its request), and readonly unless an
+-- op in it writes
+local function copy(list, readonly)
+  local out = {}
+  for i = 1, #list do
+    local o = list[i]
+    out[i] = o
+    readonly = readonly and getmetatable(o) ~= WriteOp
   end
-  local compares = {}
-  for i, c in ipairs(self.compares) do compares[i] = c.req end
-  local req = { compare = compares, success = ops(self.on_success), failure = ops(self.on_failure) }
-  return req, readonly
+  return out, readonly
+end
+
+function Txn:request()
+  local compares = copy(self.compares, true)
+  local success, readonly = copy(self.on_success, true)
+  local failure
+  failure, readonly = copy(self.on_failure, readonly)
+  return { compare = compares, success = success, failure = failure }, readonly
 end
 
 local RESPONSE_TYPES = {
