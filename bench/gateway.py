@@ -433,7 +433,8 @@ def run_one(args, etcd, client, rnd, seq):
             rec["cpu_us_per_change_net"] = (cw - rec["idle_cpu_ms_per_s"] / 1000 * dt) * 1e6 / args.cpu_n
         rec["etcd_cpu_us_per_change"] = ce * 1e6 / args.cpu_n
         # 5 catch-up after a compaction while disconnected
-        st = ng.status()
+        if wk:  # (phase 4 waited through the requests: the workers' pids and counts)
+            st = ng.status()
         allp = ng.all_pids(st)
         reloads0 = sum(st.get("reloads:%d" % w, 0) for w in range(W))
         for p in allp:

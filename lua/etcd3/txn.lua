@@ -233,10 +233,6 @@ function Txn:failure(...) return append(self, "txn:failure", self.on_failure, is
 -- clientv3's names
 Txn.If, Txn.Then, Txn.Else = Txn.when, Txn.success, Txn.failure
 
---- The TxnRequest table for this description; also whether every op in it
--- (nested ones too) only reads.
----@return table request
----@return boolean readonly
 -- copy(list, readonly) -> a copy of a list of compares or ops (the builder
 -- may grow after a nested op.txn took its request), and readonly unless an
 -- op in it writes
@@ -250,6 +246,10 @@ local function copy(list, readonly)
   return out, readonly
 end
 
+--- The TxnRequest table for this description; also whether every op in it
+-- (nested ones too) only reads.
+---@return table request
+---@return boolean readonly
 function Txn:request()
   local compares = copy(self.compares, true)
   local success, readonly = copy(self.on_success, true)
