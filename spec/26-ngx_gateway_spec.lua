@@ -4,6 +4,7 @@
 -- module under its own LuaJIT.
 local etcd3 = require "etcd3"
 local helper = require "spec.helpers.etcd"
+local core = require "etcd3.core"
 local nginx = require "spec.helpers.nginx"
 
 local WORKERS = 4
@@ -136,6 +137,26 @@ local function config(endpoint)
 end
 
 local function sh(cmd) assert(helper.sh(cmd), cmd) end
+
+--- An nginx with one mirror of `prefix` into etcd_cfg (a dict of `size`)
+-- that nothing follows: /feed and /rev as above, and `locations`.
+local function one_mirror(endpoint, size, prefix, locations)
+  return [[
+    lua_shared_dict etcd_cfg ]] .. size .. [[;
+    init_worker_by_lua_block {
+      require("etcd3.ngx").mirror { dict = "etcd_cfg", prefix = "]] .. prefix .. [[", endpoints = "]] .. endpoint
+    .. [[" }
+    }
+    server {
+      listen 127.0.0.1:${PORT} reuseport;
+      location = / { return 200 "up"; }
+  ]] .. locations .. config("-"):match("(    location = /feed .-\n    }\n)") .. [[
+      location = /rev {
+        content_by_lua_block { ngx.say(require("etcd3.ngx").view(ngx.var.arg_d):revision()) }
+      }
+    }
+  ]]
+end
 
 --- /feed of dict `d` from `from`, asked of every worker (24 connections):
 -- every worker must give the same answer -> that answer.
@@ -419,24 +440,76 @@ describe("etcd3.ngx for gateways", function()
     })
   end)
 
+  it("writes steady changes from the engine thread: the writer's worker does not wake for each", function()
+    -- no worker follows: they read changes() when asked (a gateway that
+    -- applies them at request time), and wait only when /wait asks them to
+    local quiet = nginx.start(one_mirror(member.endpoint, "4m", "/q/", [[
+      location = /wait {
+        content_by_lua_block {
+          local rev, err = require("etcd3.ngx").view("etcd_cfg"):wait(tonumber(ngx.var.arg_rev), 10)
+          ngx.say(ngx.worker.id(), " ", rev or err.code)
+        }
+      }
+      location = /writer {
+        content_by_lua_block { ngx.say(ngx.shared.etcd_cfg:get("\0etcd3:writer") or 0) }
+      }
+  ]]), WORKERS)
+    finally(function() quiet:stop() end)
+    local wakes = require("spec.helpers.process").main_thread_wakes
+    local before, from = settle(quiet, cli, "etcd_cfg", "/q/")
+    -- every worker waits once (then its feed reader stays until idle)
+    local waited = {}
+    helper.wait_for(function()
+      for id, answers in pairs(quiet:ask_all("/wait?rev=" .. (from - 1), 24)) do
+        if answers[tostring(from)] then waited[id] = true end
+      end
+      return #waited == WORKERS - 1 and waited[0]
+    end, 30, "a wait in every worker")
+    local writer = tonumber((quiet:get("/writer")))
+    local others = {}
+    for pid in pairs(quiet:pids()) do
+      if pid ~= writer and pid ~= quiet.pid then others[#others + 1] = pid end
+    end
+    assert.are.equal(WORKERS - 1, #others)
+    -- 60 changes, 20 ms apart: the first ones after the readers' idle time
+    core.sleep(5.5)
+    local w0, o0 = wakes(writer), wakes(others[1])
+    local op, n, last = etcd3.op, 60, nil
+    for i = 1, n do
+      if i % 10 == 0 then
+        last = assert(cli:txn():success(op.put("/q/t" .. i, "x"), op.delete("/q/k" .. i - 1),
+          op.put("/q/t" .. i + 1, "y")):commit()).header.revision
+      elseif i % 7 == 0 then
+        last = assert(cli:delete("/q/k" .. i - 3)).header.revision
+      else
+        last = assert(cli:put("/q/k" .. i, ("v"):rep(i))).header.revision
+      end
+      core.sleep(0.02)
+    end
+    copy_at(quiet, "etcd_cfg", last)
+    local woke_writer, woke_other = wakes(writer) - w0, wakes(others[1]) - o0
+    io.stderr:write(("\n[gateway] %d changes: the writer's worker woke %d times, another %d"):format(
+      n, woke_writer, woke_other))
+    -- (its heartbeat, about once a second, and what nginx does by itself)
+    assert.is_true(woke_writer < n / 3, ("the writer's worker woke %d times for %d changes"):format(woke_writer, n))
+    assert.is_true(woke_other < n / 3, ("a worker woke %d times for %d changes"):format(woke_other, n))
+    -- and the feed is exact in every worker
+    local list, rev = parse(feed(quiet, "etcd_cfg", from))
+    assert.are.equal(last, rev)
+    replays(before, list, state(cli, "/q/", rev), from, rev)
+    -- a wait after the idle time connects again and is woken by the next change
+    local answer = quiet:get_async("/wait?rev=" .. last)
+    core.sleep(0.3)
+    local r = assert(cli:put("/q/after", "idle")).header.revision
+    assert.matches("^%d " .. r, answer())
+  end)
+
   it("gives way to the copy in a full dict: view:err() says so, RESET further back, exact within", function()
-    local small = nginx.start([[
-    lua_shared_dict etcd_cfg 32k;
-    init_worker_by_lua_block {
-      require("etcd3.ngx").mirror { dict = "etcd_cfg", prefix = "/f/", endpoints = "]] .. member.endpoint .. [[" }
-    }
-    server {
-      listen 127.0.0.1:${PORT} reuseport;
-      location = / { return 200 "up"; }
+    local small = nginx.start(one_mirror(member.endpoint, "32k", "/f/", [[
       location = /err {
         content_by_lua_block { ngx.say(0, " ", tostring(require("etcd3.ngx").view("etcd_cfg"):err())) }
       }
-  ]] .. config("-"):match("(    location = /feed .-\n    }\n)") .. [[
-      location = /rev {
-        content_by_lua_block { ngx.say(require("etcd3.ngx").view(ngx.var.arg_d):revision()) }
-      }
-    }
-  ]], WORKERS)
+  ]]), WORKERS)
     finally(function() small:stop() end)
     local from = settle(small, cli, "etcd_cfg", "/f/") and tonumber((small:get("/rev?d=etcd_cfg")))
     local last

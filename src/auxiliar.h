@@ -24,6 +24,7 @@
 #define ETCD3_SERVER_STREAM_MT "etcd3.ServerStream"
 #define ETCD3_REGISTRATION_MT "etcd3.Registration"
 #define ETCD3_NOTIFIER_MT "etcd3.Notifier"
+#define ETCD3_FEED_MT "etcd3.Feed"
 
 /* Pushes a userdata of metatable `mt` holding a new zeroed object of `size`
  * bytes bound to e (its first member); raises on out of memory, leaving an

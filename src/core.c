@@ -20,6 +20,7 @@
 #include "notifier.h"
 #include "registration.h"
 #include "server_stream.h"
+#include "sink.h"
 #include "watcher.h"
 
 /* core.now() -> monotonic seconds */
@@ -50,6 +51,13 @@ static int core_sleep(lua_State *L) {
   return 0;
 }
 
+/* core.sink_available() -> whether watchers can write into nginx shared
+ * dicts here (state:sink: lua-nginx-module's functions are in the process). */
+static int core_sink_available(lua_State *L) {
+  lua_pushboolean(L, etcd3_sink_available());
+  return 1;
+}
+
 int luaopen_etcd3_core(lua_State *L);
 int luaopen_etcd3_core(lua_State *L) {
   static const lua_CFunction open_types[] = {
@@ -59,7 +67,8 @@ int luaopen_etcd3_core(lua_State *L) {
     NULL,
   };
   static const luaL_Reg functions[] = {
-    {"now", core_now}, {"sleep", core_sleep}, {"cpu_time", core_cpu_time}, {NULL, NULL},
+    {"now", core_now}, {"sleep", core_sleep}, {"cpu_time", core_cpu_time},
+    {"sink_available", core_sink_available}, {NULL, NULL},
   };
   lua_newtable(L); /* stack: module */
   for (const lua_CFunction *open = open_types; *open; open++) (*open)(L);

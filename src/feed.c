@@ -13,7 +13,9 @@
  * once: it waits in the listen queue) and writes one byte to every
  * connection. Connections from a process of another user are refused
  * (SO_PEERCRED); a connection whose reader went is dropped at the next
- * post. Nothing here touches the engine: the writer's Lua calls it.
+ * post. The writer's Lua posts after its batches; the engine thread
+ * posts after a batch it wrote itself (sink.c), so the feed is shared:
+ * a mutex guards it, and the userdata and the sink each hold a reference.
  */
 #include <errno.h>
 #include <limits.h>
@@ -21,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <poll.h>
+#include <pthread.h>
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -29,33 +32,77 @@
 #include "feed.h"
 #include "notifier.h"
 
-#define ETCD3_FEED_MT "etcd3.Feed"
-
 /* Connections queued between two posts, at most (beyond, a worker's
  * reader fails to connect, and its views poll). */
 #define FEED_BACKLOG 512
 
-typedef struct feed {
+struct etcd3_feed {
+  pthread_mutex_t mu; /* guards what follows */
+  int refs;
   int fd;       /* -1 once closed */
   int *conns;   /* the readers' connections */
   size_t n_conns, cap_conns;
   char dir[PATH_MAX];
   char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
-} feed;
+};
+
+typedef struct etcd3_feed feed;
+
+/* What the userdata holds: NULL only when the feed could not be made. */
+typedef struct feed_box {
+  feed *f;
+} feed_box;
 
 static feed *check_feed(lua_State *L) {
-  return (feed *)luaL_checkudata(L, 1, ETCD3_FEED_MT);
+  feed *f = ((feed_box *)luaL_checkudata(L, 1, ETCD3_FEED_MT))->f;
+  if (!f) luaL_argerror(L, 1, "not a feed");
+  return f;
+}
+
+feed *etcd3_feed_ref(lua_State *L, int idx) {
+  feed *f = ((feed_box *)luaL_checkudata(L, idx, ETCD3_FEED_MT))->f;
+  if (!f) return NULL;
+  pthread_mutex_lock(&f->mu);
+  f->refs++;
+  pthread_mutex_unlock(&f->mu);
+  return f;
+}
+
+/* Closes the socket and the connections; f->mu held. */
+static void close_locked(feed *f) {
+  etcd3_unlisten_private(f->fd, f->dir, f->path);
+  f->fd = -1;
+  for (size_t i = 0; i < f->n_conns; i++) close(f->conns[i]);
+  free(f->conns);
+  f->conns = NULL;
+  f->n_conns = f->cap_conns = 0;
+}
+
+void etcd3_feed_unref(feed *f) {
+  int last;
+  if (!f) return;
+  pthread_mutex_lock(&f->mu);
+  last = --f->refs == 0;
+  if (last) close_locked(f);
+  pthread_mutex_unlock(&f->mu);
+  if (!last) return;
+  pthread_mutex_destroy(&f->mu);
+  free(f);
 }
 
 /* core.feed() -> feed | nil, message: a new listening socket. */
 static int feed_new(lua_State *L) {
   char err[PATH_MAX + 128];
-  feed *f = (feed *)lua_newuserdata(L, sizeof *f);
-  f->fd = -1;
-  f->conns = NULL;
-  f->n_conns = f->cap_conns = 0;
-  f->dir[0] = f->path[0] = '\0';
+  feed_box *box = (feed_box *)lua_newuserdata(L, sizeof *box);
+  feed *f;
+  box->f = NULL;
   luaL_setmetatable(L, ETCD3_FEED_MT);
+  f = (feed *)calloc(1, sizeof *f);
+  if (!f) return luaL_error(L, "out of memory");
+  pthread_mutex_init(&f->mu, NULL);
+  f->refs = 1;
+  f->fd = -1;
+  box->f = f;
   f->fd = etcd3_listen_private("f", FEED_BACKLOG, f->dir, sizeof f->dir, f->path, sizeof f->path, err,
                                sizeof err);
   if (f->fd >= 0) return 1;
@@ -67,12 +114,15 @@ static int feed_new(lua_State *L) {
 /* feed:path() -> the socket's path (nil once closed) */
 static int feed_path(lua_State *L) {
   feed *f = check_feed(L);
-  if (f->fd < 0) return 0;
-  lua_pushstring(L, f->path);
-  return 1;
+  int open;
+  pthread_mutex_lock(&f->mu);
+  open = f->fd >= 0;
+  if (open) lua_pushstring(L, f->path);
+  pthread_mutex_unlock(&f->mu);
+  return open;
 }
 
-/* Takes the connections queued since the last post. A poll first: an
+/* Takes the connections queued since the last post (f->mu held). A poll first: an
  * accept with nothing queued still makes and frees a socket in the kernel,
  * which cost more than the rest of a post. */
 static void accept_queued(feed *f) {
@@ -109,13 +159,10 @@ static void accept_queued(feed *f) {
   }
 }
 
-/* feed:post() -> the number of readers woken: one byte to each. Never
- * blocks; a reader with a byte still unread (EAGAIN) needs no other. */
-static int feed_post(lua_State *L) {
+size_t etcd3_feed_post(feed *f) {
   static const char byte = 'f';
-  feed *f = check_feed(L);
-  size_t kept = 0;
-  lua_Integer woken = 0;
+  size_t kept = 0, woken = 0;
+  pthread_mutex_lock(&f->mu);
   if (f->fd >= 0) accept_queued(f);
   for (size_t i = 0; i < f->n_conns; i++) {
     int fd = f->conns[i];
@@ -128,21 +175,34 @@ static int feed_post(lua_State *L) {
     f->conns[kept++] = fd;
   }
   f->n_conns = kept;
-  lua_pushinteger(L, woken);
+  pthread_mutex_unlock(&f->mu);
+  return woken;
+}
+
+/* feed:post() -> the number of readers woken: one byte to each. Never
+ * blocks; a reader with a byte still unread (EAGAIN) needs no other. */
+static int feed_post(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)etcd3_feed_post(check_feed(L)));
   return 1;
 }
 
 /* feed:close(): stops listening, closes every reader's connection (they
  * see it closed) and removes the socket file and its directory.
- * Idempotent; also __gc. */
+ * Idempotent; a sink that holds the feed posts nothing after it. */
 static int feed_close(lua_State *L) {
   feed *f = check_feed(L);
-  etcd3_unlisten_private(f->fd, f->dir, f->path);
-  f->fd = -1;
-  for (size_t i = 0; i < f->n_conns; i++) close(f->conns[i]);
-  free(f->conns);
-  f->conns = NULL;
-  f->n_conns = f->cap_conns = 0;
+  pthread_mutex_lock(&f->mu);
+  close_locked(f);
+  pthread_mutex_unlock(&f->mu);
+  return 0;
+}
+
+/* __gc: closes the feed, unless a sink still holds it (then its last
+ * reference does). */
+static int feed_gc(lua_State *L) {
+  feed_box *box = (feed_box *)luaL_checkudata(L, 1, ETCD3_FEED_MT);
+  etcd3_feed_unref(box->f);
+  box->f = NULL;
   return 0;
 }
 
@@ -150,7 +210,7 @@ int etcd3_feed_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"path", feed_path}, {"post", feed_post}, {"close", feed_close}, {NULL, NULL},
   };
-  etcd3_register_type(L, ETCD3_FEED_MT, methods, feed_close);
+  etcd3_register_type(L, ETCD3_FEED_MT, methods, feed_gc);
   lua_pushcfunction(L, feed_new);
   lua_setfield(L, -2, "feed");
   return 0;

@@ -45,7 +45,12 @@
 #include <string.h>
 
 #include "auth.h"
+#include "sink.h"
 #include "watch_internal.h"
+
+/* A watcher with a sink (sink.c) wakes Lua all the same once this many
+ * events wait for it. */
+#define SINK_QUEUED_MAX 4096
 
 ETCD3_LOCKED static double watch_tick(etcd3_engine *e, void *state, double now);
 ETCD3_LOCKED static void watch_restart(etcd3_engine *e, void *state);
@@ -291,6 +296,9 @@ ETCD3_LOCKED static void give(watch_mux *m, etcd3_watcher *w, event_batch *b) {
     leave_wire(m, w);
     return;
   }
+  /* a batch its sink wrote into the dict waits for Lua's next look, unless
+   * too many are waiting */
+  if (w->sink && etcd3_sink_apply(w->sink, b, w->floor) && w->queued <= SINK_QUEUED_MAX) return;
   notify(w);
 }
 

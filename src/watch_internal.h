@@ -1,6 +1,7 @@
 /*
- * watch_internal.h - what the three watch files share, and no other file
- * includes: the structs of watches and the calls between the files.
+ * watch_internal.h - what the three watch files share (and sink.c, which
+ * reads a batch's events): the structs of watches and the calls between
+ * the files.
  *
  *   watch.c        the engine's "watch" service: the stream, its wires,
  *                  creates, responses (fragments, delivery), auth retry;
@@ -72,6 +73,7 @@ typedef struct etcd3_watcher {
   int64_t compact_revision;
   batch_queue queue;
   size_t queued, max_queued;
+  struct etcd3_sink *sink;     /* writes its batches into a shared dict (sink.c) */
 } etcd3_watcher;
 
 /* The key, range and options that make two watches the same. */

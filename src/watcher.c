@@ -12,6 +12,7 @@
 
 #include "auxiliar.h"
 #include "codec.h"
+#include "sink.h"
 #include "watch_internal.h"
 #include "watcher.h"
 
@@ -201,6 +202,55 @@ static int watcher_progress(lua_State *L) {
   return 1;
 }
 
+/* state:sink(zone, feed|nil, state) -> true | false, why: hands the dict
+ * of etcd3.ngx's writer to the engine thread, which writes each batch of
+ * this watcher into it from now on (sink.c). `zone` is the dict's [1];
+ * state: rev, head, tail, from, size, count (the dict as the writer left
+ * it), pid, lock_ttl, ns (the client's namespace, or nil), and the names
+ * rev_key, lock_key, log_key, count_key, entry_prefix. False when a batch
+ * is queued that Lua has not taken (it must write it first), when the
+ * watcher ended, or when this process has no shared dicts. */
+static int watcher_sink(lua_State *L) {
+  etcd3_watcher *w = check_watcher(L);
+  const char *why = NULL;
+  etcd3_sink *s = etcd3_sink_new(L, 2, &why), *old = NULL;
+  if (s) {
+    pthread_mutex_lock(&w->engine->mu);
+    if (w->queue.head) why = "events are queued";
+    else if (w->ended || !w->wire) why = "the watch ended";
+    else {
+      old = w->sink;
+      w->sink = s;
+      s = NULL;
+    }
+    pthread_mutex_unlock(&w->engine->mu);
+  }
+  etcd3_sink_free(old);
+  etcd3_sink_free(s);
+  if (!why) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  lua_pushboolean(L, 0);
+  lua_pushstring(L, why);
+  return 2;
+}
+
+/* state:unsink() -> rev, head, tail, from, count | false | nil: takes the
+ * dict back from the sink: where it left the dict (false: it failed
+ * after moving the log's state, so the dict must be written whole again;
+ * nil: there was no sink). */
+static int watcher_unsink(lua_State *L) {
+  etcd3_watcher *w = check_watcher(L);
+  etcd3_sink *s;
+  pthread_mutex_lock(&w->engine->mu);
+  s = w->sink;
+  w->sink = NULL;
+  pthread_mutex_unlock(&w->engine->mu);
+  if (!s) return 0;
+  return etcd3_sink_push_free(L, s);
+}
+
 static int watcher_gc(lua_State *L) {
   etcd3_watcher *w = (etcd3_watcher *)etcd3_bound_take(L, ETCD3_WATCH_MT);
   etcd3_engine *e;
@@ -211,6 +261,7 @@ static int watcher_gc(lua_State *L) {
   etcd3_news_seen(e, &w->news);
   etcd3_watch_close_idle(e); /* when none is left */
   pthread_mutex_unlock(&e->mu);
+  etcd3_sink_free(w->sink);
   free(w);
   etcd3_engine_release(e);
   return 0;
@@ -220,7 +271,8 @@ int etcd3_watcher_open(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"state", watcher_state}, {"ready", watcher_ready}, {"wait", watcher_wait},
     {"poll", watcher_poll}, {"revision", watcher_revision}, {"cancel", watcher_cancel},
-    {"progress", watcher_progress}, {"news_key", watcher_news_key}, {NULL, NULL},
+    {"progress", watcher_progress}, {"news_key", watcher_news_key}, {"sink", watcher_sink},
+    {"unsink", watcher_unsink}, {NULL, NULL},
   };
   etcd3_register_type(L, ETCD3_WATCH_MT, methods, watcher_gc);
   return 0;

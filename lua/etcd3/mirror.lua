@@ -166,6 +166,14 @@ function Mirror:_pull(changes, wait)
   end
 end
 
+--- The C state of the watch, when every event it delivered was applied
+-- (for etcd3.ngx's writer, which hands it a shared dict); else nil.
+function Mirror:_watch_state()
+  local w = self._w
+  if w and w._buffer[w._next_index] == nil then return w._state end
+  return nil
+end
+
 --- m:update([timeout]) -> { change, … } | nil, err: applies every change
 -- that arrived, waiting up to `timeout` seconds (default 0: poll) for the
 -- first one. Each change: { type = "PUT"|"DELETE", key, value, prev_value, kv }.

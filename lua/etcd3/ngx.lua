@@ -141,9 +141,9 @@ Writer.__index = Writer
 local writers = {}
 
 -- What wakes this worker's views of each dict: dict name -> { path, sema,
--- started, connected, ended, here }. A light thread reads the writer's
--- feed; when the writer runs in this very process (here), it wakes them
--- itself, with no connection.
+-- started, waited, connected, ended, idle, here }. A light thread reads
+-- the writer's feed; when the writer runs in this very process and writes
+-- every batch itself (here), it wakes them itself, with no connection.
 local feeds = {}
 
 --- Wakes every view waiting on the feed: they look at the dict again.
@@ -429,9 +429,63 @@ function Writer:batch(changes)
   end
 end
 
+--- Takes the dict back from the engine thread (src/sink.c), which wrote
+-- the batches that arrived since hand_over() while it could: the writer
+-- goes on from where it left the dict. -> the changes it did not write
+-- (nil: unknown, the dict is written whole again).
+function Writer:take_back(changes)
+  local state = self.sunk
+  if not state then return changes end
+  self.sunk = nil
+  local rev, head, tail, from, count = state:unsink()
+  if rev == false then
+    -- it failed after moving the log's state
+    self.written = nil
+    return nil
+  end
+  if not rev or rev == self.written then return changes end
+  -- (a batch that finds nothing new does not read the log's state: it is
+  -- taken here; load_log reads the same from the dict)
+  self.written, self.count_set = rev, count
+  self.head, self.tail, self.from, self.log_text = head, tail, from, nil
+  -- what it wrote after the mirror's last update still waits in the watch
+  if changes and self.m:revision() < rev then
+    local more = self.m:update(0)
+    for _, c in ipairs(more or {}) do changes[#changes + 1] = c end
+  end
+  if not changes then return nil end
+  local kept, n = {}, 0
+  for _, c in ipairs(changes) do
+    if c.kv.mod_revision > rev then
+      n = n + 1
+      kept[n] = c
+    end
+  end
+  return kept
+end
+
+--- Hands the dict to the engine thread when this writer left it whole and
+-- current: from then on the engine thread writes each batch itself, as
+-- batch() would, and wakes the views, without waking this one; anything
+-- but that steady state it leaves to this writer (src/sink.c).
+function Writer:hand_over()
+  if not self.zone or self.sunk or not self.written or self.missing_count > 0 or self.log_short
+    or self.reported or self.unreachable or not self.log_ok or self.m:revision() ~= self.written
+    or self.dict:get(REV) ~= self.written then
+    return
+  end
+  local state = self.m:_watch_state()
+  if not state then return end
+  local conf = self.sink_conf
+  conf.rev, conf.head, conf.tail, conf.from = self.written, self.head, self.tail, self.from
+  conf.count, conf.ns = self.count_set, self.cli._namespace
+  if state:sink(self.zone, self.feed or nil, conf) then self.sunk = state end
+end
+
 --- Brings the dict to the mirror's revision when it is older.
 -- `changes`: what the mirror applied since its last sync (nil: unknown).
 function Writer:sync(changes)
+  changes = self:take_back(changes)
   if not self:lock() then return end
   -- (a method, not a closure: a closure made at each batch keeps LuaJIT
   -- from compiling the batch)
@@ -445,6 +499,7 @@ function Writer:sync(changes)
   if self.feed then self.feed:post() end
   local st = feeds[self.name]
   if st and st.here then wake(st) end
+  self:hand_over()
 end
 
 --- A watch does not end when etcd becomes unreachable (the client resumes
@@ -530,6 +585,7 @@ function run(premature, self)
   if self.m then pcall(self.m.close, self.m) end
   if self.cli then pcall(self.cli.close, self.cli) end
   self.m, self.cli = nil, nil
+  self.sunk = nil -- (the watch went with the mirror)
   if ok and done then return self:close_feed() end
   local why = ok and tostring(err) or ("error: " .. tostring(done))
   log(ngx.ERR, "mirroring ", self.cfg.prefix, " into ", self.name, ": ", why)
@@ -576,6 +632,14 @@ function _M.mirror(cfg)
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
     retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE, pid = ngx.worker.pid() }, Writer)
+  -- the engine thread writes the steady state's batches itself when this
+  -- nginx lets it (lua-nginx-module's shared dict functions; see hand_over)
+  local zone = dict[1]
+  if type(zone) == "userdata" and require("etcd3.core").sink_available() then
+    self.zone = zone
+    self.sink_conf = { size = self.log_size, pid = self.pid, lock_ttl = LOCK_TTL, rev_key = REV,
+      lock_key = LOCK, log_key = LOG, count_key = COUNT, entry_prefix = ENTRY }
+  end
   -- the views' wake-up (without it they poll the dict)
   local feed, ferr = require("etcd3.core").feed()
   if feed then
@@ -794,6 +858,10 @@ end
 local WAIT_STEP_MIN, WAIT_STEP_MAX = 0.001, 0.008
 -- A worker whose reader of a feed ended connects again after this long.
 local FEED_RETRY = 1
+-- A worker's reader of a feed whose views stopped waiting (a gateway that
+-- reads changes() at request time once loaded) leaves after this long, so
+-- the worker no longer wakes for each batch; the next wait connects again.
+local FEED_IDLE = 5
 -- (a cosocket's longest timeout: the reader waits for the writer's bytes)
 local READ_FOREVER = 2147483647
 
@@ -810,6 +878,10 @@ local function feed_reader(premature, st)
     while not ngx.worker.exiting() do
       local _, err = sock:receiveany(64)
       if err and err ~= "timeout" then break end
+      if st.sema:count() >= 0 and ngx.now() - st.waited >= FEED_IDLE then
+        st.idle = true
+        break
+      end
       wake(st)
     end
   end
@@ -822,18 +894,22 @@ end
 -- (or the writer changed); nil when views must poll.
 local function feed_of(view)
   -- the writer of this process wakes its views itself, whatever FEED says
-  -- (in a reload, an old writer of another process may have written it)
+  -- (in a reload, an old writer of another process may have written it);
+  -- but the engine thread, when it writes batches (Writer:hand_over), wakes
+  -- them through the feed, as in any other worker
   local writer = writers[view.name]
-  local here = writer and writer.feed_path
-  local path = here or view.dict:get(FEED)
+  local own = writer and writer.feed_path
+  local here = own and not writer.zone
+  local path = own or view.dict:get(FEED)
   if not path then return nil end
   local old = feeds[view.name]
   local st = old
   ngx.update_time()
-  if not st or st.path ~= path or (st.ended and ngx.now() - st.started >= FEED_RETRY) then
+  if not st or st.path ~= path or st.idle or (st.ended and ngx.now() - st.started >= FEED_RETRY) then
     local ok, semaphore = pcall(require, "ngx.semaphore")
     if not ok then return nil end
-    st = { path = path, sema = semaphore.new(0), started = ngx.now(), here = here and true or nil }
+    st = { path = path, sema = semaphore.new(0), started = ngx.now(), waited = ngx.now(),
+      here = here and true or nil }
     feeds[view.name] = st
     -- views parked on the one replaced go on with this one
     if old then wake(old) end
@@ -879,6 +955,7 @@ function View:wait(revision, timeout)
     end
     local st = not blocking and feed_of(self)
     if st then
+      st.waited = ngx.now()
       st.sema:wait(left) -- until the writer's next byte (or the deadline)
       if ngx.worker.exiting() then return nil, exiting() end
     else
