@@ -85,7 +85,7 @@ finish_specs() {
 }
 
 build_ok=1
-for target in "LUA=lua5.4" "LUA=luajit" "LUA=lua5.4 SANITIZE=1"; do
+for target in "LUA=lua5.4" "LUA=luajit" "LUA=lua5.4 SANITIZE=1" "LUA=luajit SANITIZE=1"; do
   # shellcheck disable=SC2086
   $MAKE -s $target spec-helpers > "$LOG/build.log" 2>&1 || { build_ok=0; cat "$LOG/build.log"; }
 done
@@ -106,9 +106,12 @@ if [ "$build_ok" = 1 ]; then
   start_specs luajit luajit "build/luajit/?.so"
   # A non-instrumented interpreter loading an instrumented module needs
   # the ASan runtime preloaded. Leak checking covers the whole process.
+  # The nginx it starts inherits the preload and loads the instrumented
+  # LuaJIT build (the engine thread writes into nginx's shared dicts).
   ASAN_LIB=$(gcc -print-file-name=libasan.so)
   UBSAN_LIB=$(gcc -print-file-name=libubsan.so)
   start_specs lua5.4-sanitized lua5.4 "build/lua5.4-san/?.so" \
+    ETCD3_SPEC_NGX_BUILD=build/luajit-san \
     LD_PRELOAD="$ASAN_LIB $UBSAN_LIB" \
     ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:log_path=$LOG/asan:suppressions=$(pwd)/tools/asan.supp" \
     LSAN_OPTIONS="suppressions=$(pwd)/tools/lsan.supp:print_suppressions=0" \

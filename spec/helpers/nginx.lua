@@ -15,15 +15,21 @@ local MODULES = "/usr/lib/nginx/modules"
 -- nginx workers run as nobody when started by root (the checkout may sit
 -- in a private dir). `bare`: the dir holds the logs only, nothing of the
 -- checkout.
+-- The sanitized run gives nginx the instrumented LuaJIT build of the
+-- module (ETCD3_SPEC_NGX_BUILD) and starts it with the ASan runtime
+-- preloaded (its workers are forks of the master: they have it too).
+local NGX_BUILD = os.getenv("ETCD3_SPEC_NGX_BUILD")
+
 local function prepare(bare)
   local dir = helper.capture("mktemp -d /tmp/etcd3-nginx.XXXXXX"):gsub("%s+$", "")
   if bare then
     assert(helper.sh(("mkdir -p %s/logs && chmod -R a+rX %s"):format(dir, dir)))
   else
     local root = helper.capture("pwd"):gsub("%s+$", "")
+    local build = NGX_BUILD or "build/luajit"
     assert(helper.sh(("mkdir -p %s/lib/etcd3 %s/logs && cp -r %s/lua %s/examples %s "
-      .. "&& cp %s/build/luajit/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
-      :format(dir, dir, root, root, dir, root, dir, dir)))
+      .. "&& cp %s/%s/etcd3/core.so %s/lib/etcd3/ && chmod -R a+rX %s")
+      :format(dir, dir, root, root, dir, root, build, dir, dir)))
   end
   return dir, helper.free_port()
 end
@@ -33,6 +39,13 @@ end
 -- starts nginx on it with `flags` (after `env`, a command nginx runs
 -- under, as `env -i PATH=...`), waits until it answers on `/`.
 local function launch(dir, port, conf, flags, env)
+  if NGX_BUILD and helper.sanitized and not env then
+    -- (the workers run as nobody: their reports go to a dir they can
+    -- write, which stop() reads)
+    assert(helper.sh(("mkdir -m 1777 %s/san"):format(dir)))
+    env = ("env %s:log_path=%s/san/asan UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=%s/san/ubsan")
+      :format(helper.child_env, dir, dir)
+  end
   conf = conf:gsub("%${([%u_]+)}", {
     PORT = tostring(port),
     LUA_PATH = ("%s/lua/?.lua;%s/lua/?/init.lua;;"):format(dir, dir),
@@ -165,7 +178,9 @@ function Nginx:stop()
     helper.stop_process(self.pid, "QUIT", 10)
     self.pid = nil
   end
+  local reports = NGX_BUILD and helper.capture(("cat %s/san/* 2>/dev/null"):format(self.dir)) or ""
   if self.dir:match("^/tmp/") then helper.sh("rm -rf '" .. self.dir .. "'") end
+  if reports ~= "" then error("the sanitizers reported in nginx:\n" .. reports, 2) end
 end
 
 --- Changes made while a mirror's writer is stopped, then a compaction:
