@@ -634,8 +634,10 @@ function _M.mirror(cfg)
     retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE, pid = ngx.worker.pid() }, Writer)
   -- the engine thread writes the steady state's batches itself when this
   -- nginx lets it (lua-nginx-module's shared dict functions; see hand_over)
+  -- (http's dicts: the functions found are lua-nginx-module's, not the
+  -- stream module's)
   local zone = dict[1]
-  if type(zone) == "userdata" and require("etcd3.core").sink_available() then
+  if type(zone) == "userdata" and ngx.config.subsystem == "http" and require("etcd3.core").sink_available() then
     self.zone = zone
     self.sink_conf = { size = self.log_size, pid = self.pid, lock_ttl = LOCK_TTL, rev_key = REV,
       lock_key = LOCK, log_key = LOG, count_key = COUNT, entry_prefix = ENTRY }
