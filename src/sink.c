@@ -17,9 +17,9 @@
  * dict back at its next wake (its heartbeat, at most a second later),
  * with the state the sink left (state:unsink), and skips the changes the
  * sink wrote. Anything else (a key that does not fit, another writer's
- * revision or lock, a key outside the namespace) turns the sink off before
- * it writes the batch visibly: the batch then wakes Lua as without a sink,
- * and Lua writes it.
+ * revision, name or lock, a key outside the namespace) turns the sink off
+ * before it writes the batch visibly: the batch then wakes Lua as without
+ * a sink, and Lua writes it.
  *
  * The dict is reached through the functions lua-nginx-module exports for
  * lua-resty-core (ngx_http_lua_ffi_shdict_*: the same calls ngx.shared
@@ -95,8 +95,9 @@ int etcd3_sink_available(void) {
 }
 
 /* The dict's internal keys the sink writes (named by ngx.lua). */
-enum { K_REV, K_LOCK, K_LOG, K_COUNT, K_ENTRY, N_KEYS };
-static const char *const key_fields[N_KEYS] = {"rev_key", "lock_key", "log_key", "count_key", "entry_prefix"};
+enum { K_REV, K_LOCK, K_LOG, K_COUNT, K_WRITER, K_ENTRY, N_KEYS };
+static const char *const key_fields[N_KEYS] = {"rev_key", "lock_key", "log_key", "count_key", "writer_key",
+                                               "entry_prefix"};
 
 struct etcd3_sink {
   void *zone;
@@ -327,6 +328,9 @@ int etcd3_sink_apply(etcd3_sink *s, const event_batch *b, int64_t floor) {
   /* the dict is where this sink (or the Lua writer) left it, and no other
    * writer holds it */
   if (!get_number(s, K_REV, &current) || (int64_t)current != s->rev) goto done;
+  /* and names this process as its writer: another one (an old worker in
+   * a reload) wrote since, and the Lua writer writes its name again */
+  if (!get_number(s, K_WRITER, &current) || current != s->pid) goto done;
   if (!put(s, OP_ADD, s->keys[K_LOCK], s->key_lens[K_LOCK], T_NUMBER, NULL, 0, s->pid, s->lock_ms, 0))
     goto done;
   locked = 1;

@@ -640,7 +640,7 @@ function _M.mirror(cfg)
   if type(zone) == "userdata" and ngx.config.subsystem == "http" and require("etcd3.core").sink_available() then
     self.zone = zone
     self.sink_conf = { size = self.log_size, pid = self.pid, lock_ttl = LOCK_TTL, rev_key = REV,
-      lock_key = LOCK, log_key = LOG, count_key = COUNT, entry_prefix = ENTRY }
+      lock_key = LOCK, log_key = LOG, count_key = COUNT, writer_key = WRITER, entry_prefix = ENTRY }
   end
   -- the views' wake-up (without it they poll the dict)
   local feed, ferr = require("etcd3.core").feed()
