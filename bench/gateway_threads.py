@@ -11,11 +11,13 @@ different code (`--proj`) and alternate, to compare.
   python3 bench/gateway_threads.py --client resty
   python3 bench/gateway_threads.py --ours-poll 0.05  # ours' workers on a 50 ms timer
   python3 bench/gateway_threads.py --ours-poll -1    # ours' writer alone (workers apply at request time)
+  python3 bench/gateway_threads.py --perf /tmp/w.data  # and sample the workers' threads (perf's cpu-clock)
 """
 import argparse
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("--changes", type=int, default=300)
     ap.add_argument("--gap", type=float, default=0.02)
     ap.add_argument("--ours-poll", type=float, default=0)
+    ap.add_argument("--perf", metavar="FILE", help="perf record (cpu-clock, 10 kHz) the workers during the changes")
     args = ap.parse_args()
     # what gateway.Nginx reads
     args.work = tempfile.mkdtemp(prefix="gwthreads.")
@@ -64,6 +67,11 @@ def main():
         loaded = st  # (its pids let stop() kill stuck workers)
         time.sleep(1)
         pids = ng.pids(st)
+        perf = None
+        if args.perf:
+            perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "10000", "-o", args.perf,
+                                     "-p", ",".join(str(p) for p in pids)])
+            time.sleep(0.5)
         before, etcd0 = {p: threads(p) for p in pids}, etcd.cpu()
         rng, rev = random.Random(1), 0
         for seq in range(1, args.changes + 1):
@@ -78,6 +86,9 @@ def main():
         if not st:
             sys.exit("the workers did not reach revision %d (see %s)" % (rev, ng.dir))
         after, n = {p: threads(p) for p in pids}, args.changes
+        if perf:
+            perf.send_signal(2)
+            perf.wait()
         sums = []
         for w, p in enumerate(pids):
             total = 0

@@ -18,8 +18,11 @@
  * with the state the sink left (state:unsink), and skips the changes the
  * sink wrote. Anything else (a key that does not fit, another writer's
  * revision, name or lock, a key outside the namespace) turns the sink off
- * before it writes the batch visibly: the batch then wakes Lua as without
- * a sink, and Lua writes it.
+ * before the batch's revision is written: the batch then wakes Lua as
+ * without a sink, and Lua writes it again from the state the sink left
+ * (the keys and log entries the sink stored first are rewritten, as after
+ * a Lua batch that failed halfway; a key whose larger value did not fit
+ * is gone meanwhile, as safe_set leaves it).
  *
  * The dict is reached through the functions lua-nginx-module exports for
  * lua-resty-core (ngx_http_lua_ffi_shdict_*: the same calls ngx.shared
@@ -325,15 +328,19 @@ int etcd3_sink_apply(etcd3_sink *s, const event_batch *b, int64_t floor) {
   double current;
   int locked = 0, ok = 0;
   if (s->off) return 0;
-  /* the dict is where this sink (or the Lua writer) left it, and no other
-   * writer holds it */
-  if (!get_number(s, K_REV, &current) || (int64_t)current != s->rev) goto done;
-  /* and names this process as its writer: another one (an old worker in
-   * a reload) wrote since, and the Lua writer writes its name again */
-  if (!get_number(s, K_WRITER, &current) || current != s->pid) goto done;
-  if (!put(s, OP_ADD, s->keys[K_LOCK], s->key_lens[K_LOCK], T_NUMBER, NULL, 0, s->pid, s->lock_ms, 0))
+  /* the lock first, as the Lua writer takes it: a writer of another
+   * process (an old worker in a reload) could otherwise write the dict
+   * whole between the checks below and this batch. Never by evicting a
+   * key of the copy (OP_SAFE): in a full dict Lua takes it over. */
+  if (!put(s, OP_ADD | OP_SAFE, s->keys[K_LOCK], s->key_lens[K_LOCK], T_NUMBER, NULL, 0, s->pid, s->lock_ms,
+           0))
     goto done;
   locked = 1;
+  /* the dict is where this sink (or the Lua writer) left it */
+  if (!get_number(s, K_REV, &current) || (int64_t)current != s->rev) goto done;
+  /* and names this process as its writer: another one wrote since, and
+   * the Lua writer writes its name again */
+  if (!get_number(s, K_WRITER, &current) || current != s->pid) goto done;
   for (const response_node *node = b->responses.head; node; node = node->next) {
     for (size_t i = 0; i < node->resp->n_events; i++) {
       const Mvccpb__Event *ev = node->resp->events[i];

@@ -19,8 +19,9 @@ int etcd3_sink_available(void);
  * NULL with *why set when it cannot work here. */
 etcd3_sink *etcd3_sink_new(lua_State *L, int idx, const char **why);
 /* Writes the batch's events above `floor`: 1 when all of it is in the
- * dict; 0 when it wrote none of it visibly (the sink is then off for good:
- * Lua writes this batch and the next). Called with the engine mutex held. */
+ * dict; 0 when it could not (the sink is then off for good, and Lua writes
+ * this batch and the next from the state the sink reports: the revision
+ * it left did not move). Called with the engine mutex held. */
 int etcd3_sink_apply(etcd3_sink *s, const struct event_batch *b, int64_t floor);
 /* Pushes what the sink wrote up to (revision, and the log's head, tail,
  * from and the count of keys) and frees it. Without the engine mutex. */

@@ -161,7 +161,11 @@ end
 function Writer:lock()
   local dict, pid = self.dict, self.pid
   while true do
-    if dict:add(LOCK, pid, LOCK_TTL) then return true end
+    -- in a full dict the lock may evict a key of the copy: counted as
+    -- set_internal's evictions are
+    local ok, _, forcible = dict:add(LOCK, pid, LOCK_TTL)
+    if forcible then self.evicted, self.evicted_log = true, true end
+    if ok then return true end
     if ngx.worker.exiting() then return false end
     ngx.sleep(0.001)
   end
@@ -337,7 +341,6 @@ end
 --- After writing up to revision `rev`: the revision, the heartbeat and the
 -- error (a full dict) for the views.
 function Writer:finish(rev)
-  self.evicted = false
   self:set_internal(REV, rev)
   local count, now = self.m:count(), ngx.now()
   -- the keys that did not change: at most every REFRESH_EVERY seconds (the
@@ -632,10 +635,9 @@ function _M.mirror(cfg)
   if not is_writer() then return false end
   local self = setmetatable({ cfg = cfg, name = cfg.dict, dict = dict, missing = {}, missing_count = 0,
     retry = RETRY_MIN, log_size = cfg.log_size or DEFAULT_LOG_SIZE, pid = ngx.worker.pid() }, Writer)
-  -- the engine thread writes the steady state's batches itself when this
-  -- nginx lets it (lua-nginx-module's shared dict functions; see hand_over)
-  -- (http's dicts: the functions found are lua-nginx-module's, not the
-  -- stream module's)
+  -- the engine thread writes the steady state's batches itself (see
+  -- hand_over) through lua-nginx-module's shared dict functions, which serve
+  -- http's dicts only: the stream module's are another module's
   local zone = dict[1]
   if type(zone) == "userdata" and ngx.config.subsystem == "http" and require("etcd3.core").sink_available() then
     self.zone = zone
