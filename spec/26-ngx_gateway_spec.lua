@@ -453,6 +453,12 @@ describe("etcd3.ngx for gateways", function()
       location = /writer {
         content_by_lua_block { ngx.say(ngx.shared.etcd_cfg:get("\0etcd3:writer") or 0) }
       }
+      location = /hold {
+        content_by_lua_block { ngx.say(ngx.shared.etcd_cfg:add("\0etcd3:lock", 0, 5) and "held" or "taken") }
+      }
+      location = /release {
+        content_by_lua_block { ngx.shared.etcd_cfg:delete("\0etcd3:lock") ngx.say("released") }
+      }
   ]]), WORKERS)
     finally(function() quiet:stop() end)
     local wakes = require("spec.helpers.process").main_thread_wakes
@@ -502,6 +508,26 @@ describe("etcd3.ngx for gateways", function()
     core.sleep(0.3)
     local r = assert(cli:put("/q/after", "idle")).header.revision
     assert.matches("^%d " .. r, answer())
+    -- the dict's lock held by another process (a writer of another
+    -- generation, in a reload): the engine thread leaves the batch, and
+    -- the Lua writer writes it once the lock is free
+    copy_at(quiet, "etcd_cfg", r)
+    assert.matches("^held", (quiet:get("/hold")))
+    local locked = assert(cli:put("/q/locked", "1")).header.revision
+    -- (what is observed: the copy does not move while the lock is held)
+    local ends = helper.now() + 0.3
+    repeat
+      assert.are.equal(r, tonumber((quiet:get("/rev?d=etcd_cfg"))), "the copy moved under another's lock")
+      core.sleep(0.02)
+    until helper.now() > ends
+    assert.matches("^released", (quiet:get("/release")))
+    copy_at(quiet, "etcd_cfg", locked)
+    -- and the changes after it go on, the feed exact
+    local again = assert(cli:put("/q/again", "2")).header.revision
+    copy_at(quiet, "etcd_cfg", again)
+    list, rev = parse(feed(quiet, "etcd_cfg", r))
+    assert.are.same({ { "PUT", "/q/locked", locked }, { "PUT", "/q/again", again } }, list)
+    assert.are.equal(again, rev)
   end)
 
   it("gives way to the copy in a full dict: view:err() says so, RESET further back, exact within", function()
