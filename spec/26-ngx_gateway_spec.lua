@@ -548,4 +548,60 @@ describe("etcd3.ngx for gateways", function()
     assert.are.equal(last, rev)
     assert.are.same({ { "PUT", "/f/one", last - 2 }, { "PUT", "/f/one", last - 1 }, { "PUT", "/f/one", last } }, list)
   end)
+
+  it("lets a root writer's feed wake the workers of another user, siblings only", function()
+    -- OpenResty's privileged agent keeps the master's user, root, while
+    -- the workers run as nginx's `user`; Debian's nginx has no agent, so
+    -- a root writer and nobody's readers are made here by hand: the writer
+    -- and the first reader have the same parent (as the agent and a worker
+    -- have the master), the second reader another one
+    if helper.capture("id -u"):match("%d+") ~= "0" then
+      pending("needs root: a writer of another user than its readers")
+      return
+    end
+    local dir = helper.capture("mktemp -d"):match("%S+")
+    finally(function() helper.sh("rm -rf '" .. dir .. "'") end)
+    assert(helper.sh("chmod 755 '" .. dir .. "'")) -- (the readers read their script there)
+    local reader = dir .. "/reader.py"
+    local out = assert(io.open(reader, "w"))
+    out:write([[
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(10)
+s.connect(sys.argv[1])
+try:
+    print("byte" if s.recv(1) else "closed")
+except socket.timeout:
+    print("nothing")
+]])
+    out:close()
+    -- the writer: posts until a post wakes a reader (10 s at most)
+    local writer = helper.lua_command([[
+      local core = require "etcd3.core"
+      local f = assert(core.feed())
+      io.write(f:path(), "\n")
+      io.flush()
+      local woken = 0
+      for _ = 1, 500 do
+        woken = f:post()
+        if woken > 0 then break end
+        core.sleep(0.02)
+      end
+      io.write("woken ", woken, "\n")
+      f:close()
+    ]])
+    -- (the system python: a user's own, under /root, is not for nobody)
+    local as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups "
+    local script = ("%s > %s/writer &\n"):format(writer, dir)
+      .. ("for _ in $(seq 200); do [ -s %s/writer ] && break; sleep 0.05; done\n"):format(dir)
+      .. ("p=$(head -1 %s/writer)\n"):format(dir)
+      .. ("ls -ld \"$p\" \"$(dirname \"$p\")\" | cut -c1-10\n")
+      -- (`; true`: the shell in between stays the reader's parent)
+      .. ("%s sh -c '/usr/bin/python3 %s \"$1\"; true' - \"$p\"\n"):format(as_nobody, reader)
+      .. ("%s /usr/bin/python3 %s \"$p\"\n"):format(as_nobody, reader)
+      .. "wait\n"
+      .. ("tail -1 %s/writer\n"):format(dir)
+    local got = helper.capture(script)
+    assert.are.equal("drwx--x--x\nsrw-rw-rw-\nclosed\nbyte\nwoken 1\n", got)
+  end)
 end)

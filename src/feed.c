@@ -12,8 +12,12 @@
  * connections queued since the last post (a unix connect completes at
  * once: it waits in the listen queue) and writes one byte to every
  * connection. Connections from a process of another user are refused
- * (SO_PEERCRED); a connection whose reader went is dropped at the next
- * post. The writer's Lua posts after its batches; the engine thread
+ * (SO_PEERCRED), but for one case: a writer that runs as root (OpenResty's
+ * privileged agent keeps the master's user, root, while the workers run as
+ * nginx's `user`) opens the directory to be crossed and the socket to be
+ * connected to by anyone, and takes a process of another user when it has
+ * the same parent, the nginx master. A connection whose reader went is
+ * dropped at the next post. The writer's Lua posts after its batches; the engine thread
  * posts after a batch it wrote itself (sink.c), so the feed is shared:
  * a mutex guards it, and the userdata and the sink each hold a reference.
  */
@@ -26,6 +30,7 @@
 #include <pthread.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 
 #include "auxiliar.h"
@@ -105,6 +110,12 @@ static int feed_new(lua_State *L) {
   box->f = f;
   f->fd = etcd3_listen_private("f", FEED_BACKLOG, f->dir, sizeof f->dir, f->path, sizeof f->path, err,
                                sizeof err);
+  /* root's readers may be another user (see the top) */
+  if (f->fd >= 0 && geteuid() == 0 && (chmod(f->dir, 0711) != 0 || chmod(f->path, 0666) != 0)) {
+    snprintf(err, sizeof err, "cannot open %s to the workers: %s", f->path, strerror(errno));
+    etcd3_unlisten_private(f->fd, f->dir, f->path);
+    f->fd = -1;
+  }
   if (f->fd >= 0) return 1;
   lua_pushnil(L);
   lua_pushstring(L, err);
@@ -114,12 +125,34 @@ static int feed_new(lua_State *L) {
 /* feed:path() -> the socket's path (nil once closed) */
 static int feed_path(lua_State *L) {
   feed *f = check_feed(L);
+  char path[sizeof f->path];
   int open;
+  /* copied under the mutex, pushed after it: a push may raise (out of
+   * memory) or run a __gc that frees a sink, which takes this mutex */
   pthread_mutex_lock(&f->mu);
   open = f->fd >= 0;
-  if (open) lua_pushstring(L, f->path);
+  if (open) memcpy(path, f->path, sizeof path);
   pthread_mutex_unlock(&f->mu);
+  if (open) lua_pushstring(L, path);
   return open;
+}
+
+/* Whether process `pid` has the same parent as this one (/proc/PID/stat:
+ * the parent's pid follows the state, after the name's closing paren). */
+static int sibling(pid_t pid) {
+  char name[64], text[512], *end;
+  FILE *stat;
+  size_t n;
+  long ppid;
+  snprintf(name, sizeof name, "/proc/%ld/stat", (long)pid);
+  stat = fopen(name, "re");
+  if (!stat) return 0;
+  n = fread(text, 1, sizeof text - 1, stat);
+  fclose(stat);
+  text[n] = '\0';
+  end = strrchr(text, ')');
+  if (!end || sscanf(end + 1, " %*c %ld", &ppid) != 1) return 0;
+  return ppid == (long)getppid();
 }
 
 /* Takes the connections queued since the last post (f->mu held). A poll first: an
@@ -141,7 +174,8 @@ static void accept_queued(feed *f) {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       return; /* EAGAIN: no more (anything else: the next post tries again) */
     }
-    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != me) {
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+        (cred.uid != me && !(me == 0 && sibling(cred.pid)))) {
       close(fd);
       continue;
     }

@@ -872,24 +872,31 @@ local READ_FOREVER = 2147483647
 --- The light thread that reads a writer's feed (src/feed.c) in this
 -- worker: one byte after each batch and at each heartbeat. Ends when the
 -- writer closes it (it stopped, or went) or the worker exits.
-local function feed_reader(premature, st)
-  local sock = not premature and ngx.socket.tcp()
-  if sock and sock:connect("unix:" .. st.path) then
-    st.connected = true
-    sock:settimeout(READ_FOREVER)
-    -- a batch posted before this connection was queued: look at the dict again
-    wake(st)
-    while not ngx.worker.exiting() do
-      local _, err = sock:receiveany(64)
-      if err and err ~= "timeout" then break end
-      if st.sema:count() >= 0 and ngx.now() - st.waited >= FEED_IDLE then
-        st.idle = true
-        break
-      end
-      wake(st)
+local function read_feed(sock, st)
+  if not sock:connect("unix:" .. st.path) then return end
+  st.connected = true
+  sock:settimeout(READ_FOREVER)
+  -- a batch posted before this connection was queued: look at the dict again
+  wake(st)
+  while not ngx.worker.exiting() do
+    local _, err = sock:receiveany(64)
+    if err and err ~= "timeout" then break end
+    if st.sema:count() >= 0 and ngx.now() - st.waited >= FEED_IDLE then
+      st.idle = true
+      break
     end
+    wake(st)
   end
-  if sock then sock:close() end
+end
+
+local function feed_reader(premature, st)
+  if not premature then
+    local sock = ngx.socket.tcp()
+    -- (whatever happens, it ends: the next wait starts another)
+    local ok, err = pcall(read_feed, sock, st)
+    if not ok then log(ngx.ERR, "the reader of ", st.path, " failed: ", tostring(err)) end
+    sock:close()
+  end
   st.ended = true
   wake(st)
 end
@@ -909,7 +916,10 @@ local function feed_of(view)
   local old = feeds[view.name]
   local st = old
   ngx.update_time()
-  if not st or st.path ~= path or st.idle or (st.ended and ngx.now() - st.started >= FEED_RETRY) then
+  -- (a reader not connected a second after its start never ran: a timer
+  -- nginx dropped when too many ran at once)
+  if not st or st.path ~= path or st.idle
+    or (st.ended or not st.here and not st.connected) and ngx.now() - st.started >= FEED_RETRY then
     local ok, semaphore = pcall(require, "ngx.semaphore")
     if not ok then return nil end
     st = { path = path, sema = semaphore.new(0), started = ngx.now(), waited = ngx.now(),
