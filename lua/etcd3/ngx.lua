@@ -473,7 +473,7 @@ end
 -- but that steady state it leaves to this writer (src/sink.c).
 function Writer:hand_over()
   if not self.zone or self.sunk or not self.written or self.missing_count > 0 or self.log_short
-    or self.reported or self.unreachable or not self.log_ok or self.m:revision() ~= self.written
+    or self.evicted or self.reported or self.unreachable or not self.log_ok or self.m:revision() ~= self.written
     or self.dict:get(REV) ~= self.written then
     return
   end
@@ -869,9 +869,6 @@ local FEED_IDLE = 5
 -- (a cosocket's longest timeout: the reader waits for the writer's bytes)
 local READ_FOREVER = 2147483647
 
---- The light thread that reads a writer's feed (src/feed.c) in this
--- worker: one byte after each batch and at each heartbeat. Ends when the
--- writer closes it (it stopped, or went) or the worker exits.
 local function read_feed(sock, st)
   if not sock:connect("unix:" .. st.path) then return end
   st.connected = true
@@ -889,6 +886,9 @@ local function read_feed(sock, st)
   end
 end
 
+--- The light thread that reads a writer's feed (src/feed.c) in this
+-- worker: one byte after each batch and at each heartbeat. Ends when the
+-- writer closes it (it stopped, or went) or the worker exits.
 local function feed_reader(premature, st)
   if not premature then
     local sock = ngx.socket.tcp()
