@@ -565,7 +565,7 @@ describe("etcd3.ngx for gateways", function()
       return
     end
     -- (in /tmp, as the feed's socket: a directory nobody may cross)
-    local dir = helper.capture("mktemp -d -p /tmp"):match("%S+")
+    local dir = helper.capture("mktemp -d /tmp/etcd3-feedroot.XXXXXX"):match("%S+")
     finally(function() helper.sh("rm -rf '" .. dir .. "'") end)
     local reader = dir .. "/reader.py"
     local out = assert(io.open(reader, "w"))
@@ -597,13 +597,13 @@ except socket.timeout:
       io.write("woken ", woken, "\n")
       f:close()
     ]])
-    -- (the system python: a user's own, under /root, is not for nobody)
     local as_nobody = "setpriv --reuid=65534 --regid=65534 --clear-groups "
     local script = ("TMPDIR=/tmp %s > %s/writer &\n"):format(writer, dir)
       .. ("for _ in $(seq 200); do [ -s %s/writer ] && break; sleep 0.05; done\n"):format(dir)
       .. ("p=$(head -1 %s/writer)\n"):format(dir)
       .. ("ls -ld \"$p\" \"$(dirname \"$p\")\" | cut -c1-10\n")
-      -- (`; true`: the shell in between stays the reader's parent)
+      -- (the system python: a user's own, under /root, is not for nobody;
+      -- `; true`: the shell in between stays the first reader's parent)
       .. ("%s sh -c '/usr/bin/python3 %s \"$1\"; true' - \"$p\"\n"):format(as_nobody, reader)
       .. ("%s /usr/bin/python3 %s \"$p\"\n"):format(as_nobody, reader)
       .. "wait\n"

@@ -13,13 +13,14 @@
  * once: it waits in the listen queue) and writes one byte to every
  * connection. Connections from a process of another user are refused
  * (SO_PEERCRED), but for one case: a writer that runs as root (OpenResty's
- * privileged agent keeps the master's user, root, while the workers run as
- * nginx's `user`) opens the directory to be crossed and the socket to be
- * connected to by anyone, and takes a process of another user when it has
- * the same parent, the nginx master. A connection whose reader went is
- * dropped at the next post. The writer's Lua posts after its batches; the engine thread
- * posts after a batch it wrote itself (sink.c), so the feed is shared:
- * a mutex guards it, and the userdata and the sink each hold a reference.
+ * privileged agent keeps the master's user, root, while the workers run
+ * as nginx's `user`) opens the directory to be crossed and the socket to
+ * be connected to by anyone, and takes a process of another user when it
+ * has the same parent, the nginx master. A connection whose reader went is
+ * dropped at the next post. The writer's Lua posts after its batches; the
+ * engine thread posts after a batch it wrote itself (sink.c), so the feed
+ * is shared: a mutex guards it, and the userdata and the sink each hold a
+ * reference.
  */
 #include <errno.h>
 #include <limits.h>
@@ -141,14 +142,14 @@ static int feed_path(lua_State *L) {
  * the parent's pid follows the state, after the name's closing paren). */
 static int sibling(pid_t pid) {
   char name[64], text[512], *end;
-  FILE *stat;
+  FILE *file;
   size_t n;
   long ppid;
   snprintf(name, sizeof name, "/proc/%ld/stat", (long)pid);
-  stat = fopen(name, "re");
-  if (!stat) return 0;
-  n = fread(text, 1, sizeof text - 1, stat);
-  fclose(stat);
+  file = fopen(name, "re");
+  if (!file) return 0;
+  n = fread(text, 1, sizeof text - 1, file);
+  fclose(file);
   text[n] = '\0';
   end = strrchr(text, ')');
   if (!end || sscanf(end + 1, " %*c %ld", &ppid) != 1) return 0;

@@ -207,9 +207,9 @@ static int watcher_progress(lua_State *L) {
  * this watcher into it from now on (sink.c). `zone` is the dict's [1];
  * state: rev, head, tail, from, size, count (the dict as the writer left
  * it), pid, lock_ttl, ns (the client's namespace, or nil), and the names
- * rev_key, lock_key, log_key, count_key, writer_key, entry_prefix. False when a batch
- * is queued that Lua has not taken (it must write it first), when the
- * watcher ended, or when this process has no shared dicts. */
+ * rev_key, lock_key, log_key, count_key, writer_key, entry_prefix. False
+ * when a batch is queued that Lua has not taken (it must write it first),
+ * when the watcher ended, or when this process has no shared dicts. */
 static int watcher_sink(lua_State *L) {
   etcd3_watcher *w = check_watcher(L);
   const char *why = NULL;

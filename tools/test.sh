@@ -125,9 +125,17 @@ if [ "$build_ok" = 1 ]; then
   # google/sanitizers#1353): such a report says that no leak check ran, not
   # that a leak was found. Then, and only then, the sanitized run is made
   # again, once; any report of the second run fails the step.
-  if ls "$LOG"/asan.* > /dev/null 2>&1 && ! ls "$LOG"/ubsan.* > /dev/null 2>&1 &&
-     ! grep -L "LeakSanitizer has encountered a fatal error" "$LOG"/asan.* | grep -q . &&
-     ! grep -l "ERROR: " "$LOG"/asan.* | grep -q .; then
+  # -> whether there are reports and every one is that crash alone
+  tracer_crashed() {
+    ls "$LOG"/ubsan.* > /dev/null 2>&1 && return 1
+    ls "$LOG"/asan.* > /dev/null 2>&1 || return 1
+    for report in "$LOG"/asan.*; do
+      grep -q "LeakSanitizer has encountered a fatal error" "$report" || return 1
+      grep -q "ERROR: " "$report" && return 1
+    done
+    return 0
+  }
+  if tracer_crashed; then
     echo "== sanitizer reports: only LeakSanitizer's tracer crashed at exit:"
     cat "$LOG"/asan.* | head -n 20
     mkdir "$LOG/tracer-crash" && mv "$LOG"/asan.* "$LOG/tracer-crash/"
