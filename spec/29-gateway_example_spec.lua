@@ -152,7 +152,7 @@ describe("examples/gateway", function()
     no_lua_errors(server)
   end)
 
-  it("wakes every worker when the routes move, and an idle one about once a second", function()
+  it("wakes every worker when the routes move, and an idle one every few seconds", function()
     local server = nginx.start_conf(config(member.endpoint))
     finally(function() server:stop() end)
     tables_exact(server, cli, assert(cli:get(ROUTES, { prefix = true })).header.revision)
@@ -167,7 +167,8 @@ describe("examples/gateway", function()
     local took = helper.now() - t0
     for i, pid in ipairs(pids) do
       -- each worker's follower waits in view:wait, woken by the writer's
-      -- feed: at its heartbeat (1 s) when nothing changes; polling the
+      -- feed: at its heartbeat (3 to 4 s apart while nothing changes; the
+      -- bound allows 4 a second, for the writer's own); polling the
       -- dict every 8 ms would be 375 wake-ups
       local n = wakes(pid) - before[i]
       io.stderr:write(("\n[gateway] idle worker %d: %d wake-ups in %.1f s"):format(pid, n, took))

@@ -62,13 +62,18 @@ local FLAGS_MOD = 2 ^ 32
 -- The lock expires by itself after this long: a writer killed while
 -- holding it does not block its successor for longer.
 local LOCK_TTL = 5
--- The writer refreshes BEAT at least every UPDATE_WAIT seconds; a view
--- reports the copy stale once BEAT is older than BEAT_TTL.
+-- The writer wakes at least every UPDATE_WAIT seconds, and refreshes BEAT
+-- at least every IDLE_BEAT + UPDATE_WAIT; a view reports the copy stale
+-- once BEAT is older than BEAT_TTL.
 local UPDATE_WAIT = 1
 local BEAT_TTL = 10
 -- A batch rewrites the internal keys that did not change (BEAT, WRITER,
 -- FEED, ERR; something else may have removed them) at most this often.
 local REFRESH_EVERY = 1
+-- With nothing changing while the engine thread holds the dict (hand_over),
+-- the writer takes it back for the heartbeat only this often (a reader in
+-- an exiting worker ends at the latest then).
+local IDLE_BEAT = 3
 -- The writer checks that etcd answers this often,
 -- waiting this long for the answer.
 local PROBE_EVERY, PROBE_TIMEOUT = 5, 3
@@ -485,6 +490,16 @@ function Writer:hand_over()
   if state:sink(self.zone, self.feed or nil, conf) then self.sunk = state end
 end
 
+--- Whether an update that brought `changes` can leave the dict with the
+-- engine thread: nothing changed, it holds the dict (it gives a batch it
+-- cannot write back to the watch, so it would not be empty), etcd answers,
+-- and the last heartbeat is recent.
+function Writer:idle_sunk(changes)
+  local refreshed, now = self.refreshed, ngx.now()
+  return #changes == 0 and self.sunk and not self.unreachable and refreshed
+    and now >= refreshed and now - refreshed < IDLE_BEAT
+end
+
 --- Brings the dict to the mirror's revision when it is older.
 -- `changes`: what the mirror applied since its last sync (nil: unknown).
 function Writer:sync(changes)
@@ -559,7 +574,7 @@ function Writer:session()
       self.retry = RETRY_MIN
       -- changes arrived: etcd answers
       if #changes > 0 then self.unreachable = nil end
-      self:sync(self.written and changes or nil)
+      if not self:idle_sunk(changes) then self:sync(self.written and changes or nil) end
     end
   end
   m:close()
