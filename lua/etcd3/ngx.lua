@@ -343,17 +343,23 @@ function Writer:set_internal(key, value, ttl)
   return ok
 end
 
+--- Whether the heartbeat is `period` seconds old or more at `now` (or
+-- was never made, or the clock went back).
+function Writer:beat_due(now, period)
+  local refreshed = self.refreshed
+  return not refreshed or now < refreshed or now - refreshed >= period
+end
+
 --- After writing up to revision `rev`: the revision, the heartbeat and the
 -- error (a full dict) for the views.
 function Writer:finish(rev)
   self:set_internal(REV, rev)
   local count, now = self.m:count(), ngx.now()
   -- the keys that did not change: at most every REFRESH_EVERY seconds (the
-  -- heartbeat: a batch that wrote nothing, every UPDATE_WAIT), and at once
+  -- heartbeat: a batch that wrote nothing, every UPDATE_WAIT, every
+  -- IDLE_BEAT while idle), and at once
   -- when another writer (an old worker in a reload) wrote them meanwhile
-  local refreshed = self.refreshed
-  local refresh = not refreshed or now - refreshed >= REFRESH_EVERY or now < refreshed
-    or self.dict:get(WRITER) ~= self.pid
+  local refresh = self:beat_due(now, REFRESH_EVERY) or self.dict:get(WRITER) ~= self.pid
   if refresh or count ~= self.count_set then
     self:set_internal(COUNT, count)
     self.count_set = count
@@ -495,9 +501,7 @@ end
 -- cannot write back to the watch, so it would not be empty), etcd answers,
 -- and the last heartbeat is recent.
 function Writer:idle_sunk(changes)
-  local refreshed, now = self.refreshed, ngx.now()
-  return #changes == 0 and self.sunk and not self.unreachable and refreshed
-    and now >= refreshed and now - refreshed < IDLE_BEAT
+  return #changes == 0 and self.sunk and not self.unreachable and not self:beat_due(ngx.now(), IDLE_BEAT)
 end
 
 --- Brings the dict to the mirror's revision when it is older.
